@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both create ./.venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch. Where no torch is installed yet, install this first, so that the
+# package's torch>=2.2 requirement does not pull a multi-GB CUDA build. Override for a GPU:
+#   make TORCH_SPEC='torch==2.13.0' PIP_TORCH_ARGS='--index-url https://.../cu124' venv
+TORCH_SPEC ?= torch==2.13.0
+PIP_TORCH_ARGS ?=
+PY := $(VENV)/bin/python
+
+.PHONY: venv test lint demo clean-venv
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) '$(TORCH_SPEC)'
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check dicomnode gmic storage tests
+
+# Runs every test; tests needing dcmtk, dicom3tools or PostgreSQL are marked and run where
+# those are installed (.ci/run installs and starts them).
+test: venv lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/dicomnode synth ./demo-out --studies 1 --size small --seed 1
+	$(VENV)/bin/dicomnode inspect ./demo-out

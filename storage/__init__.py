@@ -1,0 +1,1 @@
+"""Durable archive, index and job/delivery queue (SQLAlchemy): no DICOM networking, no model."""
