@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import Config, load_config
+from dicomnode.errors import ConfigError
+
+
+def test_defaults_need_no_file(tmp_path: Path) -> None:
+    config = load_config(None, environ={})
+    assert config == Config()
+    assert config.database_url.startswith("sqlite:///")
+    assert config.database_url.endswith("dicomnode-data/dicomnode.db")
+
+
+def test_file_then_environment(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(
+        '[node]\nae_title = "BREASTAI"\nport = 11113\n'
+        '[node.tls]\ncert = "c.pem"\nkey = "k.pem"\n'
+        '[[peers]]\nae_title = "PACS"\nport = 4242\n'
+        '[database]\nurl = "postgresql+psycopg://db/dn"\n'
+    )
+    config = load_config(path, environ={"DICOMNODE_NODE_PORT": "11114",
+                                        "DICOMNODE_MODEL_DEVICE": "cpu"})
+    assert config.node.ae_title == "BREASTAI"
+    assert config.node.port == 11114  # environment wins over the file
+    assert config.node.tls is not None and config.node.tls.cert == "c.pem"
+    assert config.peers[0].ae_title == "PACS" and config.peers[0].port == 4242
+    assert config.model.device == "cpu"
+    assert config.database_url == "postgresql+psycopg://db/dn"
+
+
+def test_config_from_dicomnode_config_variable(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[node]\nidle_seconds = 5\n')
+    assert load_config(None, environ={"DICOMNODE_CONFIG": str(path)}).node.idle_seconds == 5.0
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "fragment"),
+    [
+        ('[node]\nport = "eleven"\n', {}, "node.port"),
+        ('[node]\nprot = 1\n', {}, "unknown key 'prot'"),
+        ('[node\n', {}, "not valid TOML"),
+        ('[storage]\non_resend = "sometimes"\n', {}, "storage.on_resend"),
+        ("", {"DICOMNODE_NODE_PORT": "99999"}, "not a TCP port"),
+        ("", {"DICOMNODE_NODE_MAX_ASSOCIATIONS": "many"}, "DICOMNODE_NODE_MAX_ASSOCIATIONS"),
+    ],
+)
+def test_bad_configuration_is_named(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=fragment.replace("[", r"\[")):
+        load_config(path, environ=env)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_cli_prints_one_line_and_exits_2_on_bad_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[node]\nport = "x"\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "--config", str(path), "jobs", "list"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [lines[0]] and lines[0].startswith("error: ") and "node.port" in lines[0]
+
+
+def test_cli_help_lists_commands() -> None:
+    proc = subprocess.run([sys.executable, "-m", "dicomnode.cli", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    for name in ("synth", "inspect", "jobs", "db", "bench"):
+        assert f"  {name} " in proc.stdout
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "dicomnode.cli", "frobnicate"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "No such command" in proc.stderr
+
+
+def test_example_deploy_config_loads() -> None:
+    example = Path(__file__).resolve().parents[1] / "deploy" / "dicomnode.toml"
+    config = load_config(example, environ={})
+    assert config.peers[0].ae_title == "PACS"
+    assert config.storage.min_free_mb == 1024
