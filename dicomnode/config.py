@@ -29,6 +29,9 @@ class NodeConfig:
     data_dir: str = "./dicomnode-data"
     max_associations: int = 16
     idle_seconds: float = 30.0
+    # Storage SOP classes that are not breast images: "reject" (C-STORE 0x0122) or "store"
+    # (archived and acknowledged, never processed).
+    other_storage: str = "reject"
     tls: TLSConfig | None = None
 
 
@@ -38,6 +41,8 @@ class PeerConfig:
     host: str = "127.0.0.1"
     port: int = 104
     send_results: bool = True
+    # Study complete after this long without a new instance from this peer (else node's).
+    idle_seconds: float | None = None
 
 
 @dataclass
@@ -54,6 +59,8 @@ class StorageConfig:
     min_free_mb: int = 1024
     # Delete archived studies older than this; 0 keeps everything.
     retention_days: int = 0
+    # Claims of a job (including ones whose worker died) before it is marked failed.
+    job_max_attempts: int = 3
 
 
 @dataclass
@@ -72,6 +79,21 @@ class ModelConfig:
 
 
 @dataclass
+class WorkerConfig:
+    lease_seconds: float = 300.0  # a worker that stops renewing loses its job after this
+    poll_seconds: float = 1.0  # how often an idle worker looks for jobs and due deliveries
+
+
+@dataclass
+class ResultsConfig:
+    # Saliency above these values is drawn in the BINARY SEG (per class).
+    benign_operating_point: float = 0.5
+    malignant_operating_point: float = 0.5
+    # "binary" (displayed by OHIF and most viewers) or "fractional" (probabilities).
+    segmentation: str = "binary"
+
+
+@dataclass
 class HTTPConfig:
     listen: str = ""
 
@@ -84,6 +106,8 @@ class Config:
     storage: StorageConfig = field(default_factory=StorageConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    worker: WorkerConfig = field(default_factory=WorkerConfig)
+    results: ResultsConfig = field(default_factory=ResultsConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
 
     @property
@@ -181,8 +205,15 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"storage.on_resend: {config.storage.on_resend!r} is not one of replace, keep_first"
         )
-    if not 1 <= config.node.port <= 65535:
-        raise ConfigError(f"node.port: {config.node.port} is not a TCP port (1-65535)")
+    if config.node.other_storage not in ("reject", "store"):
+        raise ConfigError(
+            f"node.other_storage: {config.node.other_storage!r} is not one of reject, store")
+    if config.results.segmentation not in ("binary", "fractional"):
+        raise ConfigError(f"results.segmentation: {config.results.segmentation!r} is not one "
+                          "of binary, fractional")
+    if not 0 <= config.node.port <= 65535:
+        raise ConfigError(f"node.port: {config.node.port} is not a TCP port "
+                          "(1-65535, or 0 for any free port)")
     if not 1 <= len(config.node.ae_title) <= 16:
         raise ConfigError("node.ae_title: an AE title has 1 to 16 characters")
 

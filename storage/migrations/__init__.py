@@ -1,0 +1,1 @@
+"""Alembic migration environment for storage (a package so that setuptools ships env.py)."""
