@@ -83,8 +83,8 @@ def _table(rows: list[dict]) -> list[str]:
         columns.extend(k for k in row if k not in columns)
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    out = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip()]
     out.append("  ".join("-" * w for w in widths))
     out.extend("  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in
-                         enumerate(zip(r, widths))).rstrip() for r in cells)
+                         enumerate(zip(r, widths, strict=True))).rstrip() for r in cells)
     return out

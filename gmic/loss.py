@@ -1,0 +1,44 @@
+"""The training loss of paper eq. 7."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from gmic.model import GMICOutput
+
+
+class LossTerms(NamedTuple):
+    total: Tensor
+    bce_global: Tensor  # summed over classes
+    bce_local: Tensor  # summed over classes
+    l1: Tensor  # sum of |A| over voxels and classes (before beta)
+
+
+def gmic_loss_terms(output: GMICOutput, target: Tensor, beta: float) -> LossTerms:
+    """sum_c BCE(y^c, y_local^c) + BCE(y^c, y_global^c) + beta * sum_(i,j,d) |A^c_ijd|.
+
+    target: (C,) or (B, C) of 0/1 labels matching output.y. For a batch every term is
+    averaged over volumes. Computed in fp32 (BCE is not autocast-safe).
+    """
+    target = target.to(output.y_global.device, torch.float32)
+    y_global, y_local = output.y_global.float(), output.y_local.float()
+    if y_global.dim() == 1:
+        y_global, y_local, target = y_global[None], y_local[None], target.reshape(1, -1)
+    batch = y_global.shape[0]
+    # F.binary_cross_entropy clamps log at -100, so a saliency of exactly 0 stays finite.
+    bce_global = F.binary_cross_entropy(y_global, target, reduction="sum") / batch
+    bce_local = F.binary_cross_entropy(y_local, target, reduction="sum") / batch
+    l1 = output.saliency.float().abs().sum() / batch
+    return LossTerms(bce_global + bce_local + beta * l1, bce_global, bce_local, l1)
+
+
+def gmic_loss(output: GMICOutput, target: Tensor, beta: float) -> Tensor:
+    """The scalar loss of eq. 7 (see gmic_loss_terms)."""
+    return gmic_loss_terms(output, target, beta).total
+
+
+__all__ = ["LossTerms", "gmic_loss", "gmic_loss_terms"]
