@@ -19,6 +19,11 @@ from dicomnode.errors import DicomnodeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dicomnode.commands.synth:synth", "Write synthetic breast screening studies."),
     "inspect": ("dicomnode.commands.inspect:inspect", "Show what loads from DICOM files."),
+    "import": ("dicomnode.commands.importing:import_",
+               "Index DICOM files on disk into the archive, as if received."),
+    "serve": ("dicomnode.commands.node:serve", "Receive studies over DICOM into the archive."),
+    "worker": ("dicomnode.commands.node:worker", "Run inference on ready studies, send results."),
+    "run": ("dicomnode.commands.node:run", "Receive, infer and send in one process."),
     "jobs": ("dicomnode.commands.jobs:jobs", "List, show, retry or cancel inference jobs."),
     "db": ("dicomnode.commands.db:db", "Database schema maintenance."),
     "bench": ("dicomnode.commands.bench:bench", "Benchmarks (model, store, ...)."),

@@ -1,0 +1,168 @@
+"""Segmentation of the regions the model flags: segment 1 benign, 2 malignant.
+
+BINARY (default): saliency above the class's operating point (ResultOptions.thresholds).
+FRACTIONAL (PROBABILITY): the saliency itself, 8-bit; OHIF does not display it.
+Both segments are always described, so "nothing flagged" is a valid SEG with empty frames
+(and the SR says how much was flagged: 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
+from dicomnode.results.common import (
+    MANUFACTURER,
+    SEG_SERIES_OFFSET,
+    SEGMENT_PROPERTIES,
+    ResultOptions,
+    algorithm_sequence,
+    building,
+    model_name,
+    read_sources,
+    serial_number,
+    series_description,
+    source_series_number,
+)
+from dicomnode.results.geometry import (
+    decimation_factor,
+    finish_result,
+    has_patient_geometry,
+    result_grid,
+    saliency_frames,
+)
+
+# bytes per pixel of the array handed to highdicom: bool per segment (BINARY); FRACTIONAL
+# must be float32 (highdicom reads integer input as 0/1 masks)
+_BYTES_PER_PIXEL = {"binary": len(CLASS_NAMES), "fractional": 4 * len(CLASS_NAMES)}
+
+
+@dataclass
+class SegmentationResult:
+    dataset: Dataset
+    factor: int  # pixel grid decimation
+    flagged_pixels: tuple[int, ...]  # per segment (CLASS_NAMES order), on the SEG's grid
+    pixel_spacing: tuple[float, float]  # (row, col) mm of the SEG's pixels
+    slice_spacing: float | None  # mm between frames (DBT), None for a 2D image
+    # per segment: Tracking UID / ID, shared with the SR's measurement group about it
+    tracking_uids: tuple[str, ...] = ()
+    tracking_ids: tuple[str, ...] = ()
+
+    def flagged_mm2(self, class_index: int) -> float:
+        """Flagged area (2D) or summed flagged slice area (DBT) in mm^2."""
+        return self.flagged_pixels[class_index] * self.pixel_spacing[0] * self.pixel_spacing[1]
+
+    def flagged_mm3(self, class_index: int) -> float | None:
+        if self.slice_spacing is None:
+            return None
+        return self.flagged_mm2(class_index) * self.slice_spacing
+
+
+def seg_factor(analysis: ImageAnalysis, sources: list[Dataset], options: ResultOptions) -> int:
+    """Decimation of the SEG grid; 1 for 2D images (highdicom keeps a position-less grid)."""
+    if not has_patient_geometry(sources[0]):
+        return 1
+    return decimation_factor(analysis.image.shape, _BYTES_PER_PIXEL[options.seg_type],
+                             options.max_array_bytes, options.seg_decimation)
+
+
+def tracking_id(class_index: int) -> str:
+    label, _ = SEGMENT_PROPERTIES[class_index]
+    return f"{label} (SEG segment {class_index + 1})"
+
+
+def _segments(analysis: ImageAnalysis, options: ResultOptions, tracking_uids: list[str]
+              ) -> list[hd.seg.SegmentDescription]:
+    out = []
+    for index, (label, property_type) in enumerate(SEGMENT_PROPERTIES):
+        extra = {"segmentation": options.seg_type}
+        if options.seg_type == "binary":
+            extra["operating_point"] = f"{options.thresholds[index]:g}"
+        out.append(hd.seg.SegmentDescription(
+            segment_number=index + 1,
+            segment_label=label,
+            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_type=property_type,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm_sequence(analysis.algorithm, extra),
+            anatomic_regions=[codes.SCT.Breast],
+            tracking_uid=tracking_uids[index],
+            tracking_id=tracking_id(index),
+        ))
+    return out
+
+
+def slice_spacing(analysis: ImageAnalysis) -> float | None:
+    positions = np.asarray(analysis.image.slice_positions, dtype=np.float64)
+    if len(positions) < 2:
+        return None
+    return float(np.linalg.norm(positions[1] - positions[0])) or None
+
+
+def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = None,
+                       sources: list[Dataset] | None = None) -> SegmentationResult:
+    """The SEG of one analysis, in the source's study and frame of reference."""
+    options = options or ResultOptions()
+    sources = sources if sources is not None else read_sources(analysis)
+    factor = seg_factor(analysis, sources, options)
+    grid = result_grid(analysis, sources, factor)
+    depth = analysis.image.shape[0]
+    binary = options.seg_type == "binary"
+    dtype = np.bool_ if binary else np.float32
+    array = np.zeros((depth, grid.rows, grid.columns, len(CLASS_NAMES)), dtype=dtype)
+    flagged = [0] * len(CLASS_NAMES)
+    for class_index in range(len(CLASS_NAMES)):
+        threshold = options.thresholds[class_index]
+        for d, frame in saliency_frames(analysis, class_index, factor):
+            mask = frame > threshold
+            flagged[class_index] += int(mask.sum())
+            array[d, :, :, class_index] = mask if binary else np.clip(frame, 0.0, 1.0)
+    name = model_name(analysis.algorithm)
+    tracking_uids = [str(hd.UID()) for _ in CLASS_NAMES]
+    with building("SEG", analysis):
+        seg = hd.seg.Segmentation(
+            source_images=sources,
+            pixel_array=array,
+            segmentation_type=(hd.seg.SegmentationTypeValues.BINARY if binary
+                               else hd.seg.SegmentationTypeValues.FRACTIONAL),
+            fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+            segment_descriptions=_segments(analysis, options, tracking_uids),
+            series_instance_uid=hd.UID(),
+            series_number=SEG_SERIES_OFFSET + source_series_number(sources),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=name,
+            software_versions=analysis.algorithm.version or "unknown",
+            device_serial_number=serial_number(analysis.algorithm),
+            content_label="GMIC_FINDINGS",
+            content_description=f"{name} flagged regions ({options.seg_type})"[:64],
+            content_creator_name=f"{name.replace('^', ' ')}^dicomnode",
+            plane_positions=grid.plane_positions,
+            plane_orientation=grid.plane_orientation,
+            pixel_measures=grid.pixel_measures,
+            # nothing to omit-but-everything: highdicom would warn and keep all frames
+            omit_empty_frames=options.seg_omit_empty_frames and bool(array.any()),
+            series_description=series_description(
+                "findings" if binary else "findings (fractional)", analysis),
+            institution_name=options.institution_name,
+        )
+    del array
+    finish_result(seg, analysis, sources[0])
+    if grid.plane_positions is None:
+        # a 2D image's SEG: the breast thickness is the only extent along the beam
+        measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
+        thickness = sources[0].get("BodyPartThickness")
+        if measures and thickness:
+            measures[0].SliceThickness = thickness
+    return SegmentationResult(
+        dataset=seg, factor=factor, flagged_pixels=tuple(flagged),
+        pixel_spacing=grid.pixel_spacing,
+        slice_spacing=slice_spacing(analysis) if grid.plane_positions is not None else None,
+        tracking_uids=tuple(tracking_uids),
+        tracking_ids=tuple(tracking_id(i) for i in range(len(CLASS_NAMES))))

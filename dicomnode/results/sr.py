@@ -1,0 +1,261 @@
+"""Comprehensive 3D SR, TID 1500 Measurement Report, of one analysed image.
+
+Content (one measurement group each, all with the algorithm's identification):
+- image: benign and malignant probability, final / global / local network (TID 1501);
+- breast (when given): the combined probabilities of the image's breast, overall and per
+  modality (TID 1501, finding site = breast with laterality);
+- attended regions: the K patches the local network looked at, each a closed POLYLINE on
+  its slice (referenced frame of a multi-frame DBT, or the slice's own instance) with its
+  attention weight (TID 1410 groups);
+- flagged regions: one group per SEG segment, linked to it by Tracking UID, with the
+  operating point and the flagged volume (DBT) or area (2D) (TID 1501).
+
+Malignant probabilities use the standard concept (DCM 111047 "Probability of cancer");
+concepts without a standard code use the project-private scheme 99DCMNODE, declared in the
+Coding Scheme Identification Sequence.
+"""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicomnode.analysis import BreastAnalysis, ClassProbabilities, ImageAnalysis
+from dicomnode.results.common import (
+    LATERALITY_CODES,
+    MANUFACTURER,
+    NO_UNITS,
+    PROBABILITY_UNIT,
+    SEGMENT_PROPERTIES,
+    SR_SERIES_OFFSET,
+    ResultOptions,
+    algorithm_parameters,
+    building,
+    coding_schemes,
+    device_uid,
+    model_name,
+    private_code,
+    read_sources,
+    serial_number,
+    series_description,
+    source_series_number,
+)
+from dicomnode.results.seg import SegmentationResult
+
+PROBABILITY_CONCEPTS = (
+    private_code("BENIGN_PROB", "Probability of benign finding"),
+    hd.sr.CodedConcept("111047", "DCM", "Probability of cancer"),
+)
+ATTENTION_WEIGHT = private_code("ATTN_WEIGHT", "Attention weight")
+OPERATING_POINT = private_code("OPERATING_POINT", "Saliency operating point")
+METHODS = {
+    "final": private_code("FINAL", "Mean of global and local network predictions"),
+    "global": private_code("GLOBAL", "Global network (top-t saliency pooling)"),
+    "local": private_code("LOCAL", "Local network (gated attention over attended regions)"),
+    "breast": private_code("BREAST_MEAN", "Mean over the breast's views and modalities"),
+}
+ATTENDED_REGION = private_code("ATTENDED_REGION", "Region attended by the local network")
+MODALITY_NAMES = {"dbt": "tomosynthesis", "ffdm": "full-field digital mammography",
+                  "s2d": "synthetic 2D mammography"}
+# Procedure reported must come from CID 100 (PixelMed checks it), which has no mammography
+# code: the generic "Imaging procedure".
+IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+
+
+def _algorithm(analysis: ImageAnalysis) -> hd.sr.AlgorithmIdentification:
+    alg = analysis.algorithm
+    params = [f"{k}={v}" for k, v in algorithm_parameters(alg).items()]
+    return hd.sr.AlgorithmIdentification(name=model_name(alg), version=alg.version or "unknown",
+                                          parameters=params)
+
+
+def _finding_site(laterality: str) -> list[hd.sr.FindingSite]:
+    return [hd.sr.FindingSite(anatomic_location=codes.SCT.Breast,
+                              laterality=LATERALITY_CODES.get(laterality))]
+
+
+def _probabilities(probs: ClassProbabilities, method: hd.sr.CodedConcept,
+                   algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    values = (probs.benign, probs.malignant)
+    return [hd.sr.Measurement(name=PROBABILITY_CONCEPTS[i], value=float(values[i]),
+                              unit=PROBABILITY_UNIT, method=method, algorithm_id=algorithm)
+            for i in range(2)]
+
+
+def _image_refs(sources: list[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(src) for src in sources]
+
+
+def _region_source(analysis: ImageAnalysis, sources: list[Dataset], frame_index: int
+                   ) -> hd.sr.SourceImageForRegion:
+    """The instance (and frame, for a multi-frame image) holding one slice."""
+    image = analysis.image
+    uid = image.sop_instance_uids[frame_index]
+    src = next(s for s in sources if str(s.SOPInstanceUID) == uid)
+    frames = None
+    if int(src.get("NumberOfFrames", 1) or 1) > 1:
+        frames = [image.frame_numbers[frame_index]]
+    return hd.sr.SourceImageForRegion(referenced_sop_class_uid=str(src.SOPClassUID),
+                                      referenced_sop_instance_uid=uid,
+                                      referenced_frame_numbers=frames)
+
+
+def _box(row0: int, col0: int, height: int, width: int) -> np.ndarray:
+    """Closed polyline (column, row) around source pixels [row0, row0+h) x [col0, col0+w):
+    SR image coordinates put the top-left corner of the first pixel at (0, 0)."""
+    c0, r0, c1, r1 = float(col0), float(row0), float(col0 + width), float(row0 + height)
+    return np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
+
+
+def _image_group(analysis: ImageAnalysis, sources: list[Dataset],
+                 algorithm: hd.sr.AlgorithmIdentification
+                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    image = analysis.image
+    measurements = []
+    for key, probs in (("final", analysis.final), ("global", analysis.global_),
+                       ("local", analysis.local)):
+        measurements += _probabilities(probs, METHODS[key], algorithm)
+    where = " ".join(p for p in (image.laterality, image.view, image.modality.upper()) if p)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"Image prediction {where}"[:64]),
+        finding_type=codes.SCT.Breast,
+        finding_sites=_finding_site(image.laterality),
+        algorithm_id=algorithm,
+        measurements=measurements,
+        source_images=_image_refs(sources),
+    )
+
+
+def _breast_group(breast: BreastAnalysis, algorithm: hd.sr.AlgorithmIdentification
+                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    measurements = _probabilities(breast.final, METHODS["breast"], algorithm)
+    for modality, probs in sorted(breast.per_modality.items()):
+        method = private_code(f"MEAN_{modality.upper()}"[:16],
+                              f"Mean over the breast's {MODALITY_NAMES.get(modality, modality)}"
+                              " views")
+        measurements += _probabilities(probs, method, algorithm)
+    side = {"L": "left", "R": "right"}.get(breast.laterality, breast.laterality)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=hd.UID(), identifier=f"Breast prediction {side}"),
+        finding_type=codes.SCT.Breast,
+        finding_sites=_finding_site(breast.laterality),
+        algorithm_id=algorithm,
+        measurements=measurements,
+    )
+
+
+def _region_groups(analysis: ImageAnalysis, sources: list[Dataset],
+                   algorithm: hd.sr.AlgorithmIdentification
+                   ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    out = []
+    k = len(analysis.regions)
+    for n, region in enumerate(analysis.regions, 1):
+        if region.height <= 0 or region.width <= 0:
+            continue  # clipped away entirely: nothing to draw
+        roi = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=_box(region.row0, region.col0, region.height, region.width),
+            source_image=_region_source(analysis, sources, region.frame_index))
+        depth = analysis.image.shape[0]
+        out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier=f"Attended region {n} of {k}, slice "
+                                          f"{region.frame_index + 1} of {depth}"),
+            referenced_region=roi,
+            finding_type=ATTENDED_REGION,
+            finding_sites=_finding_site(analysis.image.laterality),
+            algorithm_id=algorithm,
+            measurements=[hd.sr.Measurement(
+                name=ATTENTION_WEIGHT, value=float(region.attention), unit=NO_UNITS,
+                algorithm_id=algorithm)],
+        ))
+    return out
+
+
+def _segment_groups(analysis: ImageAnalysis, seg: SegmentationResult, options: ResultOptions,
+                    algorithm: hd.sr.AlgorithmIdentification
+                    ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """One group per SEG segment, linked to it by the segment's Tracking UID.
+
+    Not a TID 1411 group with a Referenced Segment: PixelMed's TID 1500 rules pick one
+    measurement-group template for the whole report from what any group contains, so a
+    single segment reference makes every other group fail as TID 1411. The SEG is listed
+    in the evidence (Pertinent Other Evidence) instead.
+    """
+    out = []
+    for index, (_, property_type) in enumerate(SEGMENT_PROPERTIES):
+        measurements = [hd.sr.Measurement(
+            name=OPERATING_POINT, value=float(options.thresholds[index]), unit=PROBABILITY_UNIT,
+            algorithm_id=algorithm)]
+        volume = seg.flagged_mm3(index)
+        if volume is not None:
+            measurements.append(hd.sr.Measurement(
+                name=codes.SCT.Volume, value=volume, unit=codes.UCUM.CubicMillimeter,
+                algorithm_id=algorithm))
+        else:  # 2D image: the flagged area
+            measurements.append(hd.sr.Measurement(
+                name=codes.SCT.Area, value=seg.flagged_mm2(index),
+                unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm))
+        out.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=seg.tracking_uids[index], identifier=seg.tracking_ids[index]),
+            finding_type=property_type,
+            finding_sites=_finding_site(analysis.image.laterality),
+            algorithm_id=algorithm, measurements=measurements))
+    return out
+
+
+def build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None = None,
+             seg: SegmentationResult | None = None, options: ResultOptions | None = None,
+             sources: list[Dataset] | None = None) -> Dataset:
+    """The TID 1500 report of one analysed image (and its breast, when given)."""
+    options = options or ResultOptions()
+    sources = sources if sources is not None else read_sources(analysis)
+    with building("SR", analysis):
+        return _build_sr(analysis, breast, seg, options, sources)
+
+
+def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
+              seg: SegmentationResult | None, options: ResultOptions,
+              sources: list[Dataset]) -> Dataset:
+    alg = analysis.algorithm
+    algorithm = _algorithm(analysis)
+    # the model as the observer: one device UID per (algorithm, checkpoint)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(alg), name=model_name(alg), manufacturer_name=MANUFACTURER,
+            model_name=f"{model_name(alg)} {alg.checkpoint_name}"[:64],
+            serial_number=serial_number(alg)))
+    groups: list = [_image_group(analysis, sources, algorithm)]
+    if breast is not None:
+        groups.append(_breast_group(breast, algorithm))
+    groups += _region_groups(analysis, sources, algorithm)
+    if seg is not None:
+        groups += _segment_groups(analysis, seg, options, algorithm)
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+    )
+    evidence = list(sources) + ([seg.dataset] if seg is not None else [])
+    return hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=hd.UID(),
+        series_number=SR_SERIES_OFFSET + source_series_number(sources),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=model_name(alg),
+        software_versions=alg.version or "unknown",
+        device_serial_number=serial_number(alg),
+        series_description=series_description("report", analysis),
+        institution_name=options.institution_name,
+        coding_schemes=coding_schemes(),
+        is_complete=True,
+    )

@@ -1,0 +1,126 @@
+"""SEG of the flagged regions: BINARY mask = saliency above the operating point, FRACTIONAL,
+nothing flagged, every source layout; validity with dciodvfy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+
+from dicomnode.analysis import CLASS_NAMES
+from dicomnode.results import ResultOptions, build_segmentation
+from dicomnode.results.geometry import block_mean
+from dicomnode.results.validate import dciodvfy_errors
+from tests.results_support import (
+    CASES,
+    analysis_for,
+    expected_source,
+    frame_sources,
+    slice_of_frames,
+)
+
+THRESHOLDS = (0.2, 0.5)  # the blob's weaker class peaks at 0.3: both segments flag pixels
+
+
+def _frames_by_segment(analysis, seg, factor: int) -> dict[tuple[int, int], int]:
+    """(segment number, slice index) -> frame index of the SEG."""
+    segments = [int(g.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                for g in seg.PerFrameFunctionalGroupsSequence]
+    if "PlanePositionSequence" in seg.PerFrameFunctionalGroupsSequence[0]:
+        slices = slice_of_frames(analysis, seg, factor)
+    else:  # a 2D image's SEG: one frame per segment
+        slices = [0] * len(segments)
+    return {(s, d): i for i, (s, d) in enumerate(zip(segments, slices, strict=True))}
+
+
+def _reread(result, tmp_path):
+    path = tmp_path / "seg.dcm"
+    result.dataset.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path), path
+
+
+@pytest.mark.parametrize("layout,modality", CASES)
+@pytest.mark.parametrize("factor", [1, 2])
+def test_binary_seg_is_saliency_above_threshold(tmp_path_factory, tmp_path, layout, modality,
+                                                factor) -> None:
+    analysis = analysis_for(tmp_path_factory, layout, modality)
+    options = ResultOptions(thresholds=THRESHOLDS, seg_decimation=factor)
+    result = build_segmentation(analysis, options)
+    seg, _ = _reread(result, tmp_path)
+    assert seg.SegmentationType == "BINARY"
+    assert seg.StudyInstanceUID == analysis.image.study_uid
+    assert "not for clinical use" in seg.SeriesDescription
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Benign finding",
+                                                             "Malignant finding"]
+    assert all(s.SegmentAlgorithmType == "AUTOMATIC" for s in seg.SegmentSequence)
+    assert [s.TrackingUID for s in seg.SegmentSequence] == list(result.tracking_uids)
+    depth = analysis.image.shape[0]
+    is_2d = analysis.image.modality != "dbt"
+    expected_factor = 1 if is_2d else factor  # a 2D image's SEG keeps the source grid
+    assert result.factor == expected_factor
+    frames = _frames_by_segment(analysis, seg, expected_factor)
+    assert len(frames) == depth * len(CLASS_NAMES)  # empty frames kept by default
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    for class_index in range(len(CLASS_NAMES)):
+        saliency = analysis.saliency_on_source(class_index)
+        flagged = 0
+        for d in range(depth):
+            expected = block_mean(saliency[d], expected_factor) > THRESHOLDS[class_index]
+            got = pixels[frames[(class_index + 1, d)]].astype(bool)
+            np.testing.assert_array_equal(got, expected)
+            flagged += int(expected.sum())
+        assert result.flagged_pixels[class_index] == flagged > 0
+    sources = frame_sources(seg)
+    for (_, d), i in frames.items():
+        assert sources[i] == expected_source(analysis, d)
+
+
+@pytest.mark.parametrize("layout,modality", CASES)
+def test_fractional_seg_holds_the_saliency(tmp_path_factory, tmp_path, layout,
+                                           modality) -> None:
+    analysis = analysis_for(tmp_path_factory, layout, modality)
+    result = build_segmentation(analysis, ResultOptions(seg_type="fractional"))
+    seg, _ = _reread(result, tmp_path)
+    assert seg.SegmentationType == "FRACTIONAL"
+    assert seg.SegmentationFractionalType == "PROBABILITY"
+    frames = _frames_by_segment(analysis, seg, 1)
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    scale = float(seg.MaximumFractionalValue)
+    for class_index in range(len(CLASS_NAMES)):
+        saliency = analysis.saliency_on_source(class_index)
+        for d in range(analysis.image.shape[0]):
+            got = pixels[frames[(class_index + 1, d)]] / scale
+            np.testing.assert_allclose(got, saliency[d], atol=0.5 / scale + 1e-6)
+
+
+def test_nothing_flagged_is_a_valid_seg_with_empty_frames(tmp_path_factory, tmp_path) -> None:
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    for omit in (False, True):
+        result = build_segmentation(analysis, ResultOptions(thresholds=(0.99, 0.99),
+                                                            seg_omit_empty_frames=omit))
+        assert result.flagged_pixels == (0, 0)
+        seg, _ = _reread(result, tmp_path)
+        assert len(seg.SegmentSequence) == 2
+        assert int(seg.NumberOfFrames) == 2 * analysis.image.shape[0]
+        assert not seg.pixel_array.any()
+
+
+def test_omitting_empty_frames_keeps_only_flagged_slices(tmp_path_factory) -> None:
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    result = build_segmentation(analysis, ResultOptions(thresholds=THRESHOLDS,
+                                                        seg_omit_empty_frames=True))
+    # the blob lies on one slice: one frame per segment
+    assert int(result.dataset.NumberOfFrames) == 2
+
+
+@pytest.mark.dicom3tools
+@pytest.mark.parametrize("layout,modality", CASES)
+@pytest.mark.parametrize("options", [
+    ResultOptions(thresholds=THRESHOLDS),
+    ResultOptions(seg_type="fractional", seg_decimation=2),
+    ResultOptions(thresholds=(0.99, 0.99), seg_omit_empty_frames=True),
+], ids=["binary", "fractional-decimated", "empty"])
+def test_seg_passes_dciodvfy(tmp_path_factory, tmp_path, layout, modality, options) -> None:
+    result = build_segmentation(analysis_for(tmp_path_factory, layout, modality), options)
+    _, path = _reread(result, tmp_path)
+    assert dciodvfy_errors(path) == []
