@@ -13,7 +13,9 @@ import errno
 import hashlib
 import os
 import shutil
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -22,6 +24,24 @@ from storage.errors import ArchiveError, InsufficientStorage
 from storage.uids import validate_uid
 
 _CHUNK = 1 << 20
+# Above this, hashing runs on a second thread while the bytes are written: both release the
+# GIL, so a large instance costs about max(hash, write) instead of their sum.
+_PARALLEL_HASH_BYTES = 8 << 20
+
+Buffer = bytes | bytearray | memoryview
+
+
+def _hash_while_writing(digest: hashlib._Hash, fh: BinaryIO, part: Buffer) -> None:
+    if len(part) < _PARALLEL_HASH_BYTES:
+        digest.update(part)
+        fh.write(part)
+        return
+    hasher = threading.Thread(target=digest.update, args=(part,), name="archive-hash")
+    hasher.start()
+    try:
+        fh.write(part)
+    finally:
+        hasher.join()
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -92,10 +112,13 @@ class Archive:
 
     # -- writes --------------------------------------------------------------------------
 
-    def write_temp(self, data: bytes | bytearray | memoryview | BinaryIO, *,
+    def write_temp(self, data: Buffer | Sequence[Buffer] | BinaryIO, *,
                    watermark: bool = True) -> TempFile:
-        """Write ``data`` to a fsynced temporary file, hashing it on the way."""
-        size_hint = len(data) if isinstance(data, (bytes, bytearray, memoryview)) else 0
+        """Write ``data`` (bytes, a sequence of buffers written one after the other, or a
+        binary file object) to a fsynced temporary file, hashing it on the way."""
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
+        in_memory = isinstance(parts, (list, tuple))
+        size_hint = sum(len(p) for p in parts) if in_memory else 0
         self.check_free(size_hint, watermark=watermark)
         digest = hashlib.sha256()
         size = 0
@@ -103,10 +126,10 @@ class Archive:
         path = Path(name)
         try:
             with os.fdopen(fd, "wb") as fh:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    digest.update(data)
-                    fh.write(data)
-                    size = len(data)
+                if in_memory:
+                    for part in parts:
+                        _hash_while_writing(digest, fh, part)
+                        size += len(part)
                 else:
                     while chunk := data.read(_CHUNK):
                         digest.update(chunk)

@@ -54,7 +54,7 @@ from storage.records import (
 )
 from storage.uids import validate_uid
 
-Encoded = bytes | bytearray | memoryview | BinaryIO
+Encoded = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview] | BinaryIO
 _MAX_ERROR = 4000
 _WRITE_RETRIES = 3
 
@@ -189,7 +189,9 @@ class Store:
                        now: datetime | None = None) -> StoredInstance:
         """Archive and index a received instance; durable when this returns.
 
-        ``encoded`` is the instance as the sender encoded it (bytes or a binary file object).
+        ``encoded`` is the instance as the sender encoded it: bytes, a sequence of buffers
+        written one after the other (e.g. file meta, then the received dataset), or a binary
+        file object.
         ``patient_key`` is an opaque key the caller derives (never a name or ID).
         Raises :class:`InvalidUID` before touching the disk, :class:`InsufficientStorage`
         below the free-space watermark or on a full disk (map to C-STORE 0xA700).

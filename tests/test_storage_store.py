@@ -48,6 +48,19 @@ def test_file_objects_are_streamed(store: Store) -> None:
     assert stored.size == len(payload) and stored.path.read_bytes() == payload
 
 
+def test_buffers_are_written_in_order_and_hashed_as_one(store: Store) -> None:
+    import hashlib
+
+    meta, body = b"\0" * 128 + b"DICM", bytes(range(256)) * 40000  # body hashed in parallel
+    stored = store.store_instance(**{**instance_args(), "encoded": [meta, memoryview(body)]})
+    assert stored.path.read_bytes() == meta + body
+    assert stored.size == len(meta) + len(body)
+    assert stored.sha256 == hashlib.sha256(meta + body).hexdigest()
+    # the same instance sent as one buffer is recognised as identical
+    again = store.store_instance(**{**instance_args(), "encoded": meta + body})
+    assert again.outcome is StoreOutcome.DUPLICATE
+
+
 def test_identical_resend_is_not_stored_twice(store: Store, tmp_path: Path) -> None:
     first = store.store_instance(**instance_args(), now=at(0))
     again = store.store_instance(**instance_args(), now=at(5))
