@@ -151,6 +151,41 @@ class Archive:
             raise
         return TempFile(path, size, digest.hexdigest())
 
+    def adopt_temp(self, source: str | os.PathLike[str], *, watermark: bool = True) -> TempFile:
+        """Take over a complete file written elsewhere (e.g. by the network layer while it
+        received the instance): moved into the temporary area without copying where it is
+        on the same file system, then fsynced and hashed (the two in parallel)."""
+        source = Path(source)
+        self.check_free(0, watermark=watermark)
+        fd, name = _mkstemp(self.tmp_dir)
+        os.close(fd)
+        path = Path(name)
+        try:
+            os.replace(source, path)
+        except OSError as exc:
+            _unlink_quietly(path)
+            if exc.errno != errno.EXDEV:
+                raise ArchiveError(f"cannot move {source} into archive {self.root}: {exc}; "
+                                   "check the disk and the directory's permissions") from None
+            with open(source, "rb") as fh:  # another file system: copy, then drop the source
+                temp = self.write_temp(fh, watermark=watermark)
+            _unlink_quietly(source)
+            return temp
+        try:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                hasher = threading.Thread(target=lambda: hashlib.file_digest(fh, lambda: digest),
+                                          name="archive-hash")
+                hasher.start()
+                try:
+                    os.fsync(fh.fileno())
+                finally:
+                    hasher.join()
+            return TempFile(path, path.stat().st_size, digest.hexdigest())
+        except BaseException:
+            _unlink_quietly(path)
+            raise
+
     def commit(self, temp: TempFile, relative: str) -> Path:
         """Atomically move ``temp`` to ``relative``; durable once this returns."""
         final = self.absolute(relative)

@@ -54,7 +54,8 @@ from storage.records import (
 )
 from storage.uids import validate_uid
 
-Encoded = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview] | BinaryIO
+Encoded = (bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview] | BinaryIO
+           | os.PathLike[str])
 _MAX_ERROR = 4000
 _WRITE_RETRIES = 3
 
@@ -190,8 +191,9 @@ class Store:
         """Archive and index a received instance; durable when this returns.
 
         ``encoded`` is the instance as the sender encoded it: bytes, a sequence of buffers
-        written one after the other (e.g. file meta, then the received dataset), or a binary
-        file object.
+        written one after the other (e.g. file meta, then the received dataset), a binary
+        file object, or the path of a complete file to take over (moved, not copied, when on
+        the archive's file system; the caller no longer owns it).
         ``patient_key`` is an opaque key the caller derives (never a name or ID).
         Raises :class:`InvalidUID` before touching the disk, :class:`InsufficientStorage`
         below the free-space watermark or on a full disk (map to C-STORE 0xA700).
@@ -211,7 +213,8 @@ class Store:
         modality, laterality, view = _clip(modality, 16), _clip(laterality, 16), _clip(view, 64)
         now = _at(now)
         base_path = Archive.relative_path(study_uid, series_uid, sop_instance_uid)
-        temp = self.archive.write_temp(encoded)
+        temp = (self.archive.adopt_temp(encoded) if isinstance(encoded, os.PathLike)
+                else self.archive.write_temp(encoded))
         committed = False
         try:
             for attempt in range(_WRITE_RETRIES):

@@ -61,6 +61,19 @@ def test_buffers_are_written_in_order_and_hashed_as_one(store: Store) -> None:
     assert again.outcome is StoreOutcome.DUPLICATE
 
 
+def test_a_received_file_is_taken_over_not_copied(store: Store, tmp_path: Path) -> None:
+    import hashlib
+
+    payload = bytes(range(256)) * 40000
+    received = tmp_path / "received.dcm"  # as written by the network layer
+    received.write_bytes(payload)
+    inode = received.stat().st_ino
+    stored = store.store_instance(**{**instance_args(), "encoded": received})
+    assert not received.exists()
+    assert stored.path.stat().st_ino == inode  # renamed into the archive, same file
+    assert stored.sha256 == hashlib.sha256(payload).hexdigest() and stored.size == len(payload)
+
+
 def test_identical_resend_is_not_stored_twice(store: Store, tmp_path: Path) -> None:
     first = store.store_instance(**instance_args(), now=at(0))
     again = store.store_instance(**instance_args(), now=at(5))
