@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dicomnode.commands.node:serve", "Receive studies over DICOM into the archive."),
     "worker": ("dicomnode.commands.node:worker", "Run inference on ready studies, send results."),
     "run": ("dicomnode.commands.node:run", "Receive, infer and send in one process."),
+    "status": ("dicomnode.commands.status:status",
+               "Node, queue, deliveries, disk, model and device at a glance."),
     "jobs": ("dicomnode.commands.jobs:jobs", "List, show, retry or cancel inference jobs."),
     "db": ("dicomnode.commands.db:db", "Database schema maintenance."),
     "bench": ("dicomnode.commands.bench:bench", "Benchmarks (model, store, ...)."),

@@ -91,6 +91,9 @@ class ResultsConfig:
     malignant_operating_point: float = 0.5
     # "binary" (displayed by OHIF and most viewers) or "fractional" (probabilities).
     segmentation: str = "binary"
+    # Largest pixel array of one SEG or Parametric Map: above it the result's pixel grid is
+    # a coarser integer multiple of the source's (same frames and frame of reference).
+    max_array_mb: int = 64
 
 
 @dataclass

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
+from dicomnode.external import dcmtk_program
+
 REQUIRE_PEERS = os.environ.get("DICOMNODE_REQUIRE_PEERS") == "1"
 
+
+
+def dcmtk(tool: str) -> str:
+    """dcmtk's program (not pynetdicom's same-named script); "" when dcmtk is missing."""
+    return dcmtk_program(tool) or ""
+
+
 _PEER_CHECKS = {
-    "dcmtk": lambda: shutil.which("storescu") and shutil.which("storescp"),
+    "dcmtk": lambda: dcmtk("storescu") and dcmtk("storescp"),
     "dicom3tools": lambda: shutil.which("dciodvfy"),
     "postgres": lambda: os.environ.get("DICOMNODE_TEST_POSTGRES_URL"),
+    "orthanc": lambda: shutil.which("Orthanc"),
+    "pixelmed": lambda: Path("/usr/share/java/pixelmed.jar").exists() and shutil.which("java"),
 }
 
 
@@ -42,6 +54,8 @@ def _missing(marker: str):
 _missing_peer_dcmtk = _missing("dcmtk")
 _missing_peer_dicom3tools = _missing("dicom3tools")
 _missing_peer_postgres = _missing("postgres")
+_missing_peer_pixelmed = _missing("pixelmed")
+_missing_peer_orthanc = _missing("orthanc")
 
 
 @pytest.fixture(autouse=True, scope="session")

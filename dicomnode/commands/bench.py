@@ -115,3 +115,28 @@ def bench_scp(input_dir: str | None, runs: int, seed: int, workdir: str | None,
 
     files = sorted(p for p in Path(input_dir).rglob("*.dcm")) if input_dir else None
     emit(run_scp_bench(files, runs, Path(workdir) if workdir else None, seed), json_path)
+
+
+@bench.command("e2e")
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
+              default=None, help="Send the DBT files in this folder (default: one synthetic "
+              "full-size 4-view DBT study).")
+@click.option("--checkpoint", default=None,
+              help="DBT checkpoint (default: random weights at the published size; the "
+                   "timing is the same).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--idle-seconds", type=click.FloatRange(0.1), default=2.0, show_default=True,
+              help="Quiet time after which the study counts as complete.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None)
+@json_option
+def bench_e2e(input_dir: str | None, checkpoint: str | None, device: str, idle_seconds: float,
+              seed: int, workdir: str | None, json_path: str | None) -> None:
+    """Seconds from the first C-STORE of a 4-view DBT study to the last result received."""
+    from pathlib import Path
+
+    from dicomnode.bench.e2e import run_e2e_bench
+
+    files = sorted(Path(input_dir).rglob("*.dcm")) if input_dir else None
+    emit(run_e2e_bench(files, checkpoint, device, idle_seconds,
+                       Path(workdir) if workdir else None, seed), json_path)

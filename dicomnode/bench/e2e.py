@@ -1,0 +1,124 @@
+"""`dicomnode bench e2e`: from the first C-STORE of a 4-view DBT study to the last result
+received back, broken down by stage.
+
+Everything runs on this machine: dcmtk `storescu` sends the study to the node's SCP; the
+worker (in this process, so its stage timings can be read) runs the model and sends the
+results to dcmtk `storescp`. Stages: receive (storescu start to its exit), wait (the
+configured idle time that marks the study complete), load, model, build results, send
+(job done to the last result on disk at storescp).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from dicomnode.bench.report import BenchReport
+from dicomnode.bench.scp import dcmtk_tool, free_port, synth_dbt_files, wait_port
+from dicomnode.errors import DicomnodeError
+
+
+def _random_checkpoint(path: Path) -> str:
+    """A DBT model at the published input size with random weights: same cost as a trained
+    one, for timing only."""
+    from gmic.checkpoint import save_checkpoint
+    from gmic.config import GMICConfig
+    from gmic.model import GMIC
+
+    save_checkpoint(path, GMIC(GMICConfig.dbt()), meta={"description": "random, timing only"})
+    return str(path)
+
+
+def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
+                  idle_seconds: float, workdir: Path | None, seed: int,
+                  timeout_s: float = 3600) -> BenchReport:
+    from dicomnode.config import Config, PeerConfig
+    from dicomnode.scp import ReceiverPolicy, StorageSCP
+    from dicomnode.worker import Worker
+    from storage import Store
+
+    tmp = Path(tempfile.mkdtemp(prefix="dicomnode-bench-e2e-", dir=workdir))
+    received = tmp / "received"
+    received.mkdir()
+    storescp = None
+    try:
+        files = files or synth_dbt_files(tmp, seed)
+        dest_port = free_port()
+        storescp = subprocess.Popen(
+            [dcmtk_tool("storescp"), "-aet", "RESULTS", "+xa", "-od", str(received), "-uf",
+             str(dest_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(dest_port)
+
+        config = Config()
+        config.node.data_dir = str(tmp / "data")
+        config.node.idle_seconds = idle_seconds
+        config.model.device = device
+        config.model.dbt = checkpoint or _random_checkpoint(tmp / "dbt.pt")
+        config.peers = [PeerConfig("BENCH", "127.0.0.1", 1, send_results=False),
+                        PeerConfig("RESULTS", "127.0.0.1", dest_port)]
+        config.worker.poll_seconds = 0.05
+        store = Store(config.database_url, tmp / "archive")
+        scp = StorageSCP(store, ReceiverPolicy("DICOMNODE"), "127.0.0.1", 0)
+        scp.start()
+        worker = Worker(config, store, name="bench")
+        thread = threading.Thread(target=worker.run_forever, daemon=True)
+        try:
+            thread.start()
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [dcmtk_tool("storescu"), "-R", "-xv", "-aet", "BENCH", "-aec", "DICOMNODE",
+                 "127.0.0.1", str(scp.port), *map(str, files)],
+                capture_output=True, text=True, timeout=timeout_s)
+            t_received = time.perf_counter()
+            if proc.returncode != 0:
+                raise DicomnodeError(f"storescu failed: {proc.stderr.strip()[:300]}")
+            deadline = time.monotonic() + timeout_s
+            while worker.jobs_done + worker.jobs_failed == 0:
+                if time.monotonic() > deadline:
+                    raise DicomnodeError("the study was not processed in time")
+                time.sleep(0.05)
+            t_done = time.perf_counter()
+            if worker.jobs_failed:
+                raise DicomnodeError(f"the job failed: {store.list_jobs()[0].last_error}")
+            expected = len(store.list_deliveries())
+            while len(list(received.glob("*"))) < expected:
+                if time.monotonic() > deadline:
+                    raise DicomnodeError("results did not all arrive in time")
+                time.sleep(0.05)
+            t_sent = time.perf_counter()
+        finally:
+            worker.stop()
+            thread.join(timeout=60)
+            scp.stop()
+            store.close()
+        times = worker.last_times
+        report = BenchReport("e2e", device=str(worker.models.device), memory_kind="rss")
+        stages = [
+            ("receive", t_received - t0),
+            # idle time that marks the study complete, plus the worker's polling
+            ("wait for completion", (t_done - t_received) - times.load - times.model
+             - times.results),
+            ("load", times.load),
+            ("model", times.model),
+            ("build results", times.results),
+            ("send", t_sent - t_done),
+        ]
+        for name, seconds in stages:
+            report.rows.append({"name": name, "seconds": seconds})
+        report.rows.append({"name": "total (first C-STORE to last result)",
+                            "seconds": t_sent - t0})
+        report.rows.append({"name": "study", "seconds": None,
+                            "detail": f"{len(files)} DBT views, "
+                                      f"{sum(f.stat().st_size for f in files) / 1e6:.0f} MB, "
+                                      f"{expected} results"})
+        report.add_ratio("model share of total", times.model / (t_sent - t0), "total")
+        return report
+    finally:
+        if storescp is not None:
+            storescp.terminate()
+            storescp.wait(timeout=30)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,170 @@
+"""`dicomnode serve | worker | run`: the receiver, the inference worker, or both."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import click
+
+from dicomnode.cli import load_cli_config
+from dicomnode.logs import kv
+
+log = logging.getLogger("dicomnode.node")
+
+
+def _port_option(f):
+    return click.option("--port", type=int, default=None,
+                        help="Listen on this port (overrides [node] port).")(f)
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum, _frame) -> None:
+        log.info("event=signal %s", kv(signal=signal.Signals(signum).name))
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _start_scp(config, store):
+    from dicomnode.scp import StorageSCP, policy_from_config, ssl_context_from_config
+
+    scp = StorageSCP(store, policy_from_config(config), config.node.host, config.node.port,
+                     ssl_context_from_config(config))
+    scp.start()
+    if not config.peers:
+        log.warning("event=no_peers_configured detail=\"accepting any calling AE; results are "
+                    "archived but not sent until [[peers]] are configured\"")
+    return scp
+
+
+def _ready_checks(config, store, scp) -> dict[str, tuple[bool, str]]:
+    """/health/ready: database answers, SCP listens (serve/run), disk above the watermark."""
+    from dicomnode.health import disk_free_bytes
+    from dicomnode.store import archive_dir
+
+    checks: dict[str, tuple[bool, str]] = {}
+    try:
+        store.queue_counts()
+        checks["database"] = (True, "ok")
+    except Exception as exc:
+        checks["database"] = (False, f"{type(exc).__name__}: {exc}"[:200])
+    if scp is not None:
+        checks["scp"] = (scp.listening, f"{config.node.host}:{scp.port}")
+        free = disk_free_bytes(archive_dir(config))
+        watermark = config.storage.min_free_mb * 2**20
+        ok = free is None or free >= watermark
+        checks["disk"] = (ok, f"{(free or 0) // 2**20} MB free, watermark "
+                              f"{config.storage.min_free_mb} MB")
+    return checks
+
+
+def _fill_status(status, config, scp, worker) -> None:
+    if scp is not None:
+        receiver = scp.receiver
+        status.associations_open = receiver.open_associations
+        status.instances_received = receiver.instances_received
+        status.bytes_received = receiver.bytes_received
+    if worker is not None:
+        status.jobs_done, status.jobs_failed = worker.jobs_done, worker.jobs_failed
+        status.deliveries_sent = worker.deliverer.sent
+        status.delivery_failures = worker.deliverer.failures
+        loaded = dict(worker.models._loaded)  # snapshot: the worker thread may add to it
+        status.models_loaded = {m: str(lm.device) for m, lm in loaded.items() if lm is not None}
+        if worker.models._device is not None:
+            status.device = str(worker.models._device)
+
+
+def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) -> None:
+    from dataclasses import asdict
+
+    from dicomnode import metrics
+    from dicomnode.health import StatusWriter, new_process_status, queue_collector
+    from dicomnode.store import open_store, storage_errors
+
+    config = load_cli_config(ctx)
+    if port is not None:
+        config.node.port = port
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    with storage_errors():
+        store = open_store(config)
+    scp = worker = worker_thread = http = status_writer = None
+    collectors = []
+    try:
+        if receive:
+            scp = _start_scp(config, store)
+            click.echo(f"listening as {config.node.ae_title} on {config.node.host}:{scp.port}",
+                       err=True)
+            receiver = scp.receiver
+
+            def associations() -> None:
+                metrics.ASSOCIATIONS_OPEN.set(receiver.open_associations)
+            collectors.append(associations)
+        if infer:
+            from dicomnode.worker import Worker
+
+            worker = Worker(config, store)
+            worker_thread = threading.Thread(target=worker.run_forever, name="worker",
+                                             daemon=True)
+            worker_thread.start()
+        role = "run" if receive and infer else ("serve" if receive else "worker")
+        status = new_process_status(
+            role, ae_title=config.node.ae_title, http=config.http.listen,
+            listen=f"{config.node.host}:{scp.port}" if scp is not None else "")
+        status_writer = StatusWriter(config.data_path, status,
+                                     lambda st: _fill_status(st, config, scp, worker))
+        status_writer.start()
+        collectors.append(queue_collector(store))
+        for collect in collectors:
+            metrics.REGISTRY.add_collector(collect)
+        if config.http.listen:
+            from dicomnode.http import HealthServer
+
+            def current_status() -> dict:
+                _fill_status(status, config, scp, worker)
+                return asdict(status)
+
+            http = HealthServer(config.http.listen, lambda: _ready_checks(config, store, scp),
+                                status=current_status)
+            http.start()
+            click.echo(f"health and metrics on {http.url}", err=True)
+        stop.wait()
+    finally:
+        if http is not None:
+            http.stop()
+        for collect in collectors:
+            metrics.REGISTRY.remove_collector(collect)
+        if worker is not None:
+            worker.stop()
+            worker_thread.join(timeout=60)
+        if scp is not None:
+            scp.stop()
+        if status_writer is not None:
+            status_writer.stop()
+        store.close()
+
+
+@click.command()
+@_port_option
+@click.pass_context
+def serve(ctx: click.Context, port: int | None) -> None:
+    """Receive studies over DICOM (Storage SCP) into the archive."""
+    _run(ctx, port, receive=True, infer=False)
+
+
+@click.command()
+@click.pass_context
+def worker(ctx: click.Context) -> None:
+    """Run inference on ready studies and send the results."""
+    _run(ctx, None, receive=False, infer=True)
+
+
+@click.command()
+@_port_option
+@click.pass_context
+def run(ctx: click.Context, port: int | None) -> None:
+    """Receive, run inference and send results, in one process."""
+    _run(ctx, port, receive=True, infer=True)

@@ -1,0 +1,694 @@
+"""The receiving side of the node: a pynetdicom Storage SCP that archives what PACS send.
+
+Fast path: the C-STORE handler writes the bytes exactly as the peer encoded them (the
+received dataset buffer behind the file meta, never joined into one copy), so compressed
+pixel data is stored as received and nothing is decoded or re-encoded; only the header is
+parsed, to check and index the instance. The peer's success status goes out only after
+storage has fsynced the file and committed its row. Every refusal is a standard C-STORE
+status with an Error Comment, and the handler never raises: the node keeps serving whatever
+a peer sends.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import logging
+import mmap
+import os
+import secrets
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, _config, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from dicomnode import metrics
+from dicomnode.errors import UnusableImageError
+from dicomnode.logs import kv
+from dicomnode.volume import describe_dataset
+
+if TYPE_CHECKING:
+    from dicomnode.config import Config
+    from storage import Store
+
+log = logging.getLogger("dicomnode.scp")
+
+# Breast image SOP classes the node processes.
+BREAST_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.13.1.4": "Breast Projection X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.13.1.5": "Breast Projection X-Ray Image Storage - For Processing",
+    # single-frame classes some vendors use for DBT slices
+    "1.2.840.10008.5.1.4.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
+}
+
+# What images arrive in: uncompressed, and the compressed syntaxes modalities and PACS use.
+TRANSFER_SYNTAXES = [
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old devices)
+]
+
+# C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2)
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+NOT_AUTHORISED = 0x0124
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
+
+# Largest pixel data the node accepts in one instance: far above any breast image
+# (a 90-slice 3328x4096 DBT is 2.4 GB), so only absurd declarations are refused.
+MAX_PIXEL_BYTES = 4 * 2**30
+# (FFFE,E0DD) with length 0, little endian: closes encapsulated Pixel Data, the last element.
+_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+_VRS = {vr.encode() for vr in (
+    "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
+    "UR US UT UV").split()}
+_LONG_VRS = {vr.encode() for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR",
+                                     "UT", "SV", "UV")}
+_ITEM_TAG = b"\xfe\xff\x00\xe0"
+_DEFLATED = "1.2.840.10008.1.2.1.99"
+_JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
+             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
+_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
+         "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+_RLE = "1.2.840.10008.1.2.5"
+_J2K_CODESTREAM = b"\xff\x4f\xff\x51"  # SOC then SIZ marker
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
+# BTO and the 2D breast classes must carry these to be what they claim.
+_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
+                     "PhotometricInterpretation")
+
+
+class StoreRefused(Exception):
+    """A C-STORE the node refuses: the status and the Error Comment the peer receives."""
+
+    def __init__(self, status: int, comment: str) -> None:
+        super().__init__(comment)
+        self.status = status
+        self.comment = comment[:64]  # Error Comment is LO: at most 64 characters
+
+
+@dataclass(frozen=True)
+class AllowedPeer:
+    ae_title: str
+    host: str  # an IP address or host name; "*" accepts the AE title from any address
+
+
+@dataclass
+class ReceiverPolicy:
+    """What the SCP accepts. Built from the configuration by :func:`policy_from_config`."""
+
+    ae_title: str
+    allowed_peers: list[AllowedPeer] = field(default_factory=list)  # empty: anyone
+    other_storage: str = "reject"  # "reject" (0x0122) or "store" (archived, not processed)
+    max_associations: int = 16
+    patient_key_salt: bytes = b""
+
+    def peer_allowed(self, calling_ae: str, address: str) -> bool:
+        if not self.allowed_peers:
+            return True
+        return any(p.ae_title == calling_ae and p.host in ("*", address, _resolve(p.host))
+                   for p in self.allowed_peers)
+
+
+def _resolve(host: str) -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def node_secret(data_dir: Path) -> bytes:
+    """A per-installation random salt, so patient keys cannot be reversed by guessing IDs."""
+    path = data_dir / "node-secret"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(path, "xb") as fh:
+                fh.write(secrets.token_bytes(32))
+        except FileExistsError:
+            pass  # another process created it first
+    return path.read_bytes()
+
+
+def policy_from_config(config: Config) -> ReceiverPolicy:
+    return ReceiverPolicy(
+        ae_title=config.node.ae_title,
+        allowed_peers=[AllowedPeer(p.ae_title, p.host) for p in config.peers],
+        other_storage=config.node.other_storage,
+        max_associations=config.node.max_associations,
+        patient_key_salt=node_secret(config.data_path),
+    )
+
+
+def patient_key(ds: Dataset, salt: bytes) -> str:
+    """Opaque key that groups a patient's studies without storing the name or ID."""
+    ident = "|".join(str(ds.get(k, "")) for k in ("PatientID", "IssuerOfPatientID"))
+    if not ident.strip("|"):
+        ident = "study:" + str(ds.get("StudyInstanceUID", ""))
+    return hashlib.sha256(salt + ident.encode()).hexdigest()[:32]
+
+
+class EncodedInstance:
+    """A DICOM file's bytes held as buffers (file meta, then the dataset as received),
+    read in place: slices and a stream for the header parser, never one joined copy of a
+    DBT of several hundred MB."""
+
+    def __init__(self, *parts: bytes | memoryview, path: Path | None = None) -> None:
+        self.parts = [memoryview(p).cast("B") for p in parts if len(p)]
+        self._starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
+        self.path = path  # the bytes are this file's: storage takes it over instead of copying
+        self._mapping: mmap.mmap | None = None
+
+    @classmethod
+    def from_c_store(cls, event: evt.Event) -> EncodedInstance:
+        if _config.STORE_RECV_CHUNKED_DATASET:
+            return cls.from_file(Path(event.dataset_path))
+        prefix = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        return cls(prefix, event.request.DataSet.getbuffer())
+
+    @classmethod
+    def from_file(cls, path: Path) -> EncodedInstance:
+        with open(path, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size == 0:
+                return cls(path=path)
+            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        instance = cls(mapping, path=path)
+        instance._mapping = mapping
+        return instance
+
+    @property
+    def storable(self) -> list[memoryview] | Path:
+        """What storage writes: the file to take over, or the buffers."""
+        return self.path if self.path is not None else self.parts
+
+    def close(self) -> None:
+        if self._mapping is not None:
+            self.parts.clear()
+            self._mapping.close()
+            self._mapping = None
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, key: slice) -> bytes:
+        start, stop, _ = key.indices(len(self))
+        out = bytearray()
+        for part, first in zip(self.parts, self._starts, strict=False):
+            lo, hi = max(start - first, 0), min(stop - first, len(part))
+            if lo < hi:
+                out += part[lo:hi]
+        return bytes(out)
+
+    def stream(self) -> io.BufferedReader:
+        return io.BufferedReader(_PartsReader(self), buffer_size=65536)
+
+
+class _PartsReader(io.RawIOBase):
+    name = "<received>"  # pydicom names its source in messages
+
+    def __init__(self, data: EncodedInstance) -> None:
+        self.data, self.pos = data, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.data)}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, buffer) -> int:
+        chunk = self.data[self.pos:self.pos + len(buffer)]
+        buffer[:len(chunk)] = chunk
+        self.pos += len(chunk)
+        return len(chunk)
+
+
+def parse_header(encoded: EncodedInstance) -> Dataset:
+    """The dataset without reading large values (pixel data stays as its length)."""
+    try:
+        return dcmread(encoded.stream(), defer_size=1024, force=False)
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from None
+
+
+def _declared_pixel_bytes(ds: Dataset) -> int:
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    bits = int(ds.BitsAllocated)
+    # bits rounded up to whole bytes: 1-bit (BINARY SEG) pixel data is packed
+    return (int(ds.Rows) * int(ds.Columns) * frames * int(ds.SamplesPerPixel) * bits + 7) // 8
+
+
+def check_instance(ds: Dataset, context_sop_class: str, request_sop_instance: str) -> None:
+    """Refuse what cannot be archived and processed; the status says why (PS3.4 B.2.3)."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    sop_instance = str(ds.get("SOPInstanceUID", ""))
+    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
+                           "SeriesInstanceUID") if not str(ds.get(k, "")).strip()]
+    if missing:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
+    if sop_class != context_sop_class:
+        raise StoreRefused(DATASET_DOES_NOT_MATCH,
+                           f"SOP Class {sop_class} sent as {context_sop_class}")
+    if request_sop_instance and sop_instance != request_sop_instance:
+        raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request")
+    if sop_class not in BREAST_SOP_CLASSES:
+        return
+    absent = [k for k in _IMAGE_ATTRIBUTES if k not in ds]
+    if absent or "PixelData" not in ds:
+        raise StoreRefused(DATASET_DOES_NOT_MATCH,
+                           f"image without {', '.join(absent or ['Pixel Data'])}")
+    if sop_class == "1.2.840.10008.5.1.4.1.1.13.1.3" and (
+            "NumberOfFrames" not in ds or "SharedFunctionalGroupsSequence" not in ds):
+        raise StoreRefused(DATASET_DOES_NOT_MATCH, "DBT without frames or functional groups")
+    try:
+        declared = _declared_pixel_bytes(ds)
+    except (TypeError, ValueError) as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"bad image dimensions: {exc}") from None
+    if declared <= 0 or declared > MAX_PIXEL_BYTES:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"declared pixel data of {declared} bytes")
+
+
+def check_pixel_data(ds: Dataset, encoded: EncodedInstance) -> None:
+    """Pixel Data must be all there: a native value as long as the dimensions declare, an
+    encapsulated one closed by its sequence delimiter (a truncated send fails here)."""
+    element = ds.get_item("PixelData", keep_deferred=True)
+    length = getattr(element, "length", None)
+    offset = getattr(element, "value_tell", None)
+    if length is None or offset is None:
+        return
+    if ds.file_meta.TransferSyntaxUID == _DEFLATED:
+        return  # offsets are in the inflated stream: parsing it already proved it whole
+    if length == 0xFFFFFFFF:  # encapsulated: ends with the sequence delimitation item
+        if encoded[-8:] != _SEQUENCE_DELIMITER:
+            raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")
+        check_first_fragment(encoded, offset, str(ds.file_meta.TransferSyntaxUID))
+        return
+    if offset + length > len(encoded):
+        raise StoreRefused(CANNOT_UNDERSTAND,
+                           f"pixel data truncated: {len(encoded) - offset} of {length} bytes")
+    if "Rows" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
+        declared = _declared_pixel_bytes(ds)
+        if length not in (declared, declared + 1):
+            raise StoreRefused(CANNOT_UNDERSTAND,
+                               f"pixel data is {length} bytes, dimensions say {declared}")
+
+
+def dataset_offset(encoded: EncodedInstance) -> int | None:
+    """Where the dataset starts after the preamble and the File Meta (always Explicit VR
+    Little Endian); None without a preamble."""
+    if encoded[128:132] != b"DICM":
+        return None
+    pos = 132
+    while len(encoded) >= pos + 8 and encoded[pos:pos + 2] == b"\x02\x00":
+        if encoded[pos + 4:pos + 6] in _LONG_VRS:
+            pos += 12 + int.from_bytes(encoded[pos + 8:pos + 12], "little")
+        else:
+            pos += 8 + int.from_bytes(encoded[pos + 6:pos + 8], "little")
+    return pos
+
+
+def check_encoding(encoded: EncodedInstance, transfer_syntax: str) -> None:
+    """The dataset must be encoded as the negotiated transfer syntax says: a body sent as
+    Implicit VR on an Explicit VR context (or the reverse) is parsed by guesswork, and would
+    be archived as a file whose meta lies. Checks the first element's VR bytes only."""
+    if transfer_syntax == _DEFLATED:
+        return
+    offset = dataset_offset(encoded)
+    if offset is None or len(encoded) < offset + 8:
+        return
+    looks_explicit = encoded[offset + 4:offset + 6] in _VRS
+    explicit = transfer_syntax != "1.2.840.10008.1.2"
+    if looks_explicit != explicit:
+        raise StoreRefused(CANNOT_UNDERSTAND, "dataset not encoded in its transfer syntax "
+                           f"({'explicit' if looks_explicit else 'implicit'} VR)")
+
+
+def check_first_fragment(encoded: EncodedInstance, offset: int, transfer_syntax: str) -> None:
+    """Encapsulated Pixel Data must be items (Basic Offset Table, then fragments) and its
+    first fragment must start as its codec's stream does, so that a frame that is not what
+    the transfer syntax says is refused now, not found undecodable by the worker later.
+    Only a few bytes are read: nothing is decoded."""
+    items = []
+    pos = offset
+    for _ in range(2):  # the Basic Offset Table item, then the first fragment
+        if encoded[pos:pos + 4] != _ITEM_TAG or pos + 8 > len(encoded):
+            raise StoreRefused(CANNOT_UNDERSTAND,
+                               "encapsulated pixel data without its items (no fragments)")
+        size = int.from_bytes(encoded[pos + 4:pos + 8], "little")
+        if size == 0xFFFFFFFF or pos + 8 + size > len(encoded):
+            raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated fragment length is invalid")
+        items.append(encoded[pos + 8:pos + 8 + min(size, 64)])
+        pos += 8 + size
+    fragment = items[1]
+    if transfer_syntax in _JPEG2000:
+        ok = fragment.startswith(_J2K_CODESTREAM) or fragment.startswith(_JP2_SIGNATURE)
+    elif transfer_syntax in _JPEG:
+        ok = fragment.startswith(b"\xff\xd8")
+    elif transfer_syntax == _RLE:
+        segments = int.from_bytes(fragment[:4], "little") if len(fragment) >= 64 else 0
+        ok = 1 <= segments <= 15
+    else:
+        return
+    if not ok:
+        raise StoreRefused(CANNOT_UNDERSTAND,
+                           f"first frame is not a {transfer_syntax} stream")
+
+
+def archive_instance(store: Store, encoded: bytes | EncodedInstance, policy: ReceiverPolicy, *,
+                     calling_ae: str | None, sop_class: str | None = None,
+                     sop_instance: str = "") -> tuple[str, Dataset]:
+    """Check, archive and index one instance given as DICOM file bytes; the storage outcome
+    and the parsed header. Raises StoreRefused with the C-STORE status that fits.
+
+    ``sop_class``/``sop_instance`` are what the C-STORE request said (the file's own
+    values when importing from disk)."""
+    from storage.errors import InsufficientStorage, InvalidUID, StorageError
+
+    if not isinstance(encoded, EncodedInstance):
+        encoded = EncodedInstance(encoded)
+    ds = parse_header(encoded)
+    check_encoding(encoded, str(ds.file_meta.get("TransferSyntaxUID", "")))
+    sop_class = sop_class or str(ds.get("SOPClassUID", ""))
+    if sop_class not in BREAST_SOP_CLASSES and policy.other_storage == "reject":
+        raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {sop_class} is not a breast image")
+    check_instance(ds, sop_class, sop_instance)
+    if "PixelData" in ds:
+        check_pixel_data(ds, encoded)
+    modality = laterality = view = None
+    if sop_class in BREAST_SOP_CLASSES:
+        try:
+            modality, laterality, view = describe_dataset(ds, "C-STORE")
+        except UnusableImageError as exc:  # e.g. a chest DX: not ours to process
+            if policy.other_storage == "reject":
+                raise StoreRefused(CANNOT_UNDERSTAND, f"not a breast image: {exc}") from None
+    try:
+        stored = store.store_instance(
+            encoded=encoded.storable, sop_instance_uid=str(ds.SOPInstanceUID),
+            sop_class_uid=str(ds.SOPClassUID), study_uid=str(ds.StudyInstanceUID),
+            series_uid=str(ds.SeriesInstanceUID),
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            patient_key=patient_key(ds, policy.patient_key_salt), calling_ae=calling_ae,
+            modality=modality, laterality=laterality, view=view or None,
+            number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
+    except InsufficientStorage as exc:
+        raise StoreRefused(OUT_OF_RESOURCES, f"out of disk space: {exc}") from None
+    except InvalidUID as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, str(exc)) from None
+    except StorageError as exc:  # database unavailable or busy: the peer may retry
+        raise StoreRefused(OUT_OF_RESOURCES, f"storage unavailable: {exc}") from None
+    return str(stored.outcome), ds
+
+
+class Receiver:
+    """Handlers for one AE: C-ECHO, C-STORE and association events, bound to a store."""
+
+    def __init__(self, store: Store, policy: ReceiverPolicy,
+                 on_stored: Callable[[str], None] | None = None) -> None:
+        self.store = store
+        self.policy = policy
+        self.on_stored = on_stored
+        self._counts: dict[int, int] = {}
+        # Associations admitted under [node] max_associations, by id: counted here, at
+        # A-ASSOCIATE-RQ, because pynetdicom's own limit counts every association in
+        # negotiation, so a burst above the limit would have all of them rejected.
+        self._admitted: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self.instances_received = 0
+        self.bytes_received = 0
+
+    # -- association events ------------------------------------------------------------
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Reject peers not in the allow-list (by AE title and address) and wrong called AEs."""
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = rq.calling_ae_title.strip()
+        called = rq.called_ae_title.strip()
+        address = assoc.requestor.address
+        reason = None
+        if called != self.policy.ae_title:
+            reason, rsd = "called_ae", REJECT_CALLED_AE
+        elif not self.policy.peer_allowed(calling, address):
+            reason, rsd = "calling_ae", REJECT_CALLING_AE
+        elif not self._admit(assoc):
+            reason, rsd = "busy", REJECT_BUSY
+        if reason is None:
+            return
+        metrics.ASSOCIATION_REFUSALS.inc(reason=reason)
+        log.warning("event=association_rejected %s",
+                    kv(reason=reason, calling_ae=calling, called_ae=called, peer=address))
+        self._audit("association_rejected", calling, called, address, status=reason)
+        assoc.acse.send_reject(*rsd)
+        assoc.is_rejected = True
+        assoc.kill()
+
+    def _admit(self, assoc) -> bool:
+        with self._lock:
+            # an association whose thread ended without a close event still frees its slot
+            for key in [k for k, a in self._admitted.items() if not a.is_alive()]:
+                del self._admitted[key]
+            if len(self._admitted) >= self.policy.max_associations:
+                return False
+            self._admitted[id(assoc)] = assoc
+            return True
+
+    def handle_connection_closed(self, event: evt.Event) -> None:
+        with self._lock:
+            self._admitted.pop(id(event.assoc), None)
+
+    def handle_rejected(self, event: evt.Event) -> None:
+        """pynetdicom's own rejections (those of handle_requested never get here): its
+        backstop association limit, or a failed user identity negotiation."""
+        assoc = event.assoc
+        busy = sum(a.is_acceptor for a in assoc.ae.active_associations) > \
+            assoc.ae.maximum_associations
+        reason = "busy" if busy else "other"
+        metrics.ASSOCIATION_REFUSALS.inc(reason=reason)
+        rq = assoc.requestor.primitive
+        calling = rq.calling_ae_title.strip() if rq is not None else ""
+        log.warning("event=association_rejected %s", kv(
+            reason=reason, calling_ae=calling, peer=assoc.requestor.address,
+            max_associations=assoc.ae.maximum_associations))
+        self._audit("association_rejected", calling, self.policy.ae_title,
+                    assoc.requestor.address, status=reason)
+
+    def handle_accepted(self, event: evt.Event) -> None:
+        with self._lock:
+            self._counts[id(event.assoc)] = 0
+
+    def handle_closed(self, event: evt.Event) -> None:
+        assoc = event.assoc
+        with self._lock:
+            count = self._counts.pop(id(assoc), None)
+        if count is None:
+            return  # rejected, or never accepted
+        metrics.ASSOCIATIONS.inc(outcome="aborted" if assoc.is_aborted else "released")
+        calling = assoc.requestor.ae_title.strip()
+        log.info("event=association_closed %s", kv(
+            calling_ae=calling, peer=assoc.requestor.address, instances=count,
+            outcome="aborted" if assoc.is_aborted else "released"))
+        self._audit("association", calling, self.policy.ae_title, assoc.requestor.address,
+                    count=count, status="aborted" if assoc.is_aborted else "released")
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    # -- C-STORE -----------------------------------------------------------------------
+
+    def handle_store(self, event: evt.Event) -> Dataset | int:
+        started = time.perf_counter()
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            outcome, ds, size = self._store(event, calling)
+        except StoreRefused as refused:
+            metrics.STORE_REFUSALS.inc(status=f"0x{refused.status:04X}")
+            log.warning("event=store_refused %s", kv(
+                calling_ae=calling, status=f"0x{refused.status:04X}", reason=refused.comment,
+                sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "")))
+            status = Dataset()
+            status.Status = refused.status
+            status.ErrorComment = refused.comment
+            return status
+        except Exception:  # a bug must not take the association, or the node, down
+            metrics.STORE_REFUSALS.inc(status=f"0x{CANNOT_UNDERSTAND:04X}")
+            log.exception("event=store_error %s", kv(calling_ae=calling))
+            status = Dataset()
+            status.Status = CANNOT_UNDERSTAND
+            status.ErrorComment = "internal error while storing"
+            return status
+        with self._lock:
+            self._counts[id(event.assoc)] = self._counts.get(id(event.assoc), 0) + 1
+            self.instances_received += 1
+            self.bytes_received += size
+        elapsed = time.perf_counter() - started
+        metrics.INSTANCES_RECEIVED.inc(outcome=outcome)
+        metrics.BYTES_RECEIVED.inc(size)
+        metrics.STORE_SECONDS.observe(elapsed)
+        log.info("event=stored %s", kv(
+            calling_ae=calling, study_uid=ds.StudyInstanceUID,
+            sop_instance_uid=ds.SOPInstanceUID, outcome=outcome, bytes=size,
+            ms=round(1000 * elapsed, 1)))
+        if self.on_stored is not None:
+            self.on_stored(str(ds.StudyInstanceUID))
+        return SUCCESS
+
+    def _store(self, event: evt.Event, calling: str) -> tuple[str, Dataset, int]:
+        if not self.policy.peer_allowed(calling, event.assoc.requestor.address):
+            raise StoreRefused(NOT_AUTHORISED, f"{calling} may not store here")
+        encoded = EncodedInstance.from_c_store(event)
+        try:
+            outcome, ds = archive_instance(
+                self.store, encoded, self.policy, calling_ae=calling,
+                sop_class=str(event.context.abstract_syntax),
+                sop_instance=str(event.request.AffectedSOPInstanceUID or ""))
+            return outcome, ds, len(encoded)
+        finally:
+            encoded.close()
+
+    def _audit(self, event: str, calling: str, called: str, peer: str, *,
+               count: int | None = None, status: str | None = None) -> None:
+        try:
+            self.store.audit(event, calling_ae=calling, called_ae=called, peer=peer,
+                             count=count, status=status)
+        except Exception:  # the audit trail must never break receiving
+            log.exception("event=audit_failed")
+
+    @property
+    def open_associations(self) -> int:
+        with self._lock:
+            return len(self._counts)
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_REJECTED, self.handle_rejected),
+            (evt.EVT_CONN_CLOSE, self.handle_connection_closed),
+            (evt.EVT_ACCEPTED, self.handle_accepted),
+            (evt.EVT_RELEASED, self.handle_closed),
+            (evt.EVT_ABORTED, self.handle_closed),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+        ]
+
+
+def build_ae(policy: ReceiverPolicy) -> AE:
+    ae = AE(ae_title=policy.ae_title)
+    # The limit is enforced by Receiver.handle_requested; pynetdicom's is only a backstop.
+    ae.maximum_associations = 2 * policy.max_associations + 32
+    ae.maximum_pdu_size = 0  # no limit: peers may send large PDUs (fewer round trips)
+    ae.require_called_aet = True
+    ae.network_timeout = 120
+    ae.dimse_timeout = 120
+    ae.add_supported_context(Verification)
+    # All storage classes are negotiated, so a non-breast C-STORE gets a proper 0x0122
+    # status from the handler instead of a bare presentation-context refusal.
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
+    for uid in BREAST_SOP_CLASSES:
+        if uid not in {c.abstract_syntax for c in ae.supported_contexts}:
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+    return ae
+
+
+def ssl_context_from_config(config: Config) -> ssl.SSLContext | None:
+    tls = config.node.tls
+    if tls is None:
+        return None
+    from dicomnode.errors import ConfigError
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+        if tls.ca:
+            context.load_verify_locations(tls.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[node.tls]: cannot load certificate/key/CA ({exc}); "
+                          "check the cert, key and ca paths") from None
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return context
+
+
+class StorageSCP:
+    """The running receiver: ``start()`` listens in background threads, ``stop()`` shuts down."""
+
+    def __init__(self, store: Store, policy: ReceiverPolicy, host: str, port: int,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.receiver = Receiver(store, policy)
+        self.ae = build_ae(policy)
+        self.host, self.port = host, port
+        self.ssl_context = ssl_context
+        self._server = None
+
+    def start(self) -> None:
+        from dicomnode.errors import DicomnodeError
+
+        # pynetdicom then writes each incoming dataset to a temporary file as its PDUs
+        # arrive (in $TMPDIR): the write overlaps the network transfer, memory stays flat
+        # however large the DBT, and storage takes the file over by a rename when $TMPDIR is
+        # on the archive's file system (else it copies).
+        _config.STORE_RECV_CHUNKED_DATASET = True
+
+        try:
+            self._server = self.ae.start_server(
+                (self.host, self.port), block=False, evt_handlers=self.receiver.handlers(),
+                ssl_context=self.ssl_context)
+        except OSError as exc:
+            raise DicomnodeError(
+                f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
+                "choose a free port with [node] port or DICOMNODE_NODE_PORT") from None
+        self.port = self._server.server_address[1]
+        log.info("event=listening %s", kv(ae_title=self.ae.ae_title, host=self.host,
+                                          port=self.port, tls=self.ssl_context is not None))
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,182 @@
+"""Real peers for tests, on 127.0.0.1 only, each stopped by its context manager.
+
+Every wait is a bounded loop: a peer that does not come up fails the test, it never hangs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from tests.conftest import dcmtk
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@contextmanager
+def storescp(out_dir: Path, ae_title: str = "RESULTS") -> Iterator[int]:
+    """dcmtk's storescp writing every received object into out_dir; yields its port."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", ae_title, "-od", str(out_dir), "+xa", "-uf", "-fe", ".dcm",
+         str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: port_open(port) or proc.poll() is not None, 20, "storescp start")
+        if proc.poll() is not None:
+            raise RuntimeError(f"storescp exited: {proc.stderr.read().decode()}")
+        yield port
+    finally:
+        _stop(proc)
+
+
+class OrthancServer:
+    def __init__(self, root: Path, ae_title: str, modalities: dict[str, list]) -> None:
+        self.root = root
+        self.ae_title = ae_title
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.modalities = modalities
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=10) as rsp:
+            return json.loads(rsp.read())
+
+    def post(self, path: str, body: bytes | dict):
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method="POST")
+        with urllib.request.urlopen(req, timeout=60) as rsp:
+            return json.loads(rsp.read())
+
+    def start(self, extra: dict | None = None) -> None:
+        config = {
+            "Name": "dicomnode-test", "StorageDirectory": str(self.root / "db"),
+            "IndexDirectory": str(self.root / "db"), "DicomAet": self.ae_title,
+            "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+            "DicomModalities": self.modalities, "DicomAlwaysAllowStore": True,
+            "DicomCheckCalledAet": False, "StableAge": 2, "Plugins": [],
+            "HttpBindAddress": "127.0.0.1", "DicomServerEnabled": True,
+            **(extra or {}),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / "orthanc.json"
+        path.write_text(json.dumps(config, indent=1))
+        log = open(self.root / "orthanc.log", "wb")
+        self.proc = subprocess.Popen(["Orthanc", str(path)], stdout=log, stderr=log)
+        wait_for(lambda: port_open(self.http_port) or self.proc.poll() is not None, 60,
+                 "Orthanc start")
+        if self.proc.poll() is not None:
+            raise RuntimeError((self.root / "orthanc.log").read_text()[-2000:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc)
+
+
+@contextmanager
+def orthanc(root: Path, ae_title: str = "ORTHANC", modalities: dict[str, list] | None = None,
+            extra: dict | None = None) -> Iterator[OrthancServer]:
+    server = OrthancServer(root, ae_title, modalities or {})
+    server.start(extra)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def write_config(path: Path, *, data_dir: Path, port: int, peers: list[dict],
+                 models: dict[str, str], idle_seconds: float = 2.0,
+                 extra: str = "") -> Path:
+    lines = [
+        "[node]", 'ae_title = "DICOMNODE"', 'host = "127.0.0.1"', f"port = {port}",
+        f'data_dir = "{data_dir}"', f"idle_seconds = {idle_seconds}", "",
+        "[storage]", "min_free_mb = 0", "",
+        "[delivery]", "max_attempts = 3", "backoff_initial_seconds = 0.5",
+        "backoff_max_seconds = 2", "",
+        "[worker]", "poll_seconds = 0.2", "",
+        "[model]", 'device = "cpu"',
+        *[f'{m} = "{p}"' for m, p in models.items()], "",
+    ]
+    for peer in peers:
+        lines += ["[[peers]]", *[f"{k} = {json.dumps(v)}" for k, v in peer.items()], ""]
+    path.write_text("\n".join(lines) + extra)
+    return path
+
+
+@contextmanager
+def node_process(config: Path, command: str = "run", log_path: Path | None = None,
+                 port: int | None = None) -> Iterator[subprocess.Popen]:
+    """`dicomnode --config CONFIG run` in a subprocess; waits until it listens."""
+    log = open(log_path or config.with_suffix(".log"), "wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "dicomnode.cli", "--config", str(config),
+                             command], stdout=log, stderr=log, env=env)
+    try:
+        if port is not None:
+            wait_for(lambda: port_open(port) or proc.poll() is not None, 90, "node start")
+            if proc.poll() is not None:
+                raise RuntimeError(Path(log.name).read_text()[-3000:])
+        yield proc
+    finally:
+        _stop(proc, timeout=60)
+
+
+def make_checkpoint(path: Path, modality: str, *, seed: int = 0, num_crops: int = 4) -> Path:
+    """A randomly initialised GMIC checkpoint sized for the small synthetic studies."""
+    from gmic.checkpoint import save_checkpoint
+    from gmic.config import GMICConfig
+    from gmic.model import GMIC
+
+    factory = {"dbt": GMICConfig.dbt, "ffdm": GMICConfig.ffdm, "s2d": GMICConfig.s2d}[modality]
+    input_size = (640, 480) if modality == "ffdm" else (448, 320)
+    cfg = factory(input_size=input_size, num_crops=num_crops)
+    torch.manual_seed(seed)
+    save_checkpoint(path, GMIC(cfg), meta={"description": "random weights for tests"})
+    return path

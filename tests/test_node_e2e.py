@@ -1,0 +1,152 @@
+"""End to end with real peers: dcmtk storescu sends a study to `dicomnode run`; the SR, SEG
+and Parametric Maps arrive at dcmtk storescp and at Orthanc, valid and in the same study."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicomnode.config import Config
+from dicomnode.models import ModelRegistry
+from dicomnode.results.read import read_sr_summary
+from dicomnode.results.validate import dciodvfy_errors, dsrdump_errors, sr_validator_errors
+from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.volume import load_image
+from dicomnode.worker import analyse_image
+from tests.conftest import dcmtk
+from tests.peers import (
+    free_port,
+    make_checkpoint,
+    node_process,
+    orthanc,
+    storescp,
+    wait_for,
+    write_config,
+)
+
+MODALITIES = ("dbt", "ffdm", "s2d")
+SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+PM = "1.2.840.10008.5.1.4.1.1.30"
+# 12 images (4 views x DBT, FFDM, synthetic 2D): an SR, a SEG and two PMs each
+EXPECTED_RESULTS = 12 * 4
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {m: str(make_checkpoint(root / f"{m}.pt", m, seed=i))
+            for i, m in enumerate(MODALITIES)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    out = tmp_path_factory.mktemp("study")
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=31))
+    return sorted(p for m in MODALITIES for p in out.glob(f"*/{m}/*.dcm"))
+
+
+def _received(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.dcm"))
+
+
+@pytest.mark.slow
+@pytest.mark.dcmtk
+@pytest.mark.dicom3tools
+@pytest.mark.pixelmed
+def test_storescu_to_node_to_storescp(tmp_path: Path, study: list[Path],
+                                      checkpoints: dict[str, str]) -> None:
+    import subprocess
+
+    out = tmp_path / "received"
+    with storescp(out, ae_title="RESULTS") as results_port:
+        node_port = free_port()
+        config = write_config(
+            tmp_path / "node.toml", data_dir=tmp_path / "data", port=node_port,
+            peers=[{"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False},
+                   {"ae_title": "RESULTS", "host": "127.0.0.1", "port": results_port}],
+            models=checkpoints)
+        with node_process(config, port=node_port):
+            started = time.monotonic()
+            proc = subprocess.run(
+                [dcmtk("storescu"), "-R", "-aet", "PACS", "-aec", "DICOMNODE", "127.0.0.1",
+                 str(node_port), *map(str, study)], capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, proc.stderr
+            wait_for(lambda: len(_received(out)) >= EXPECTED_RESULTS, 600,
+                     f"{EXPECTED_RESULTS} results at storescp")
+            elapsed = time.monotonic() - started
+    received = [dcmread(p) for p in _received(out)]
+    assert len(received) == EXPECTED_RESULTS, f"after {elapsed:.0f} s"
+    study_uid = dcmread(study[0], stop_before_pixels=True).StudyInstanceUID
+    assert {ds.StudyInstanceUID for ds in received} == {study_uid}
+    by_class = {uid: [p for p, ds in zip(_received(out), received, strict=True)
+                      if ds.SOPClassUID == uid] for uid in (SR, SEG, PM)}
+    assert [len(by_class[c]) for c in (SR, SEG, PM)] == [12, 12, 24]
+
+    # Validators on one object of each kind from the DBT (the others share the code path).
+    dbt_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study
+                if p.parent.name == "dbt"}
+    def from_dbt(path: Path) -> bool:
+        ds = dcmread(path, stop_before_pixels=True)
+        refs = [r.ReferencedSOPInstanceUID for s in ds.get("ReferencedSeriesSequence", [])
+                for r in s.ReferencedInstanceSequence]
+        refs += [r.ReferencedSOPInstanceUID
+                 for e in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
+                 for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence]
+        return bool(set(refs) & dbt_uids)
+    for kind in (SR, SEG, PM):
+        path = next(p for p in by_class[kind] if from_dbt(p))
+        assert dciodvfy_errors(path) == [], kind
+    sr_path = next(p for p in by_class[SR] if from_dbt(p))
+    assert dsrdump_errors(sr_path) == []
+    assert sr_validator_errors(sr_path) == []
+
+    # The SR's probabilities are the model's for that image.
+    config_model = Config().model
+    for modality, spec in checkpoints.items():
+        setattr(config_model, modality, spec)
+    config_model.device = "cpu"
+    registry = ModelRegistry(config_model)
+    sr = dcmread(sr_path)
+    evidence = {r.ReferencedSOPInstanceUID for e in sr.CurrentRequestedProcedureEvidenceSequence
+                for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+    source = next(p for p in study if dcmread(p, stop_before_pixels=True).SOPInstanceUID
+                  in evidence)
+    image = load_image(source)
+    expected = analyse_image(image, registry.get(image.modality))
+    got = read_sr_summary(sr).probabilities["final"]
+    assert got["malignant"] == pytest.approx(expected.final.malignant, abs=1e-5)
+    assert got["benign"] == pytest.approx(expected.final.benign, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.orthanc
+def test_orthanc_routes_a_study_and_receives_the_results(tmp_path: Path, study: list[Path],
+                                                         checkpoints: dict[str, str]) -> None:
+    node_port = free_port()
+    with orthanc(tmp_path / "orthanc", ae_title="ORTHANC",
+                 modalities={"dicomnode": ["DICOMNODE", "127.0.0.1", node_port]}) as pacs:
+        config = write_config(
+            tmp_path / "node.toml", data_dir=tmp_path / "data", port=node_port,
+            peers=[{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": pacs.dicom_port}],
+            models=checkpoints)
+        with node_process(config, port=node_port):
+            ids = [pacs.post("/instances", p.read_bytes())["ID"] for p in study]
+            orthanc_study = pacs.get(f"/instances/{ids[0]}/study")["ID"]
+            job = pacs.post("/modalities/dicomnode/store",
+                            {"Resources": [orthanc_study], "Synchronous": True})
+            assert job.get("FailedInstancesCount", 0) == 0
+
+            def results_arrived() -> bool:
+                return len(pacs.get(f"/studies/{orthanc_study}/instances")) >= \
+                    len(study) + EXPECTED_RESULTS
+            wait_for(results_arrived, 600, "results in Orthanc")
+        modalities = sorted(pacs.get(f"/series/{s}")["MainDicomTags"].get("Modality", "")
+                            for s in pacs.get(f"/studies/{orthanc_study}")["Series"])
+    # the results went into the same study in the PACS, next to the images
+    assert modalities.count("SR") == 12 and modalities.count("SEG") == 12
+    # one Parametric Map series per image (benign and malignant maps in it)
+    assert modalities.count("OT") + modalities.count("MG") >= 12

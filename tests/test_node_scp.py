@@ -1,0 +1,247 @@
+"""The Storage SCP against real peers (dcmtk storescu) and hostile ones (pynetdicom SCU)."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.synth import SynthOptions, generate_studies
+from storage import Store
+from tests.conftest import dcmtk
+
+BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
+MG = "1.2.840.10008.5.1.4.1.1.1.2"
+NODE_AE = "DICOMNODE"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=11))
+    return out
+
+
+def image_files(study: Path) -> list[Path]:
+    return sorted(p for m in ("dbt", "ffdm", "s2d") for p in study.glob(f"*/{m}/*.dcm"))
+
+
+class Node:
+    def __init__(self, root: Path, min_free_bytes: int = 0, other: str = "reject") -> None:
+        self.store = Store(f"sqlite:///{root / 'db.sqlite'}", root / "archive",
+                           min_free_bytes=min_free_bytes)
+        policy = ReceiverPolicy(NODE_AE, [AllowedPeer("PACS", "127.0.0.1")],
+                                other_storage=other, max_associations=4,
+                                patient_key_salt=b"test")
+        self.scp = StorageSCP(self.store, policy, "127.0.0.1", 0)
+        self.scp.start()
+        self.port = self.scp.port
+
+    def close(self) -> None:
+        self.scp.stop()
+        self.store.close()
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = Node(tmp_path)
+    yield n
+    n.close()
+
+
+def storescu(node: Node, files: list[Path], *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [dcmtk("storescu"), "-R", *options, "-aet", "PACS", "-aec", NODE_AE, "127.0.0.1",
+         str(node.port), *map(str, files)], capture_output=True, text=True, timeout=120)
+
+
+def associate(node: Node, contexts: list[str], calling: str = "PACS", called: str = NODE_AE):
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
+    for uid in contexts:
+        ae.add_requested_context(uid)
+    return ae.associate("127.0.0.1", node.port, ae_title=called)
+
+
+def still_serves(node: Node) -> bool:
+    assoc = associate(node, [Verification])
+    try:
+        return assoc.is_established and assoc.send_c_echo().Status == 0
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def store_status(node: Node, dataset_or_path, sop_class: str) -> tuple[int, str]:
+    assoc = associate(node, [sop_class])
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(dataset_or_path)
+        return int(rsp.Status), str(rsp.get("ErrorComment", ""))
+    finally:
+        assoc.release()
+
+
+@pytest.mark.dcmtk
+def test_storescu_study_is_archived_byte_for_byte(node: Node, study: Path) -> None:
+    files = image_files(study)
+    proc = storescu(node, files)
+    assert proc.returncode == 0, proc.stderr
+    study_uid = dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    archived = node.store.study_instances(study_uid)
+    assert len(archived) == len(files) == 12
+    by_uid = {a.sop_instance_uid: a for a in archived}
+    for path in files:
+        sent = dcmread(path)
+        got = dcmread(by_uid[sent.SOPInstanceUID].path)
+        assert got.file_meta.TransferSyntaxUID == sent.file_meta.TransferSyntaxUID
+        assert got.PixelData == sent.PixelData  # stored as received
+    rows = {(a.modality, a.laterality, a.view) for a in archived}
+    assert {("dbt", "L", "CC"), ("s2d", "R", "MLO"), ("ffdm", "L", "MLO")} <= rows
+    # re-sending the same study stores nothing twice
+    assert storescu(node, files).returncode == 0
+    assert len(node.store.study_instances(study_uid)) == 12
+
+
+@pytest.mark.dcmtk
+def test_storescu_sends_jpeg2000_as_received(node: Node, tmp_path: Path) -> None:
+    out = tmp_path / "j2k"
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=12, transfer_syntax="j2k",
+                                       modalities=("dbt",)))
+    files = sorted(out.glob("*/dbt/*.dcm"))
+    proc = storescu(node, files, "-xv")  # propose JPEG 2000 lossless
+    assert proc.returncode == 0, proc.stderr
+    archived = node.store.study_instances(dcmread(files[0], stop_before_pixels=True)
+                                          .StudyInstanceUID)
+    assert {a.transfer_syntax for a in archived} == {"1.2.840.10008.1.2.4.90"}
+    by_uid = {a.sop_instance_uid: a for a in archived}
+    for path in files:
+        sent = dcmread(path)
+        # the JPEG 2000 codestream is archived as received: never decoded or re-encoded
+        assert dcmread(by_uid[sent.SOPInstanceUID].path).PixelData == sent.PixelData
+
+
+def test_unknown_calling_ae_is_rejected(node: Node) -> None:
+    assoc = associate(node, [Verification], calling="STRANGER")
+    assert assoc.is_rejected
+    assert node.store.audit_trail()[-1].status == "calling_ae"
+    assert still_serves(node)
+
+
+def test_wrong_called_ae_is_rejected(node: Node) -> None:
+    assoc = associate(node, [Verification], called="SOMEONEELSE")
+    assert assoc.is_rejected
+    assert still_serves(node)
+
+
+def _small_mammo(study: Path) -> Dataset:
+    return dcmread(next(iter(sorted(study.glob("*/ffdm/*.dcm")))))
+
+
+def ct_dataset() -> Dataset:
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.PatientID = "X"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def test_unsupported_sop_class_gets_0122(node: Node) -> None:
+    ds = ct_dataset()
+    status, comment = store_status(node, ds, CTImageStorage)
+    assert status == 0x0122 and "not a breast image" in comment
+    assert still_serves(node)
+
+
+def test_unsupported_sop_class_can_be_stored_and_ignored(tmp_path: Path) -> None:
+    n = Node(tmp_path, other="store")
+    try:
+        ds = ct_dataset()
+        assert store_status(n, ds, CTImageStorage)[0] == 0x0000
+        assert len(n.store.study_instances(ds.StudyInstanceUID)) == 1
+    finally:
+        n.close()
+
+
+def test_truncated_dataset_is_refused(node: Node, study: Path, tmp_path: Path) -> None:
+    source = sorted(study.glob("*/ffdm/*.dcm"))[0]
+    data = source.read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) - 5000])
+    status, comment = store_status(node, truncated, MG)
+    # pynetdicom's SCU may send the short value with a corrected length: then the length
+    # no longer matches the image dimensions; either way the node refuses it
+    assert status == 0xC000 and ("truncated" in comment or "dimensions say" in comment)
+    assert not list((node.store.archive.root).rglob("*.dcm"))
+    assert still_serves(node)
+
+
+def test_sop_class_that_does_not_match_content_gets_a900(node: Node, study: Path) -> None:
+    ds = _small_mammo(study)
+    ds.SOPClassUID = BTO  # a 2D image claiming to be a tomosynthesis volume
+    ds.file_meta.MediaStorageSOPClassUID = BTO
+    status, comment = store_status(node, ds, BTO)
+    assert status == 0xA900 and "DBT" in comment
+    assert still_serves(node)
+
+
+@pytest.mark.parametrize("rows,cols,frames", [(65535, 65535, 1000), (4000, 4000, 1)])
+def test_absurd_declared_pixel_size_is_refused(node: Node, study: Path, rows: int, cols: int,
+                                               frames: int) -> None:
+    ds = _small_mammo(study)
+    ds.Rows, ds.Columns = rows, cols
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    status, comment = store_status(node, ds, MG)
+    assert status == 0xC000 and "bytes" in comment
+    assert still_serves(node)
+
+
+def test_low_disk_gives_a700_and_keeps_what_is_stored(tmp_path: Path, study: Path) -> None:
+    n = Node(tmp_path, min_free_bytes=2**62)  # more than any disk: below the watermark
+    try:
+        ds = _small_mammo(study)
+        status, comment = store_status(n, ds, MG)
+        assert status == 0xA700 and "disk" in comment
+        assert still_serves(n)
+    finally:
+        n.close()
+
+
+def test_identical_resend_and_changed_resend(node: Node, study: Path) -> None:
+    ds = _small_mammo(study)
+    assert store_status(node, ds, MG)[0] == 0
+    assert store_status(node, ds, MG)[0] == 0
+    changed = copy.deepcopy(ds)
+    arr = changed.pixel_array.copy()
+    arr[0, 0] = (int(arr[0, 0]) + 1) % 4096
+    changed.PixelData = arr.astype(np.uint16).tobytes()
+    assert store_status(node, changed, MG)[0] == 0
+    archived = node.store.study_instances(ds.StudyInstanceUID)
+    assert len(archived) == 1
+    assert dcmread(archived[0].path).pixel_array[0, 0] == arr[0, 0]
+
+
+def test_bit_packed_seg_is_stored_when_other_classes_are_kept(tmp_path: Path, study: Path) -> None:
+    # a BINARY SEG's 1-bit pixel data is packed and padded to even length
+    n = Node(tmp_path, other="store")
+    try:
+        seg = sorted(study.glob("*/seg/*.dcm"))[0]
+        assert store_status(n, seg, "1.2.840.10008.5.1.4.1.1.66.4")[0] == 0x0000
+    finally:
+        n.close()

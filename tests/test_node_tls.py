@@ -1,0 +1,77 @@
+"""TLS on the receiver: mutual TLS accepts a client with a certificate from the CA and
+refuses one without; a bad key path is a configuration error."""
+
+from __future__ import annotations
+
+import ssl
+import subprocess
+from pathlib import Path
+
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import Verification
+
+from dicomnode.config import Config, TLSConfig
+from dicomnode.errors import ConfigError
+from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, ssl_context_from_config
+from storage import Store
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
+             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+    for name in ("node", "pacs"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
+                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
+        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
+                 "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+                 "-copy_extensions", "copy", "-out", str(d / f"{name}.crt"))
+    return d
+
+
+def _client(pki: Path, with_cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
+    if with_cert:
+        context.load_cert_chain(str(pki / "pacs.crt"), str(pki / "pacs.key"))
+    return context
+
+
+def test_mutual_tls(tmp_path: Path, pki: Path) -> None:
+    config = Config()
+    config.node.tls = TLSConfig(cert=str(pki / "node.crt"), key=str(pki / "node.key"),
+                                ca=str(pki / "ca.crt"), require_client_cert=True)
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "archive")
+    scp = StorageSCP(store, ReceiverPolicy("DICOMNODE", [AllowedPeer("PACS", "127.0.0.1")]),
+                     "127.0.0.1", 0, ssl_context_from_config(config))
+    scp.start()
+    try:
+        ae = AE(ae_title="PACS")
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        good = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE",
+                            tls_args=(_client(pki, True), "localhost"))
+        assert good.is_established
+        assert good.send_c_echo().Status == 0
+        good.release()
+        no_cert = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE",
+                               tls_args=(_client(pki, False), "localhost"))
+        assert not no_cert.is_established
+        plain = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
+        assert not plain.is_established
+    finally:
+        scp.stop()
+        store.close()
+
+
+def test_unreadable_key_is_a_configuration_error(tmp_path: Path, pki: Path) -> None:
+    config = Config()
+    config.node.tls = TLSConfig(cert=str(pki / "node.crt"), key=str(tmp_path / "missing.key"))
+    with pytest.raises(ConfigError, match=r"\[node.tls\]"):
+        ssl_context_from_config(config)

@@ -1,0 +1,134 @@
+"""The worker in-process: a received study becomes SR + SEG + Parametric Maps whose numbers
+are the model's, and a node without weights fails the job clearly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicomnode.config import Config
+from dicomnode.models import ModelRegistry
+from dicomnode.results.read import read_sr_summary
+from dicomnode.scp import ReceiverPolicy, archive_instance
+from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.volume import load_image
+from dicomnode.worker import Worker, analyse_image, combine_breasts
+from storage import Store
+from tests.peers import make_checkpoint
+
+MODALITIES = ("dbt", "ffdm", "s2d")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {m: make_checkpoint(root / f"{m}.pt", m, seed=i) for i, m in enumerate(MODALITIES)}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=21))
+    return next(p for p in out.iterdir() if p.is_dir())
+
+
+def node_config(tmp_path: Path, checkpoints: dict[str, str]) -> Config:
+    config = Config()
+    config.node.data_dir = str(tmp_path / "data")
+    config.model.device = "cpu"
+    for modality, spec in checkpoints.items():
+        setattr(config.model, modality, spec)
+    return config
+
+
+def receive(store: Store, study: Path) -> str:
+    policy = ReceiverPolicy("DICOMNODE", patient_key_salt=b"t")
+    study_uid = ""
+    for path in sorted(study.glob("*/*.dcm")):
+        if path.parent.name != "seg":
+            _, ds = archive_instance(store, path.read_bytes(), policy, calling_ae="PACS")
+            study_uid = str(ds.StudyInstanceUID)
+    return study_uid
+
+
+@pytest.mark.slow
+def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: Path,
+                                                         checkpoints: dict[str, Path]) -> None:
+    config = node_config(tmp_path, {m: str(p) for m, p in checkpoints.items()})
+    store = Store(config.database_url, tmp_path / "archive")
+    try:
+        study_uid = receive(store, study)
+        store.force_ready(study_uid)
+        worker = Worker(config, store, name="w1")
+        assert worker.run_one_job()
+        job = store.list_jobs()[0]
+        assert str(job.state) == "done", job.last_error
+        results = store.study_results(study_uid)
+        kinds = sorted(r.kind for r in results)
+        assert kinds.count("sr") == 12 and kinds.count("pmap") == 24 and kinds.count("seg") == 12
+
+        # Every SR's probabilities are what the model gives for its image, recomputed here.
+        registry = ModelRegistry(config.model)
+        analyses = {}
+        for path in sorted(study.glob("*/*.dcm")):
+            if path.parent.name == "seg":
+                continue
+            image = load_image(path)
+            analyses[image.sop_instance_uids[0]] = analyse_image(image, registry.get(
+                image.modality))
+        breasts = combine_breasts(list(analyses.values()))
+        srs = [dcmread(r.path) for r in results if r.kind == "sr"]
+        for sr in srs:
+            assert sr.StudyInstanceUID == study_uid
+            evidence = {ref.ReferencedSOPInstanceUID
+                        for item in sr.CurrentRequestedProcedureEvidenceSequence
+                        for series in item.ReferencedSeriesSequence
+                        for ref in series.ReferencedSOPSequence}
+            (source_uid,) = evidence & set(analyses)
+            expected = analyses[source_uid]
+            summary = read_sr_summary(sr)
+            for method, probs in (("final", expected.final), ("global", expected.global_),
+                                  ("local", expected.local)):
+                assert summary.probabilities[method]["malignant"] == pytest.approx(
+                    probs.malignant, abs=1e-5)
+                assert summary.probabilities[method]["benign"] == pytest.approx(
+                    probs.benign, abs=1e-5)
+            breast = breasts[expected.image.laterality].final
+            assert summary.probabilities["breast"]["malignant"] == pytest.approx(
+                breast.malignant, abs=1e-5)
+            assert summary.attention == pytest.approx([r.attention for r in expected.regions],
+                                                      abs=1e-5)
+    finally:
+        store.close()
+
+
+def test_no_weights_fails_the_job_with_a_clear_error(tmp_path: Path, study: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # as in a package built without the shipped weights
+    monkeypatch.setattr("dicomnode.models.BUILTIN_DIR", tmp_path / "no-weights")
+    config = node_config(tmp_path, {m: "builtin" for m in MODALITIES})
+    store = Store(config.database_url, tmp_path / "archive")
+    try:
+        study_uid = receive(store, study)
+        store.force_ready(study_uid)
+        assert Worker(config, store, name="w1").run_one_job()
+        job = store.list_jobs()[0]
+        assert str(job.state) == "failed"
+        assert "no built-in" in job.last_error and "[model]" in job.last_error
+        assert store.study_results(study_uid) == []
+    finally:
+        store.close()
+
+
+def test_missing_checkpoint_file_fails_clearly(tmp_path: Path, study: Path) -> None:
+    config = node_config(tmp_path, {m: str(tmp_path / "nope.pt") for m in MODALITIES})
+    store = Store(config.database_url, tmp_path / "archive")
+    try:
+        store.force_ready(receive(store, study))
+        assert Worker(config, store, name="w1").run_one_job()
+        job = store.list_jobs()[0]
+        assert str(job.state) == "failed" and "no such checkpoint file" in job.last_error
+    finally:
+        store.close()
