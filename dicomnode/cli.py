@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("dicomnode.commands.jobs:jobs", "List, show, retry or cancel inference jobs."),
     "db": ("dicomnode.commands.db:db", "Database schema maintenance."),
     "bench": ("dicomnode.commands.bench:bench", "Benchmarks (model, store, ...)."),
+    "train": ("dicomnode.commands.train:train", "Train a model on labelled images."),
+    "tune": ("dicomnode.commands.tune:tune", "Random hyperparameter search (paper V-D.6)."),
+    "evaluate": ("dicomnode.commands.evaluate:evaluate", "AUC, localisation and a report."),
 }
 
 

@@ -1,0 +1,236 @@
+"""`dicomnode evaluate`'s computation: predictions of one or more checkpoints per modality on
+labelled images, image-wise and breast-wise AUC with bootstrap CIs (paper VI-B), modality
+ensembles (Table II), and DSC / PxAP of the saliency maps against ground-truth SEG masks,
+max-projected on DBT (VI-C, Table III)."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dicomnode.errors import DicomnodeError
+from dicomnode.logs import kv
+from dicomnode.training.data import Example
+from dicomnode.volume import read_pixels
+
+log = logging.getLogger("dicomnode.evaluate")
+
+MODALITY_NAMES = {"ffdm": "FFDM", "s2d": "Synthetic 2D", "dbt": "DBT"}
+MODALITY_ORDER = ("ffdm", "s2d", "dbt")
+CLASSES = ("benign", "malignant")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    model: Any  # gmic.model.GMIC
+    modality: str
+
+
+@dataclass
+class ImageScore:
+    """Predictions for one image: per checkpoint and their mean (the ensemble)."""
+
+    example: Example
+    per_checkpoint: list[np.ndarray]  # (2,) each: benign, malignant
+    # "dsc_malignant" etc. -> one value per checkpoint
+    localisation: dict[str, list[float]] = field(default_factory=dict)
+    ensemble_localisation: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def y(self) -> np.ndarray:
+        return np.mean(self.per_checkpoint, axis=0)
+
+
+def load_checkpoints(paths: Sequence[str | Path], device) -> list[LoadedCheckpoint]:
+    from dicomnode.training.run import CheckpointUnusable
+    from gmic.checkpoint import CheckpointError, load_checkpoint
+
+    out = []
+    for p in paths:
+        try:
+            model, _ = load_checkpoint(p, map_location=device)
+        except CheckpointError as exc:
+            raise CheckpointUnusable(f"--checkpoint: {exc}") from None
+        out.append(LoadedCheckpoint(Path(p), model.eval(), model.cfg.modality))
+    return out
+
+
+def _project_saliency(saliency: np.ndarray, transform) -> np.ndarray:
+    """(D, 2, h, w) model-space saliency -> (2, H, W) on the source grid, max over slices
+    first (paper VI-C: max-projection in depth)."""
+    projected = saliency.max(axis=0)  # (2, h, w)
+    flat = dataclasses.replace(transform, source_shape=(1, *transform.source_shape[1:]))
+    return np.stack([flat.map_to_source(projected[c][None])[0] for c in range(2)])
+
+
+def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
+                  threshold: float) -> dict[str, float]:
+    from gmic.metrics import dice, pixel_average_precision
+
+    out: dict[str, float] = {}
+    if masks is None:
+        return out
+    for c, name in enumerate(CLASSES):
+        mask = masks.get(name)
+        if mask is None or not mask.any() or mask.shape != saliency_src.shape[1:]:
+            continue
+        out[f"dsc_{name}"] = dice(saliency_src[c], mask, threshold)
+        out[f"pxap_{name}"] = pixel_average_precision(saliency_src[c], mask)
+    return out
+
+
+def predict_image(model, pixels: np.ndarray, modality: str, laterality: str, *, tta: int,
+                  augment_px: int, seed: int):
+    """(y (2,), GMICOutput of the plain pass, model input, transform). With tta > 0, y is the
+    mean over tta randomly shifted/resized copies (paper V-D.3: 10 at test time)."""
+    import torch
+
+    from gmic.augment import shift_resize
+    from gmic.model import predict
+    from gmic.preprocess import preprocess
+
+    volume, transform = preprocess(pixels, modality, laterality,
+                                   input_size=model.cfg.input_size)
+    x = torch.from_numpy(volume)
+    out = predict(model, x)
+    if tta <= 0:
+        return out.y.float().cpu().numpy(), out, volume, transform
+    g = torch.Generator().manual_seed(seed)
+    ys = [predict(model, shift_resize(x, augment_px, g)).y.float().cpu().numpy()
+          for _ in range(tta)]
+    return np.mean(ys, axis=0), out, volume, transform
+
+
+def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
+                 masks: dict[str, dict[str, np.ndarray]], *, tta: int = 0,
+                 augment_px: int = 100, threshold: float = 0.5, seed: int = 0,
+                 progress: bool = False) -> dict[str, list[ImageScore]]:
+    """Run every checkpoint on every image of its modality; localisation where a mask exists."""
+    by_modality: dict[str, list[LoadedCheckpoint]] = defaultdict(list)
+    for c in checkpoints:
+        by_modality[c.modality].append(c)
+    results: dict[str, list[ImageScore]] = defaultdict(list)
+    todo = [e for e in examples if e.header.modality in by_modality]
+    for n, example in enumerate(todo, start=1):
+        image = read_pixels(example.header)
+        mask = next((masks[u] for u in example.header.sop_instance_uids if u in masks), None)
+        score = ImageScore(example, [])
+        projected = []
+        for ckpt in by_modality[example.header.modality]:
+            y, out, _, transform = predict_image(ckpt.model, image.pixels, image.modality,
+                                                 image.laterality, tta=tta,
+                                                 augment_px=augment_px, seed=seed)
+            score.per_checkpoint.append(y)
+            if mask is not None:
+                src = _project_saliency(out.saliency.float().cpu().numpy(), transform)
+                projected.append(src)
+                for key, value in _localisation(src, mask, threshold).items():
+                    score.localisation.setdefault(key, []).append(value)
+        if projected:
+            score.ensemble_localisation = _localisation(np.mean(projected, axis=0), mask,
+                                                        threshold)
+        results[example.header.modality].append(score)
+        if progress:
+            log.info("event=evaluate_image %s", kv(n=n, of=len(todo), uid=example.uid,
+                                                     modality=example.header.modality))
+    return dict(results)
+
+
+# ------------------------------------------------------------------------------ AUC tables
+
+
+def _auc_cell(labels: np.ndarray, scores: np.ndarray, resamples: int, seed: int
+              ) -> dict[str, Any] | None:
+    from gmic.metrics import MetricError, bootstrap_auc
+
+    try:
+        return bootstrap_auc(labels, scores, resamples=resamples, seed=seed).to_dict()
+    except MetricError:
+        return None
+
+
+def breast_predictions(scores: Sequence[ImageScore]) -> dict[tuple[str, str], tuple[np.ndarray,
+                                                                                      np.ndarray]]:
+    """Per breast (study, laterality): (labels (2,), mean prediction over its views)."""
+    groups: dict[tuple[str, str], list[ImageScore]] = defaultdict(list)
+    for s in scores:
+        groups[s.example.breast_key].append(s)
+    return {key: (np.max([s.example.labels for s in items], axis=0),
+                  np.mean([s.y for s in items], axis=0))
+            for key, items in groups.items()}
+
+
+def auc_tables(results: dict[str, list[ImageScore]], *, resamples: int = 1000, seed: int = 0
+               ) -> dict[str, Any]:
+    """Image-wise rows per modality; breast-wise rows per modality and per ensemble of
+    modalities (mean of the modalities' breast predictions, on breasts seen by all)."""
+    modalities = [m for m in MODALITY_ORDER if m in results]
+    image_rows, breast_rows = [], []
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {"image": {}, "breast": {}}
+    for m in modalities:
+        labels = np.stack([s.example.labels for s in results[m]])
+        preds = np.stack([s.y for s in results[m]])
+        row = {"name": MODALITY_NAMES[m], "modalities": [m], "images": len(labels)}
+        for c, name in enumerate(CLASSES):
+            row[name] = _auc_cell(labels[:, c], preds[:, c], resamples, seed)
+        image_rows.append(row)
+        curves["image"][MODALITY_NAMES[m]] = (labels, preds)
+    breasts = {m: breast_predictions(results[m]) for m in modalities}
+    combos = [c for r in range(1, len(modalities) + 1)
+              for c in itertools.combinations(modalities, r)]
+    for combo in combos:
+        keys = sorted(set.intersection(*(set(breasts[m]) for m in combo)))
+        if not keys:
+            continue
+        labels = np.stack([breasts[combo[0]][k][0] for k in keys])
+        preds = np.stack([np.mean([breasts[m][k][1] for m in combo], axis=0) for k in keys])
+        if len(combo) == len(modalities) and len(combo) == 3:
+            name = "All 3 modalities"
+        else:
+            name = " + ".join(MODALITY_NAMES[m] for m in combo)
+        row = {"name": name, "modalities": list(combo), "breasts": len(keys)}
+        for c, cls in enumerate(CLASSES):
+            row[cls] = _auc_cell(labels[:, c], preds[:, c], resamples, seed)
+        breast_rows.append(row)
+        curves["breast"][name] = (labels, preds)
+    return {"image": image_rows, "breast": breast_rows, "curves": curves}
+
+
+def localisation_table(results: dict[str, list[ImageScore]]) -> list[dict[str, Any]]:
+    """Per modality: mean over images with a visible finding of each class, per checkpoint;
+    then mean and std over checkpoints, and the ensemble's value (paper Table III)."""
+    rows = []
+    for m in [m for m in MODALITY_ORDER if m in results]:
+        name = MODALITY_NAMES[m] + (" max-projected" if m == "dbt" else "")
+        row: dict[str, Any] = {"name": name, "modality": m}
+        for metric in ("dsc_malignant", "dsc_benign", "pxap_malignant", "pxap_benign"):
+            per_image = [s.localisation[metric] for s in results[m] if metric in s.localisation]
+            ensemble = [s.ensemble_localisation[metric] for s in results[m]
+                        if metric in s.ensemble_localisation]
+            if not per_image:
+                row[metric] = None
+                continue
+            per_ckpt = np.mean(np.asarray(per_image), axis=0)  # (checkpoints,)
+            row[metric] = {"mean": float(per_ckpt.mean()), "std": float(per_ckpt.std()),
+                           "ensemble": float(np.mean(ensemble)), "images": len(per_image),
+                           "checkpoints": int(per_ckpt.size)}
+        rows.append(row)
+    return rows
+
+
+def require_examples(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
+                     labels_path: Path) -> None:
+    have = {e.header.modality for e in examples}
+    missing = sorted({c.modality for c in checkpoints} - have)
+    if missing:
+        raise DicomnodeError(f"{labels_path}: no labelled {', '.join(missing)} images to "
+                             "evaluate the checkpoints of that modality on")
