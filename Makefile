@@ -21,8 +21,8 @@ venv: $(VENV)/.installed
 lint: venv
 	$(VENV)/bin/ruff check dicomnode gmic storage tests
 
-# Runs every test; tests needing dcmtk, dicom3tools or PostgreSQL are marked and run where
-# those are installed (.ci/run installs and starts them).
+# Runs every test; tests needing dcmtk, dicom3tools, PixelMed, Orthanc or PostgreSQL are marked
+# and run where those are installed (.ci/run installs them and requires them).
 test: venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
