@@ -37,6 +37,20 @@ def test_build_results_makes_one_series_per_object(tmp_path_factory) -> None:
     assert len({ds.SOPInstanceUID for ds in results.datasets}) == 4
 
 
+def test_a_rerun_reproduces_the_uids_and_new_options_do_not(tmp_path_factory) -> None:
+    # a job run again after its worker died must rewrite the same objects, not send copies
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+
+    def uids(options: ResultOptions) -> list[tuple[str, str]]:
+        return [(ds.SeriesInstanceUID, ds.SOPInstanceUID)
+                for ds in build_results(analysis, make_breast(analysis), options).datasets]
+
+    first = uids(ResultOptions())
+    assert uids(ResultOptions()) == first
+    changed = uids(ResultOptions(thresholds=(0.3, 0.3)))
+    assert not {sop for _, sop in changed} & {sop for _, sop in first}
+
+
 def test_no_seg_when_not_asked(tmp_path_factory) -> None:
     analysis = analysis_for(tmp_path_factory, "enhanced", "ffdm")
     results = build_results(analysis, None, ResultOptions(make_seg=False))

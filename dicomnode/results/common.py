@@ -104,6 +104,16 @@ def serial_number(algorithm: AlgorithmIdentity) -> str:
     return (algorithm.checkpoint_sha256 or algorithm.checkpoint_name or "unknown")[:64]
 
 
+def result_uid(analysis: ImageAnalysis, options: ResultOptions, *labels: object) -> hd.UID:
+    """A UID that a rerun of the same work reproduces: same source files (a replaced
+    instance is archived under a new name), same weights, same options. A job that runs
+    again after its worker died then rewrites and re-sends the same objects instead of
+    sending the PACS a second copy under new UIDs."""
+    entropy = [*(p.name for p in analysis.image.source_paths),
+               analysis.algorithm.checkpoint_sha256, repr(options), *map(str, labels)]
+    return hd.UID(str(generate_uid(entropy_srcs=entropy)))
+
+
 def device_uid(algorithm: AlgorithmIdentity) -> str:
     """Stable device observer UID per (algorithm, checkpoint): the same weights, one UID."""
     return str(generate_uid(entropy_srcs=[algorithm.name, algorithm.checkpoint_sha256,

@@ -27,6 +27,7 @@ from dicomnode.results.common import (
     building,
     model_name,
     read_sources,
+    result_uid,
     serial_number,
     series_description,
     source_series_number,
@@ -75,7 +76,7 @@ def build_parametric_maps(analysis: ImageAnalysis, options: ResultOptions | None
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = pmap_factor(analysis, options)
-    series_uid = hd.UID()
+    series_uid = result_uid(analysis, options, "pmap-series")
     return [build_parametric_map(analysis, class_index, options, sources, factor=factor,
                                  series_uid=series_uid)
             for class_index in range(len(CLASS_NAMES))]
@@ -100,9 +101,9 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
         pm = hd.pm.ParametricMap(
             source_images=sources,
             pixel_array=array,
-            series_instance_uid=series_uid or hd.UID(),
+            series_instance_uid=series_uid or result_uid(analysis, options, "pmap-series"),
             series_number=PMAP_SERIES_OFFSET + source_series_number(sources),
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=result_uid(analysis, options, "pmap", class_index),
             instance_number=class_index + 1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=name,

@@ -25,6 +25,7 @@ from dicomnode.results.common import (
     building,
     model_name,
     read_sources,
+    result_uid,
     serial_number,
     series_description,
     source_series_number,
@@ -123,7 +124,7 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
             flagged[class_index] += int(mask.sum())
             array[d, :, :, class_index] = mask if binary else np.clip(frame, 0.0, 1.0)
     name = model_name(analysis.algorithm)
-    tracking_uids = [str(hd.UID()) for _ in CLASS_NAMES]
+    tracking_uids = [str(result_uid(analysis, options, "segment", name)) for name in CLASS_NAMES]
     with building("SEG", analysis):
         seg = hd.seg.Segmentation(
             source_images=sources,
@@ -132,9 +133,9 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
                                else hd.seg.SegmentationTypeValues.FRACTIONAL),
             fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
             segment_descriptions=_segments(analysis, options, tracking_uids),
-            series_instance_uid=hd.UID(),
+            series_instance_uid=result_uid(analysis, options, "seg-series"),
             series_number=SEG_SERIES_OFFSET + source_series_number(sources),
-            sop_instance_uid=hd.UID(),
+            sop_instance_uid=result_uid(analysis, options, "seg"),
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=name,
