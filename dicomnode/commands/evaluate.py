@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dicomnode.commands.train import OneLineCommand
+from dicomnode.commands.usage import OneLineCommand
 
 
 @click.command(cls=OneLineCommand)

@@ -6,28 +6,11 @@ from pathlib import Path
 
 import click
 
+from dicomnode.commands.usage import OneLineCommand, OneLineUsageError
 from dicomnode.errors import DicomnodeError
 
 
-class OneLineUsageError(click.UsageError):
-    """A usage error printed as one `error: ...` line (CLI.md), exit status 2."""
-
-    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
-        click.echo(f"error: {self.format_message()}", file=file, err=True)
-
-
-class _OneLineCommand(click.Command):
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except OneLineUsageError:
-            raise
-        except click.UsageError as exc:
-            raise OneLineUsageError(
-                f"{exc.format_message()} (see 'dicomnode synth --help')") from None
-
-
-@click.command(cls=_OneLineCommand)
+@click.command(cls=OneLineCommand)
 @click.argument("out", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--studies", type=int, required=True, help="Number of studies (patients) to write.")
 @click.option("--size", default="small", show_default=True, metavar="small|full",

@@ -9,27 +9,9 @@ from pathlib import Path
 
 import click
 
+from dicomnode.commands.usage import OneLineCommand
+
 MODALITY = click.Choice(["dbt", "ffdm", "s2d"])
-
-
-class OneLineUsageError(click.UsageError):
-    """A usage error printed as one `error: ...` line (CLI.md), exit status 2."""
-
-    def show(self, file=None) -> None:  # noqa: ANN001 - click's signature
-        click.echo(f"error: {self.format_message()}", file=file, err=True)
-
-
-class OneLineCommand(click.Command):
-    """Usage errors (missing or bad options) as one line naming the help to read."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except OneLineUsageError:
-            raise
-        except click.UsageError as exc:
-            message = " ".join(exc.format_message().split())  # click wraps choices
-            raise OneLineUsageError(f"{message} (see '{ctx.command_path} --help')") from None
 
 
 def model_options(f):

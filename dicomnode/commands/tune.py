@@ -13,7 +13,8 @@ from pathlib import Path
 
 import click
 
-from dicomnode.commands.train import OneLineCommand, model_options
+from dicomnode.commands.train import model_options
+from dicomnode.commands.usage import OneLineCommand
 
 
 @click.command(cls=OneLineCommand)
