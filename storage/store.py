@@ -576,15 +576,20 @@ class Store:
             return JobDetail(job, instances, series, [self._result_record(r) for r in results],
                              deliveries)
 
+    @staticmethod
+    def _job_for_update(s: Session, job_id: int) -> m.Job:
+        job = s.scalars(select(m.Job).where(m.Job.id == job_id).with_for_update()).first()
+        if job is None:
+            raise JobNotFound(f"job {job_id} does not exist; `dicomnode jobs list` shows the "
+                              "jobs there are")
+        return job
+
     def retry_job(self, job_id: int, *, now: datetime | None = None) -> RetryOutcome:
         """Admin retry: a failed or cancelled job is queued again with fresh attempts, and the
         dead-lettered deliveries of the study's results are due again now."""
         now = _at(now)
         with self._tx() as s:
-            job = s.scalars(select(m.Job).where(m.Job.id == job_id).with_for_update()).first()
-            if job is None:
-                raise JobNotFound(f"job {job_id} does not exist; `dicomnode jobs list` shows the "
-                                  "jobs there are")
+            job = self._job_for_update(s, job_id)
             requeue = job.state in (JobState.FAILED, JobState.CANCELLED)
             if requeue:
                 job.state, job.attempts, job.queued_at = JobState.QUEUED, 0, now
@@ -605,10 +610,7 @@ class Store:
         its pending deliveries are cancelled. New instances do not revive it; retry does."""
         now = _at(now)
         with self._tx() as s:
-            job = s.scalars(select(m.Job).where(m.Job.id == job_id).with_for_update()).first()
-            if job is None:
-                raise JobNotFound(f"job {job_id} does not exist; `dicomnode jobs list` shows the "
-                                  "jobs there are")
+            job = self._job_for_update(s, job_id)
             if job.state in (JobState.DONE, JobState.CANCELLED):
                 raise InvalidState(f"job {job_id} is already {job.state}; nothing to cancel")
             job.state, job.lease_owner, job.lease_expires_at = JobState.CANCELLED, None, None
