@@ -10,7 +10,8 @@ import sys
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         ts = self.formatTime(record, "%Y-%m-%dT%H:%M:%S")
-        base = f"ts={ts} level={record.levelname.lower()} logger={record.name} {record.getMessage()}"
+        base = (f"ts={ts} level={record.levelname.lower()} logger={record.name} "
+                f"{record.getMessage()}")
         if record.exc_info:
             base += " exc=" + repr(self.formatException(record.exc_info))
         return base
