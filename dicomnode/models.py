@@ -96,6 +96,16 @@ class ModelRegistry:
             self._device = resolve_device(self.config.device)
         return self._device
 
+    def loaded_devices(self) -> dict[str, str]:
+        """{modality: device} of the models loaded so far. A copy taken without the lock
+        (which is held while a model loads), so status reporting never waits on a load."""
+        return {m: str(lm.device) for m, lm in dict(self._loaded).items() if lm is not None}
+
+    @property
+    def resolved_device(self) -> str | None:
+        """The device once a model has needed it, else None (nothing probed yet)."""
+        return None if self._device is None else str(self._device)
+
     def spec(self, modality: str) -> str:
         return str(getattr(self.config, modality))
 

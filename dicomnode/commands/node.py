@@ -71,10 +71,9 @@ def _fill_status(status, config, scp, worker) -> None:
         status.jobs_done, status.jobs_failed = worker.jobs_done, worker.jobs_failed
         status.deliveries_sent = worker.deliverer.sent
         status.delivery_failures = worker.deliverer.failures
-        loaded = dict(worker.models._loaded)  # snapshot: the worker thread may add to it
-        status.models_loaded = {m: str(lm.device) for m, lm in loaded.items() if lm is not None}
-        if worker.models._device is not None:
-            status.device = str(worker.models._device)
+        status.models_loaded = worker.models.loaded_devices()
+        if worker.models.resolved_device is not None:
+            status.device = worker.models.resolved_device
 
 
 def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) -> None:
