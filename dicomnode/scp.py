@@ -21,7 +21,6 @@ import secrets
 import ssl
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -446,11 +445,9 @@ def archive_instance(store: Store, encoded: bytes | EncodedInstance, policy: Rec
 class Receiver:
     """Handlers for one AE: C-ECHO, C-STORE and association events, bound to a store."""
 
-    def __init__(self, store: Store, policy: ReceiverPolicy,
-                 on_stored: Callable[[str], None] | None = None) -> None:
+    def __init__(self, store: Store, policy: ReceiverPolicy) -> None:
         self.store = store
         self.policy = policy
-        self.on_stored = on_stored
         self._counts: dict[int, int] = {}
         # Associations admitted under [node] max_associations, by id: counted here, at
         # A-ASSOCIATE-RQ, because pynetdicom's own limit counts every association in
@@ -572,8 +569,6 @@ class Receiver:
             calling_ae=calling, study_uid=ds.StudyInstanceUID,
             sop_instance_uid=ds.SOPInstanceUID, outcome=outcome, bytes=size,
             ms=round(1000 * elapsed, 1)))
-        if self.on_stored is not None:
-            self.on_stored(str(ds.StudyInstanceUID))
         return SUCCESS
 
     def _store(self, event: evt.Event, calling: str) -> tuple[str, Dataset, int]:
