@@ -94,6 +94,8 @@ class ResultsConfig:
     # Largest pixel array of one SEG or Parametric Map: above it the result's pixel grid is
     # a coarser integer multiple of the source's (same frames and frame of reference).
     max_array_mb: int = 64
+    # A Mammography CAD SR (TID 4000) per study with DBT images, marks on the DBT slices.
+    cad_sr: bool = True
 
 
 @dataclass

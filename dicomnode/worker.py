@@ -147,7 +147,8 @@ class StageTimes:
 class Worker:
     def __init__(self, config: Config, store: Store, *, models: ModelRegistry | None = None,
                  name: str | None = None,
-                 result_builder: Callable[..., list] | None = None) -> None:
+                 result_builder: Callable[..., list] | None = None,
+                 study_result_builder: Callable[..., list] | None = None) -> None:
         from dicomnode.scu import Deliverer, destinations_from_config
 
         self.config = config
@@ -157,6 +158,7 @@ class Worker:
         self.destinations = destinations_from_config(config)
         self.deliverer = Deliverer(store, config.node.ae_title, self.destinations, self.id)
         self._build = result_builder or _default_result_builder(config)
+        self._build_study = study_result_builder or _default_study_result_builder(config)
         self._stop = threading.Event()
         self.jobs_done = 0
         self.jobs_failed = 0
@@ -305,6 +307,8 @@ class Worker:
                 self._archive_and_queue(job, dataset, kind, destinations)
             analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
             self._renew(job)
+        for dataset, kind in self._build_study(job, analyses):  # the study's CAD SR
+            self._archive_and_queue(job, dataset, kind, destinations)
         times.results = time.perf_counter() - t0
         return times
 
@@ -361,5 +365,29 @@ def _default_result_builder(config: Config) -> Callable:
     def build(analysis: ImageAnalysis, breast: BreastAnalysis | None) -> list:
         datasets = build_results(analysis, breast, options).datasets
         return [(ds, RESULT_KINDS.get(str(ds.SOPClassUID), "other")) for ds in datasets]
+
+    return build
+
+
+def _default_study_result_builder(config: Config) -> Callable:
+    """(Job, [ImageAnalysis]) -> [(dataset, kind), ...]: the Mammography CAD SR of the
+    study's DBT images, when [results] cad_sr is on and the study has DBT. One that cannot
+    be built is logged and left out: the per-image results are already queued."""
+    from dicomnode.results import ResultsError
+    from dicomnode.results.cad_sr import build_cad_sr
+
+    options = result_options(config)
+
+    def build(job: Job, analyses: list[ImageAnalysis]) -> list:
+        dbt = [a for a in analyses if a.image.modality == "dbt"]
+        if not config.results.cad_sr or not dbt:
+            return []
+        try:
+            ds = build_cad_sr(dbt, options)
+        except ResultsError as exc:
+            log.error("event=cad_sr_failed %s", kv(job=job.id, study_uid=job.study_uid,
+                                                    error=exc))
+            return []
+        return [(ds, RESULT_KINDS[str(ds.SOPClassUID)])]
 
     return build

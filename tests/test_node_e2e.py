@@ -31,8 +31,10 @@ MODALITIES = ("dbt", "ffdm", "s2d")
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PM = "1.2.840.10008.5.1.4.1.1.30"
-# 12 images (4 views x DBT, FFDM, synthetic 2D): an SR, a SEG and two PMs each
-EXPECTED_RESULTS = 12 * 4
+CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+# 12 images (4 views x DBT, FFDM, synthetic 2D): an SR, a SEG and two PMs each; and one
+# Mammography CAD SR for the study's DBT images
+EXPECTED_RESULTS = 12 * 4 + 1
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +85,8 @@ def test_storescu_to_node_to_storescp(tmp_path: Path, study: list[Path],
     study_uid = dcmread(study[0], stop_before_pixels=True).StudyInstanceUID
     assert {ds.StudyInstanceUID for ds in received} == {study_uid}
     by_class = {uid: [p for p, ds in zip(_received(out), received, strict=True)
-                      if ds.SOPClassUID == uid] for uid in (SR, SEG, PM)}
-    assert [len(by_class[c]) for c in (SR, SEG, PM)] == [12, 12, 24]
+                      if ds.SOPClassUID == uid] for uid in (SR, SEG, PM, CAD_SR)}
+    assert [len(by_class[c]) for c in (SR, SEG, PM, CAD_SR)] == [12, 12, 24, 1]
 
     # Validators on one object of each kind from the DBT (the others share the code path).
     dbt_uids = {dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in study
@@ -103,6 +105,10 @@ def test_storescu_to_node_to_storescp(tmp_path: Path, study: list[Path],
     sr_path = next(p for p in by_class[SR] if from_dbt(p))
     assert dsrdump_errors(sr_path) == []
     assert sr_validator_errors(sr_path) == []
+    (cad_path,) = by_class[CAD_SR]
+    assert from_dbt(cad_path)
+    assert dciodvfy_errors(cad_path) == [] and dsrdump_errors(cad_path) == []
+    assert sr_validator_errors(cad_path) == []
 
     # The SR's probabilities are the model's for that image.
     config_model = Config().model
@@ -147,6 +153,7 @@ def test_orthanc_routes_a_study_and_receives_the_results(tmp_path: Path, study: 
         modalities = sorted(pacs.get(f"/series/{s}")["MainDicomTags"].get("Modality", "")
                             for s in pacs.get(f"/studies/{orthanc_study}")["Series"])
     # the results went into the same study in the PACS, next to the images
-    assert modalities.count("SR") == 12 and modalities.count("SEG") == 12
+    # 12 SR series and the CAD SR's
+    assert modalities.count("SR") == 13 and modalities.count("SEG") == 12
     # one Parametric Map series per image (benign and malignant maps in it)
     assert modalities.count("OT") + modalities.count("MG") >= 12

@@ -68,6 +68,7 @@ def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: 
         results = store.study_results(study_uid)
         kinds = sorted(r.kind for r in results)
         assert kinds.count("sr") == 12 and kinds.count("pmap") == 24 and kinds.count("seg") == 12
+        assert kinds.count("cad-sr") == 1  # one Mammography CAD SR: the study has DBT
 
         # Every SR's probabilities are what the model gives for its image, recomputed here.
         registry = ModelRegistry(config.model)
@@ -100,6 +101,28 @@ def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: 
                 breast.malignant, abs=1e-5)
             assert summary.attention == pytest.approx([r.attention for r in expected.regions],
                                                       abs=1e-5)
+
+        # The CAD SR covers the DBT images, with the model's malignant probabilities.
+        (cad,) = [dcmread(r.path) for r in results if r.kind == "cad-sr"]
+        assert cad.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"
+        assert cad.StudyInstanceUID == study_uid
+        dbt = {uid: a for uid, a in analyses.items() if a.image.modality == "dbt"}
+        evidence = {ref.ReferencedSOPInstanceUID
+                    for item in cad.CurrentRequestedProcedureEvidenceSequence
+                    for series in item.ReferencedSeriesSequence
+                    for ref in series.ReferencedSOPSequence}
+        assert evidence == set(dbt)
+        summary_item = next(c for c in cad.ContentSequence
+                            if c.ConceptNameCodeSequence[0].CodeValue == "111017")
+        certainties = sorted(
+            float(c.MeasuredValueSequence[0].NumericValue)
+            for impression in summary_item.ContentSequence
+            for finding in impression.ContentSequence if finding.ValueType == "CODE"
+            and finding.ConceptNameCodeSequence[0].CodeValue == "111059"
+            for c in finding.ContentSequence
+            if c.ValueType == "NUM" and c.ConceptNameCodeSequence[0].CodeValue == "111012")
+        assert certainties == pytest.approx(
+            sorted(100 * a.final.malignant for a in dbt.values()), abs=1e-3)
     finally:
         store.close()
 

@@ -4,7 +4,10 @@
   flagged-region summary (:mod:`dicomnode.results.sr`);
 - a SEG of the flagged regions, BINARY or FRACTIONAL (:mod:`dicomnode.results.seg`);
 - two Parametric Maps, benign and malignant saliency, in one series
-  (:mod:`dicomnode.results.pmap`).
+  (:mod:`dicomnode.results.pmap`);
+
+and per study, a Mammography CAD SR (TID 4000) of its DBT images with the marks on their
+slices (:func:`build_cad_sr`, :mod:`dicomnode.results.cad_sr`).
 
     results = build_results(analysis, breast, ResultOptions())
     for ds in results.datasets: ...
@@ -17,14 +20,15 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from dicomnode.analysis import BreastAnalysis, ImageAnalysis
+from dicomnode.results.cad_sr import build_cad_sr
 from dicomnode.results.common import ResultOptions, ResultsError, read_sources
 from dicomnode.results.pmap import build_parametric_map, build_parametric_maps
 from dicomnode.results.seg import SegmentationResult, build_segmentation
 from dicomnode.results.sr import build_sr
 
-__all__ = ["ResultOptions", "ResultSet", "ResultsError", "SegmentationResult", "build_results",
-           "build_parametric_map", "build_parametric_maps", "build_segmentation", "build_sr",
-           "read_sources"]
+__all__ = ["ResultOptions", "ResultSet", "ResultsError", "SegmentationResult", "build_cad_sr",
+           "build_results", "build_parametric_map", "build_parametric_maps",
+           "build_segmentation", "build_sr", "read_sources"]
 
 
 @dataclass

@@ -1,0 +1,453 @@
+"""Mammography CAD SR (SOP class 1.2.840.10008.5.1.4.1.1.88.50, root TID 4000) of a study.
+
+One document per study, covering the images given (the worker passes the study's DBT
+analyses). Content, in the template's order:
+
+- Language (TID 1204);
+- Image Library (TID 4020): one entry per analysed image (a multi-frame DBT as a whole;
+  each instance of a single-frame series), with Image Laterality (CID 6022), Image View
+  (CID 4014, copied from the source's View Code Sequence) and its modifiers, and the pixel
+  spacing; plus one entry per (instance, frame) of a multi-frame image that a mark is on,
+  with its Referenced Frame Number;
+- CAD Processing and Findings Summary (TID 4001) with one Individual Impression /
+  Recommendation (TID 4003) per analysed image, holding one Single Image Finding (TID
+  4006, "Mammography breast density", the mass-like finding code of CID 6014):
+  * the finding is the image's most attended region (largest attention weight) on the
+    slice it lies on; its Center (POINT) and Outline (POLYLINE of the region box) are 2D
+    SCOORDs SELECTED FROM (by reference) the Image Library entry of that slice;
+  * Certainty of Finding = the image's malignant probability (final output) in percent;
+  * findings whose malignant probability is at or above the malignant operating point
+    (ResultOptions.thresholds[1]) are "Presentation Required" at both levels; the others
+    are "Presentation Optional" with CAD Operating Point 2: operating point 1 is the
+    configured one, 2 the more sensitive "below it" (there is no TID 4023 table);
+- Summary of Detections (TID 4015/4017): Succeeded, one Detection Performed per algorithm,
+  referencing (by reference) the whole-image entries it ran on;
+- Summary of Analyses: Not Attempted (no image-quality or other analyses).
+
+Marks are never SCOORD3D (not allowed in this IOD); see /work/shared/reference/tid4000.md.
+highdicom has no TID 4000 document class, so the header modules are written here.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+
+from dicomnode.analysis import MALIGNANT, AlgorithmIdentity, AttendedRegion, ImageAnalysis
+from dicomnode.results.common import (
+    MANUFACTURER,
+    NOT_FOR_CLINICAL_USE,
+    SR_SERIES_OFFSET,
+    ResultOptions,
+    ResultsError,
+    algorithm_parameters,
+    building,
+    model_name,
+    read_sources,
+    serial_number,
+)
+from dicomnode.results.sr import _box
+
+MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+CAD_SR_SERIES_NUMBER = SR_SERIES_OFFSET + 999  # one per study, after the per-image SRs
+
+
+def _dcm(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value, "DCM", meaning)
+
+
+def _sct(value: str, meaning: str) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(value, "SCT", meaning)
+
+
+REPORT = _dcm("111036", "Mammography CAD Report")
+LANGUAGE = _dcm("121049", "Language of Content Item and Descendants")
+ENGLISH_US = hd.sr.CodedConcept("en-US", "RFC5646", "English (United States)")
+IMAGE_LIBRARY = _dcm("111028", "Image Library")
+IMAGE_LATERALITY = _dcm("111027", "Image Laterality")
+IMAGE_VIEW = _dcm("111031", "Image View")
+IMAGE_VIEW_MODIFIER = _dcm("111032", "Image View Modifier")
+HORIZONTAL_SPACING = _dcm("111026", "Horizontal Pixel Spacing")
+VERTICAL_SPACING = _dcm("111066", "Vertical Pixel Spacing")
+FINDINGS_SUMMARY = _dcm("111017", "CAD Processing and Findings Summary")
+WITH_FINDINGS = _dcm("111242", "All algorithms succeeded; with findings")
+WITHOUT_FINDINGS = _dcm("111241", "All algorithms succeeded; without findings")
+INDIVIDUAL_IMPRESSION = _dcm("111034", "Individual Impression/Recommendation")
+RENDERING_INTENT = _dcm("111056", "Rendering Intent")
+PRESENTATION_REQUIRED = _dcm("111150", "Presentation Required: Rendering device is expected to "
+                                       "present")
+PRESENTATION_OPTIONAL = _dcm("111151", "Presentation Optional: Rendering device may present")
+SINGLE_IMAGE_FINDING = _dcm("111059", "Single Image Finding")
+DENSITY = _sct("129793001", "Mammography breast density")  # CID 6014/6015: mass-like finding
+CAD_OPERATING_POINT = _dcm("111071", "CAD Operating Point")
+OPERATING_POINT_UNIT = hd.sr.CodedConcept("{1:n}", "UCUM", "range: 1:n")
+ALGORITHM_NAME = _dcm("111001", "Algorithm Name")
+ALGORITHM_VERSION = _dcm("111003", "Algorithm Version")
+ALGORITHM_PARAMETERS = _dcm("111002", "Algorithm Parameters")
+CERTAINTY_OF_FINDING = _dcm("111012", "Certainty of Finding")
+PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
+CENTER = _dcm("111010", "Center")
+OUTLINE = _dcm("111041", "Outline")
+SUMMARY_OF_DETECTIONS = _dcm("111064", "Summary of Detections")
+SUMMARY_OF_ANALYSES = _dcm("111065", "Summary of Analyses")
+SUCCEEDED = _dcm("111222", "Succeeded")
+NOT_ATTEMPTED = _dcm("111225", "Not Attempted")
+SUCCESSFUL_DETECTIONS = _dcm("111063", "Successful Detections")
+DETECTION_PERFORMED = _dcm("111022", "Detection Performed")
+# CID 6022 (PixelMed rejects the generic "Right"/"Left" here)
+LATERALITY = {"R": _sct("73056007", "Right breast"), "L": _sct("80248007", "Left breast")}
+# CID 4014, when the source has no View Code Sequence
+VIEWS = {"CC": _sct("399162004", "cranio-caudal"),
+         "MLO": _sct("399368009", "medio-lateral oblique"),
+         "ML": _sct("399260004", "medio-lateral"),
+         "LM": _sct("399352003", "latero-medial")}
+MAX_OPERATING_POINT = _dcm("111072", "Maximum CAD Operating Point")
+RECOMMENDED_OPERATING_POINT = _dcm("111092", "Recommended CAD Operating Point")
+ARBITRARY_UNIT = hd.sr.CodedConcept("[arb'U]", "UCUM", "arbitrary unit")
+OPERATING_POINT_RANGE = hd.sr.CodedConcept("{0:n}", "UCUM", "range:0:n")
+# Two operating points (TID 4023): 1 = the configured malignant operating point (the
+# recommended one), 2 = below it, the CAD Operating Point of Presentation Optional findings.
+OPERATING_POINT_CONFIGURED, OPERATING_POINT_BELOW = 1, 2
+
+_CONTENT_SEQUENCE = 0x0040A730
+_ROOT_IMAGE_LIBRARY_POSITION = 2  # root children: Language (1), Image Library (2), ...
+
+Relation = hd.sr.RelationshipTypeValues
+
+
+def study_result_uid(analyses: Sequence[ImageAnalysis], options: ResultOptions,
+                     *labels: object) -> hd.UID:
+    """Like common.result_uid, over every image of the document: the same source files,
+    weights and options give the same UID on a rerun."""
+    entropy = sorted(p.name for a in analyses for p in a.image.source_paths)
+    entropy += sorted({a.algorithm.checkpoint_sha256 for a in analyses})
+    return hd.UID(str(generate_uid(entropy_srcs=[*entropy, repr(options), *map(str, labels)])))
+
+
+def _nest(parent: Dataset, children: Sequence[Dataset]) -> Dataset:
+    """Append children to an item's Content Sequence. Set as a plain element: highdicom's
+    ContentSequence refuses by-reference items (they have no Value Type)."""
+    if _CONTENT_SEQUENCE in parent:
+        parent[_CONTENT_SEQUENCE].value.extend(children)
+    else:
+        parent.add_new(_CONTENT_SEQUENCE, "SQ", DicomSequence(list(children)))
+    return parent
+
+
+def _by_reference(relationship: Relation, position: tuple[int, ...]) -> Dataset:
+    item = Dataset()
+    item.RelationshipType = relationship.value
+    item.ReferencedContentItemIdentifier = list(position)
+    return item
+
+
+def _algorithm_items(alg: AlgorithmIdentity) -> list[Dataset]:
+    """TID 4019: name, version and parameters (checkpoint, weights hash)."""
+    params = "; ".join(f"{k}={v}" for k, v in algorithm_parameters(alg).items())
+    return [hd.sr.TextContentItem(ALGORITHM_NAME, model_name(alg), Relation.HAS_PROPERTIES),
+            hd.sr.TextContentItem(ALGORITHM_VERSION, alg.version or "unknown",
+                                  Relation.HAS_PROPERTIES),
+            hd.sr.TextContentItem(ALGORITHM_PARAMETERS, params, Relation.HAS_PROPERTIES)]
+
+
+class _Library:
+    """Image Library entries, keyed by (SOP instance UID, frame number or None)."""
+
+    def __init__(self) -> None:
+        self.items: list[Dataset] = []
+        self.keys: dict[tuple[str, int | None], int] = {}  # -> 1-based position
+
+    def add(self, analysis: ImageAnalysis, src: Dataset, frame: int | None) -> int:
+        key = (str(src.SOPInstanceUID), frame)
+        if key in self.keys:
+            return self.keys[key]
+        item = hd.sr.ImageContentItem(
+            IMAGE_LIBRARY, referenced_sop_class_uid=str(src.SOPClassUID),
+            referenced_sop_instance_uid=str(src.SOPInstanceUID),
+            referenced_frame_numbers=frame, relationship_type=Relation.CONTAINS)
+        del item.ConceptNameCodeSequence  # TID 4020 row 1: IMAGE without a concept name
+        _nest(item, _acquisition_context(analysis, src))
+        self.items.append(item)
+        self.keys[key] = len(self.items)
+        return self.keys[key]
+
+    def position(self, key: tuple[str, int | None]) -> tuple[int, ...]:
+        return (1, _ROOT_IMAGE_LIBRARY_POSITION, self.keys[key])
+
+
+def _acquisition_context(analysis: ImageAnalysis, src: Dataset) -> list[Dataset]:
+    """TID 4020 rows 2-4, 11-12: laterality, view (+ modifiers), pixel spacing."""
+    image = analysis.image
+    items: list[Dataset] = []
+    if image.laterality in LATERALITY:
+        items.append(hd.sr.CodeContentItem(IMAGE_LATERALITY, LATERALITY[image.laterality],
+                                           Relation.HAS_ACQ_CONTEXT))
+    view_seq = src.get("ViewCodeSequence")
+    view, modifiers = None, []
+    if view_seq and view_seq[0].get("CodeValue"):
+        code = view_seq[0]
+        view = hd.sr.CodedConcept(str(code.CodeValue), str(code.CodingSchemeDesignator),
+                                  str(code.get("CodeMeaning", code.CodeValue)))
+        modifiers = [hd.sr.CodedConcept(str(m.CodeValue), str(m.CodingSchemeDesignator),
+                                        str(m.get("CodeMeaning", m.CodeValue)))
+                     for m in code.get("ViewModifierCodeSequence", []) if m.get("CodeValue")]
+    elif image.view in VIEWS:
+        view = VIEWS[image.view]
+    if view is not None:
+        view_item = hd.sr.CodeContentItem(IMAGE_VIEW, view, Relation.HAS_ACQ_CONTEXT)
+        if modifiers:
+            _nest(view_item, [hd.sr.CodeContentItem(IMAGE_VIEW_MODIFIER, m,
+                                                    Relation.HAS_CONCEPT_MOD)
+                              for m in modifiers])
+        items.append(view_item)
+    row_mm, col_mm = image.pixel_spacing
+    if row_mm > 0 and col_mm > 0:
+        items += [hd.sr.NumContentItem(HORIZONTAL_SPACING, float(col_mm), MILLIMETER,
+                                       relationship_type=Relation.HAS_ACQ_CONTEXT),
+                  hd.sr.NumContentItem(VERTICAL_SPACING, float(row_mm), MILLIMETER,
+                                       relationship_type=Relation.HAS_ACQ_CONTEXT)]
+    return items
+
+
+def _source_of(analysis: ImageAnalysis, sources: list[Dataset], frame_index: int
+               ) -> tuple[Dataset, int | None]:
+    """The instance holding one slice, and its frame number when it is multi-frame (as
+    sr._region_source)."""
+    image = analysis.image
+    uid = image.sop_instance_uids[frame_index]
+    src = next(s for s in sources if str(s.SOPInstanceUID) == uid)
+    multi_frame = int(src.get("NumberOfFrames", 1) or 1) > 1
+    return src, (image.frame_numbers[frame_index] if multi_frame else None)
+
+
+def _whole_image_sources(sources: list[Dataset]) -> list[Dataset]:
+    """The instances of one image, each once, in slice order."""
+    seen: dict[str, Dataset] = {}
+    for src in sources:
+        seen.setdefault(str(src.SOPInstanceUID), src)
+    return list(seen.values())
+
+
+def _marked_region(analysis: ImageAnalysis) -> AttendedRegion | None:
+    regions = [r for r in analysis.regions if r.height > 0 and r.width > 0]
+    return max(regions, key=lambda r: r.attention) if regions else None
+
+
+def _rendering_intent(required: bool) -> Dataset:
+    return hd.sr.CodeContentItem(
+        RENDERING_INTENT, PRESENTATION_REQUIRED if required else PRESENTATION_OPTIONAL,
+        Relation.HAS_CONCEPT_MOD)
+
+
+def _impression(analysis: ImageAnalysis, region: AttendedRegion,
+                position: tuple[int, ...], required: bool) -> Dataset:
+    """TID 4003 holding one TID 4006 Single Image Finding with its marks."""
+    finding = hd.sr.CodeContentItem(SINGLE_IMAGE_FINDING, DENSITY, Relation.CONTAINS)
+    intent = _rendering_intent(required)
+    if not required:  # TID 4006 row 3: a property of the Rendering Intent
+        _nest(intent, [hd.sr.NumContentItem(
+            CAD_OPERATING_POINT, OPERATING_POINT_BELOW, OPERATING_POINT_UNIT,
+            relationship_type=Relation.HAS_PROPERTIES)])
+    children: list[Dataset] = [intent, *_algorithm_items(analysis.algorithm)]
+    children.append(hd.sr.NumContentItem(
+        CERTAINTY_OF_FINDING, round(100.0 * float(analysis.final.malignant), 4), PERCENT,
+        relationship_type=Relation.HAS_PROPERTIES))
+    box = _box(region.row0, region.col0, region.height, region.width)
+    centre = box[0] + (box[2] - box[0]) / 2  # (column, row) of the box's centre
+    for name, graphic_type, data in ((CENTER, "POINT", centre.reshape(1, 2)),
+                                     (OUTLINE, "POLYLINE", box)):
+        scoord = hd.sr.ScoordContentItem(name, graphic_type, data,
+                                         relationship_type=Relation.HAS_PROPERTIES)
+        children.append(_nest(scoord, [_by_reference(Relation.SELECTED_FROM, position)]))
+    _nest(finding, children)
+    container = hd.sr.ContainerContentItem(INDIVIDUAL_IMPRESSION,
+                                           relationship_type=Relation.INFERRED_FROM)
+    return _nest(container, [_rendering_intent(required), finding])
+
+
+def build_cad_sr(analyses: Sequence[ImageAnalysis], options: ResultOptions | None = None,
+                 sources: Sequence[list[Dataset]] | None = None) -> Dataset:
+    """The Mammography CAD SR of the analysed images of one study (see the module doc).
+
+    sources: the source headers of each analysis (as read_sources returns them), in the
+    order of `analyses`; read from the files when not given.
+    """
+    options = options or ResultOptions()
+    if not analyses:
+        raise ResultsError("a CAD SR needs at least one analysed image")
+    with building("CAD SR", analyses[0]):
+        studies = {a.image.study_uid for a in analyses}
+        if len(studies) != 1:
+            raise ResultsError(f"a CAD SR covers one study; got {sorted(studies)}")
+        if sources is not None and len(sources) != len(analyses):
+            raise ResultsError("sources must hold one header list per analysis")
+        headers = list(sources) if sources is not None else [read_sources(a) for a in analyses]
+        return _build(list(analyses), headers, options)
+
+
+def _view_order(analysis: ImageAnalysis) -> tuple:
+    image = analysis.image
+    return (image.modality, image.view != "CC", image.view, image.laterality != "R",
+            image.sop_instance_uids[0])
+
+
+def _build(analyses: list[ImageAnalysis], headers: list[list[Dataset]],
+           options: ResultOptions) -> Dataset:
+    order = sorted(range(len(analyses)), key=lambda i: _view_order(analyses[i]))
+    analyses = [analyses[i] for i in order]
+    headers = [headers[i] for i in order]
+    library = _Library()
+    whole: list[list[int]] = []  # library positions of each image's own entries
+    for analysis, srcs in zip(analyses, headers, strict=True):
+        whole.append([library.add(analysis, src, None)
+                      for src in _whole_image_sources(srcs)])
+    operating_point = options.thresholds[MALIGNANT]
+    impressions: list[Dataset] = []
+    any_required = False
+    for analysis, srcs in zip(analyses, headers, strict=True):
+        region = _marked_region(analysis)
+        if region is None:
+            continue
+        src, frame = _source_of(analysis, srcs, region.frame_index)
+        library.add(analysis, src, frame)
+        required = float(analysis.final.malignant) >= operating_point
+        any_required |= required
+        impressions.append(_impression(analysis, region,
+                                       library.position((str(src.SOPInstanceUID), frame)),
+                                       required))
+
+    root = hd.sr.ContainerContentItem(REPORT, is_content_continuous=False, template_id="4000")
+    language = hd.sr.CodeContentItem(LANGUAGE, ENGLISH_US, Relation.HAS_CONCEPT_MOD)
+    image_library = _nest(hd.sr.ContainerContentItem(
+        IMAGE_LIBRARY, is_content_continuous=False, relationship_type=Relation.CONTAINS),
+        library.items)
+    summary = _nest(hd.sr.CodeContentItem(FINDINGS_SUMMARY,
+                                          WITH_FINDINGS if any_required else WITHOUT_FINDINGS,
+                                          Relation.CONTAINS), impressions)
+    detections = _nest(hd.sr.CodeContentItem(SUMMARY_OF_DETECTIONS, SUCCEEDED,
+                                             Relation.CONTAINS),
+                       [_successful_detections(analyses, whole)])
+    analyses_summary = hd.sr.CodeContentItem(SUMMARY_OF_ANALYSES, NOT_ATTEMPTED,
+                                             Relation.CONTAINS)
+    _nest(root, [language, image_library, summary, detections, analyses_summary])
+    return _document(root, analyses, headers, options)
+
+
+def _successful_detections(analyses: list[ImageAnalysis], whole: list[list[int]]) -> Dataset:
+    """TID 4015/4017: one Detection Performed per algorithm, with the images it ran on."""
+    by_algorithm: dict[AlgorithmIdentity, list[int]] = defaultdict(list)
+    for analysis, positions in zip(analyses, whole, strict=True):
+        by_algorithm[analysis.algorithm] += positions
+    items = []
+    for alg, positions in by_algorithm.items():
+        performed = hd.sr.CodeContentItem(DETECTION_PERFORMED, DENSITY, Relation.CONTAINS)
+        _nest(performed, _algorithm_items(alg))
+        _nest(performed, [_by_reference(Relation.HAS_PROPERTIES,
+                                        (1, _ROOT_IMAGE_LIBRARY_POSITION, p))
+                          for p in positions])
+        _nest(performed, [  # TID 4023 rows 1-2: the operating points findings refer to
+            hd.sr.NumContentItem(MAX_OPERATING_POINT, OPERATING_POINT_BELOW, ARBITRARY_UNIT,
+                                 relationship_type=Relation.HAS_PROPERTIES),
+            hd.sr.NumContentItem(RECOMMENDED_OPERATING_POINT, OPERATING_POINT_CONFIGURED,
+                                 OPERATING_POINT_RANGE, relationship_type=Relation.HAS_PROPERTIES)])
+        items.append(performed)
+    container = hd.sr.ContainerContentItem(SUCCESSFUL_DETECTIONS,
+                                           relationship_type=Relation.INFERRED_FROM)
+    return _nest(container, items)
+
+
+# Patient and General Study attributes copied from the first source image.
+_COPIED = ("SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID",
+           "PatientBirthDate", "PatientSex", "PatientAge", "StudyInstanceUID", "StudyDate",
+           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+           "StudyDescription")
+_TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+           "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _evidence(headers: list[list[Dataset]]) -> list[Dataset]:
+    """Current Requested Procedure Evidence: every source instance, by study and series."""
+    by_series: dict[tuple[str, str], dict[str, str]] = defaultdict(dict)
+    for srcs in headers:
+        for src in srcs:
+            key = (str(src.StudyInstanceUID), str(src.SeriesInstanceUID))
+            by_series[key][str(src.SOPInstanceUID)] = str(src.SOPClassUID)
+    studies: dict[str, list[Dataset]] = defaultdict(list)
+    for (study_uid, series_uid), instances in by_series.items():
+        series = Dataset()
+        series.SeriesInstanceUID = series_uid
+        series.ReferencedSOPSequence = []
+        for uid, sop_class in instances.items():
+            ref = Dataset()
+            ref.ReferencedSOPClassUID = sop_class
+            ref.ReferencedSOPInstanceUID = uid
+            series.ReferencedSOPSequence.append(ref)
+        studies[study_uid].append(series)
+    out = []
+    for study_uid, series_items in studies.items():
+        item = Dataset()
+        item.StudyInstanceUID = study_uid
+        item.ReferencedSeriesSequence = series_items
+        out.append(item)
+    return out
+
+
+def _document(root: Dataset, analyses: list[ImageAnalysis], headers: list[list[Dataset]],
+              options: ResultOptions) -> Dataset:
+    """The header modules around the content tree (PS3.3 A.35.5)."""
+    first = headers[0][0]
+    alg = analyses[0].algorithm
+    sop_uid = study_result_uid(analyses, options, "cad-sr")
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = MAMMOGRAPHY_CAD_SR
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    # SOP Common, Patient, General Study
+    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR
+    ds.SOPInstanceUID = sop_uid
+    for keyword in _COPIED:
+        if keyword in first:
+            setattr(ds, keyword, first[keyword].value)
+        elif keyword in _TYPE_2:
+            setattr(ds, keyword, None)
+    now = datetime.datetime.now()
+    ds.InstanceCreationDate = now.strftime("%Y%m%d")
+    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    # SR Document Series
+    ds.Modality = "SR"
+    ds.SeriesInstanceUID = study_result_uid(analyses, options, "cad-sr-series")
+    ds.SeriesNumber = CAD_SR_SERIES_NUMBER
+    ds.SeriesDate = ds.InstanceCreationDate
+    ds.SeriesTime = ds.InstanceCreationTime
+    modalities = "+".join(sorted({a.image.modality.upper() for a in analyses}))
+    ds.SeriesDescription = f"{model_name(alg)} CAD {modalities} ({NOT_FOR_CLINICAL_USE})"[:64]
+    ds.ReferencedPerformedProcedureStepSequence = []
+    # General Equipment
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = model_name(alg)[:64]
+    ds.SoftwareVersions = alg.version or "unknown"
+    ds.DeviceSerialNumber = serial_number(alg)
+    if options.institution_name:
+        ds.InstitutionName = options.institution_name
+    # SR Document General
+    ds.InstanceNumber = 1
+    ds.CompletionFlag = "COMPLETE"
+    ds.VerificationFlag = "UNVERIFIED"
+    ds.PreliminaryFlag = "PRELIMINARY"
+    ds.ContentDate = ds.InstanceCreationDate
+    ds.ContentTime = ds.InstanceCreationTime
+    ds.PerformedProcedureCodeSequence = []
+    ds.CurrentRequestedProcedureEvidenceSequence = _evidence(headers)
+    # SR Document Content: the root container's attributes (template DCMR 4000)
+    for element in root:
+        ds[element.tag] = element
+    return ds
