@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,8 @@ from pathlib import Path
 
 import torch
 
+from dicomnode.external import free_port, port_open
 from tests.conftest import dcmtk
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str,
@@ -36,12 +30,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
             return
         time.sleep(interval)
     raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:

@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 from dicomnode.bench.report import BenchReport
-from dicomnode.bench.scp import dcmtk_tool, free_port, synth_dbt_files, wait_port
+from dicomnode.bench.scp import dcmtk_tool, synth_dbt_files
 from dicomnode.errors import DicomnodeError
+from dicomnode.external import free_port, wait_port
 
 
 def _random_checkpoint(path: Path) -> str:

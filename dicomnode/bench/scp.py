@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dicomnode.bench.report import BenchReport
 from dicomnode.errors import DicomnodeError
-from dicomnode.external import dcmtk_program
+from dicomnode.external import dcmtk_program, free_port, wait_port
 
 
 def dcmtk_tool(name: str) -> str:
@@ -24,26 +24,6 @@ def dcmtk_tool(name: str) -> str:
     if path is None:
         raise DicomnodeError(f"dcmtk's {name} is not installed; install the Debian package dcmtk")
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise DicomnodeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
 
 
 def _send(files: list[Path], port: int, called: str) -> float:
