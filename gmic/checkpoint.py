@@ -16,7 +16,6 @@ a crafted file cannot run code. Keys must match exactly (strict loading).
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,14 +34,22 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be used; the message names the file and the problem."""
 
 
-def save_checkpoint(path: str | Path, model: GMIC, meta: Mapping[str, Any] | None = None) -> None:
-    """Write model weights with its configuration (atomically: temp file, then rename)."""
+def save_checkpoint(path: str | Path, model: GMIC, meta: Mapping[str, Any] | None = None,
+                    *, half: bool = False) -> None:
+    """Write model weights with its configuration (atomically: temp file, then rename).
+
+    half stores floating-point tensors as float16 (half the size, for weights shipped in
+    the package); they are loaded back into the float32 model.
+    """
     path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": model.cfg.to_dict(),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": state,
         "meta": dict(meta or {}),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -57,7 +64,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - junk files raise anything (KeyError, ...)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path}: not a loadable weights-only torch checkpoint ({first}); "
@@ -122,6 +129,8 @@ def load_state_dict_strict(model: GMIC, state: Mapping[str, Tensor], source: str
     if problems:
         raise CheckpointError(f"{source}: weights do not fit the GMIC architecture: "
                               + "; ".join(problems))
+    # float16-stored weights go back to the model's own dtype
+    state = {k: v.to(expected[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True)
 
 

@@ -46,7 +46,11 @@ class GMICConfig:
     norm_groups: int = 8  # GroupNorm groups in the global network (paper V-B.1)
     slice_chunk: int = 8  # slices per pass of the global network; 0 = all at once
     activation_checkpointing: bool = True  # recompute each chunk in backward (training)
-    attention_dim: int = 128  # L of eq. 4; S = 512 is fixed by ResNet-18
+    attention_dim: int = 128  # L of eq. 4
+    # Base width of the local ResNet-18 (64 in the paper and the published models, giving
+    # S = 8 * 64 = 512 features per patch); narrower for small models such as the built-in
+    # weights trained on synthetic phantoms.
+    local_width: int = 64
 
     def __post_init__(self) -> None:
         # Accept lists (JSON / checkpoint round trips) but store tuples: the object is frozen.
@@ -76,12 +80,19 @@ class GMICConfig:
                             f"{self.norm_groups}")
         if self.attention_dim < 1:
             problems.append(f"attention_dim must be >= 1, got {self.attention_dim}")
+        if self.local_width < 1:
+            problems.append(f"local_width must be >= 1, got {self.local_width}")
         if problems:
             raise GMICConfigError("invalid GMIC configuration: " + "; ".join(problems))
 
     @property
     def saliency_init_w(self) -> float:
         return 10.0 ** self.saliency_init_log10_w
+
+    @property
+    def local_features(self) -> int:
+        """S of eq. 4: channels of the local network's last stage."""
+        return 8 * self.local_width
 
     @property
     def map_size(self) -> tuple[int, int]:

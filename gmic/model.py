@@ -20,8 +20,6 @@ from gmic.roi import (
     top_t_aggregate,
 )
 
-LOCAL_FEATURES = 512  # S of eq. 4: ResNet-18's last stage
-
 
 @dataclass
 class GMICOutput:
@@ -60,11 +58,11 @@ class GMIC(nn.Module):
         self.ds_net = GlobalResNet22(norm_groups=cfg.norm_groups)
         self.left_postprocess_net = SaliencyHead(self.ds_net.out_channels, cfg.num_classes,
                                                  cfg.saliency_init_w)
-        self.dn_resnet = ResNetTrunk((2, 2, 2, 2), in_channels=3)
-        self.mil_attn_V = nn.Linear(LOCAL_FEATURES, cfg.attention_dim, bias=False)
-        self.mil_attn_U = nn.Linear(LOCAL_FEATURES, cfg.attention_dim, bias=False)
+        self.dn_resnet = ResNetTrunk((2, 2, 2, 2), in_channels=3, width=cfg.local_width)
+        self.mil_attn_V = nn.Linear(cfg.local_features, cfg.attention_dim, bias=False)
+        self.mil_attn_U = nn.Linear(cfg.local_features, cfg.attention_dim, bias=False)
         self.mil_attn_w = nn.Linear(cfg.attention_dim, 1, bias=False)
-        self.classifier_linear = nn.Linear(LOCAL_FEATURES, cfg.num_classes, bias=False)
+        self.classifier_linear = nn.Linear(cfg.local_features, cfg.num_classes, bias=False)
         self.slice_chunk = cfg.slice_chunk  # may be changed at run time (benchmarks)
 
     # -- global module ----------------------------------------------------------------
@@ -93,7 +91,7 @@ class GMIC(nn.Module):
         x = crops.expand(-1, 3, -1, -1)  # the local ResNet-18 takes 3 channels
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        h = self.dn_resnet(x).mean(dim=(2, 3))  # global average pool -> (K, 512)
+        h = self.dn_resnet(x).mean(dim=(2, 3))  # global average pool -> (K, S)
         z, attention = gated_attention(h, self.mil_attn_V, self.mil_attn_U, self.mil_attn_w)
         return torch.sigmoid(self.classifier_linear(z)), attention
 

@@ -115,6 +115,26 @@ def test_round_trip_keeps_weights_config_and_meta(tmp_path: Path) -> None:
     assert not (tmp_path / "m.pt.tmp").exists()
 
 
+def test_narrow_model_stored_half_loads_as_float32(tmp_path: Path) -> None:
+    cfg = GMICConfig.s2d(input_size=(256, 192), crop_size=(64, 64), num_crops=3, local_width=16)
+    torch.manual_seed(2)
+    model = GMIC(cfg).eval()
+    assert model.classifier_linear.in_features == 128  # S = 8 x local_width
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    save_checkpoint(full, model)
+    save_checkpoint(half, model, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    assert loaded.cfg.local_width == 16
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.randn(1, 256, 192)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    # float16 keeps about 3 significant digits of each weight
+    assert torch.allclose(a.y, b.y, atol=2e-2)
+    assert not torch.equal(model.dn_resnet.conv1.weight, loaded.dn_resnet.conv1.weight)
+
+
 def test_wrong_keys_are_named(tmp_path: Path) -> None:
     state = _published_state()
     del state["mil_attn_w.weight"]
