@@ -19,8 +19,15 @@ def shift_resize(volume: Tensor, max_px: int, generator: torch.Generator | None 
     Pixels beyond the input are filled with the volume's minimum: the preprocessed padding
     value (background after the z-score). max_px = 0 returns the input unchanged.
     """
+    return shift_resize_with_masks(volume, None, max_px, generator)[0]
+
+
+def shift_resize_with_masks(volume: Tensor, masks: Tensor | None, max_px: int,
+                            generator: torch.Generator | None = None
+                            ) -> tuple[Tensor, Tensor | None]:
+    """shift_resize, with (C, H, W) masks moved by the same window (filled with 0)."""
     if max_px <= 0:
-        return volume
+        return volume, masks
     _, h, w = volume.shape
     # window edges in input pixels: each edge moves independently within +/-max_px, which
     # shifts (edges move together) and resizes (edges move apart) in one draw
@@ -30,14 +37,17 @@ def shift_resize(volume: Tensor, max_px: int, generator: torch.Generator | None 
     right = w + _uniform_int(-max_px, max_px, generator)
     bottom, right = max(bottom, top + 8), max(right, left + 8)
     pad = (max(0, -left), max(0, right - w), max(0, -top), max(0, bottom - h))
-    x = volume
-    if any(pad):
-        x = F.pad(x, pad, value=float(volume.min()))
-    x = x[:, top + pad[2]:bottom + pad[2], left + pad[0]:right + pad[0]]
-    if x.shape[-2:] == (h, w):
-        return x.contiguous()
-    return F.interpolate(x.unsqueeze(0), size=(h, w), mode="bilinear",
-                         align_corners=False).squeeze(0)
+
+    def window(x: Tensor, fill: float) -> Tensor:
+        if any(pad):
+            x = F.pad(x, pad, value=fill)
+        x = x[:, top + pad[2]:bottom + pad[2], left + pad[0]:right + pad[0]]
+        if x.shape[-2:] == (h, w):
+            return x.contiguous()
+        return F.interpolate(x.unsqueeze(0), size=(h, w), mode="bilinear",
+                             align_corners=False).squeeze(0)
+
+    return window(volume, float(volume.min())), None if masks is None else window(masks, 0.0)
 
 
-__all__ = ["shift_resize"]
+__all__ = ["shift_resize", "shift_resize_with_masks"]

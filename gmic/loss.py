@@ -36,9 +36,34 @@ def gmic_loss_terms(output: GMICOutput, target: Tensor, beta: float) -> LossTerm
     return LossTerms(bce_global + bce_local + beta * l1, bce_global, bce_local, l1)
 
 
+def saliency_mask_loss(saliency: Tensor, masks: Tensor) -> Tensor:
+    """Optional strong supervision of the saliency maps by ground-truth lesion masks (not in
+    the paper, which had image labels only; used where masks exist, e.g. synthetic data).
+
+    saliency: (D, C, h, w) in [0, 1]; masks: (C, H, W) on the model input, 0/1. The slice
+    maximum of the saliency (what the paper evaluates localisation on) is compared cell by
+    cell with the fraction of the cell the lesion covers (saturating at a quarter), by BCE
+    averaged separately over lesion and background cells and summed, so that a small
+    lesion weighs as much as the background; summed over classes.
+    """
+    projected = saliency.float().amax(dim=0)  # (C, h, w)
+    cover = F.adaptive_avg_pool2d(masks.float()[None], projected.shape[-2:])[0]
+    target = (cover * 4).clamp(max=1.0)
+    bce = F.binary_cross_entropy(projected.clamp(1e-6, 1 - 1e-6), target, reduction="none")
+    lesion = target > 0
+    total = saliency.new_zeros((), dtype=torch.float32)
+    for c in range(projected.shape[0]):
+        inside, outside = lesion[c], ~lesion[c]
+        if inside.any():
+            total = total + bce[c][inside].mean()
+        if outside.any():
+            total = total + bce[c][outside].mean()
+    return total
+
+
 def gmic_loss(output: GMICOutput, target: Tensor, beta: float) -> Tensor:
     """The scalar loss of eq. 7 (see gmic_loss_terms)."""
     return gmic_loss_terms(output, target, beta).total
 
 
-__all__ = ["LossTerms", "gmic_loss", "gmic_loss_terms"]
+__all__ = ["LossTerms", "gmic_loss", "gmic_loss_terms", "saliency_mask_loss"]

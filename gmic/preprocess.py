@@ -201,6 +201,25 @@ class PreprocessTransform:
         c0c, c1c = max(0, c0), min(src_w, c1)
         return r0c, c0c, max(0, r1c - r0c), max(0, c1c - c0c)
 
+    def map_to_model(self, values: np.ndarray) -> np.ndarray:
+        """A (H, W) map on the source image (e.g. a ground-truth mask) -> the same map on the
+        model input (H_in, W_in): flipped and windowed like the pixels; 0 outside the source.
+        """
+        vals = np.asarray(values)
+        if vals.shape != self.source_shape[1:]:
+            raise ValueError(f"map has shape {vals.shape}, the source frames are "
+                             f"{self.source_shape[1:]}")
+        if self.flipped:
+            vals = vals[:, ::-1]
+        (in_h, in_w), (wr, wc) = self.input_shape, self.window_origin
+        src_h, src_w = vals.shape
+        out = np.zeros((in_h, in_w), dtype=vals.dtype)
+        r_lo, r_hi = max(0, -wr), min(in_h, src_h - wr)
+        c_lo, c_hi = max(0, -wc), min(in_w, src_w - wc)
+        if r_lo < r_hi and c_lo < c_hi:
+            out[r_lo:r_hi, c_lo:c_hi] = vals[r_lo + wr:r_hi + wr, c_lo + wc:c_hi + wc]
+        return out
+
     def map_to_source(self, values: np.ndarray, order: int = 1) -> np.ndarray:
         """A map over the model input -> the same map on the source geometry.
 

@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from gmic.augment import shift_resize
+from gmic.augment import shift_resize_with_masks
 from gmic.checkpoint import save_checkpoint
-from gmic.loss import gmic_loss_terms
+from gmic.loss import gmic_loss_terms, saliency_mask_loss
 from gmic.metrics import MetricError, roc_auc
 from gmic.model import GMIC
 
@@ -48,7 +48,8 @@ class TrainError(ValueError):
 
 
 class LabelledVolumes(Protocol):
-    """What the trainer reads: item i is (volume (D, H, W) float32, labels (2,))."""
+    """What the trainer reads: item i is (volume (D, H, W) float32, labels (2,)), optionally
+    followed by ground-truth masks (2, H, W) on the model input (for mask_weight)."""
 
     def __len__(self) -> int: ...
 
@@ -69,6 +70,11 @@ class TrainSettings:
     checkpoint_every_steps: int = 0  # also save the resumable state every N optimizer steps
     progress: bool = True  # a progress bar on stderr (rank 0)
     max_steps: int = 0  # stop after this many optimizer steps in this run (0 = no limit)
+    # stop once this run has lasted this many seconds (0 = no limit): mid-epoch, the weights
+    # so far are validated and checkpointed; the state is saved, so the command resumes
+    max_seconds: float = 0.0
+    # weight of saliency_mask_loss where items carry masks (0 = the paper: image labels only)
+    mask_weight: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -82,6 +88,10 @@ class TrainSettings:
             problems.append(f"patience must be >= 1, got {self.patience}")
         if self.augment_px < 0:
             problems.append(f"augment_px must be >= 0, got {self.augment_px}")
+        if self.mask_weight < 0:
+            problems.append(f"mask_weight must be >= 0, got {self.mask_weight}")
+        if self.max_seconds < 0:
+            problems.append(f"max_seconds must be >= 0, got {self.max_seconds}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             problems.append(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if problems:
@@ -131,7 +141,7 @@ def validation_scores(model: GMIC, data: LabelledVolumes, device: torch.device,
 
     labels, scores = [], []
     for i in (range(len(data)) if indices is None else indices):
-        volume, label = data[i]
+        volume, label = data[i][:2]
         out = predict(model, torch.from_numpy(np.asarray(volume, dtype=np.float32)), dtype=dtype)
         scores.append(out.y.float().cpu().numpy())
         labels.append(np.asarray(label, dtype=np.float32))
@@ -325,18 +335,25 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _micro_step(self, index: int, sync: bool) -> float:
-        volume, label = self.train_set[index]
+        item = self.train_set[index]
+        volume, label = item[0], item[1]
+        masks = None
+        if self.settings.mask_weight and len(item) > 2 and item[2] is not None:
+            masks = torch.from_numpy(np.asarray(item[2], dtype=np.float32)).to(self.device)
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)).to(self.device)
-        x = shift_resize(x, self.settings.augment_px, self.generator)
+        x, masks = shift_resize_with_masks(x, masks, self.settings.augment_px, self.generator)
         target = torch.as_tensor(np.asarray(label, dtype=np.float32), device=self.device)
         context = (self.net.no_sync() if self.dist.active and not sync
                    else contextlib.nullcontext())
         with context:
             with self._autocast():
                 out = self.net(x, generator=self.generator)
-            terms = gmic_loss_terms(out, target, self.cfg.beta)
-            self.scaler.scale(terms.total / self.accum).backward()
-        return float(terms.total.detach())
+            total = gmic_loss_terms(out, target, self.cfg.beta).total
+            if masks is not None:
+                total = total + self.settings.mask_weight * saliency_mask_loss(out.saliency,
+                                                                               masks)
+            self.scaler.scale(total / self.accum).backward()
+        return float(total.detach())
 
     def _optimizer_step(self) -> None:
         if self.grad_hook is not None:
@@ -377,11 +394,41 @@ class Trainer:
         with open(self.out_dir / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
+    def _out_of_time(self, run_started: float) -> bool:
+        """max_seconds of this run have passed (rank 0's clock decides for all)."""
+        if not self.settings.max_seconds:
+            return False
+        over = self._broadcast(time.monotonic() - run_started > self.settings.max_seconds)
+        if over:
+            log.info("event=train_time_budget seconds=%.0f epoch=%d step=%d",
+                     self.settings.max_seconds, self.epoch + 1, self.step_in_epoch)
+        return over
+
+    def _checkpoint_partial(self, fraction: float) -> None:
+        """The time ran out mid-epoch: validate and checkpoint the weights so far (best.pt
+        too if better), so a time-boxed run always leaves its best model. The epoch itself
+        stays open: the resumable state goes on from this step."""
+        record = {"epoch": self.epoch + 1, "partial": round(fraction, 4), "step": self.global_step,
+                  "train_loss": self.epoch_loss_sum / max(self.epoch_items, 1),
+                  "learning_rate": self.settings.learning_rate, **self._validate()}
+        record = self._broadcast(record)
+        auc = record["val_auc_malignant"]
+        improved = auc is not None and auc > self.best_auc
+        if improved:
+            self.best_auc, self.best_epoch = auc, record["epoch"]
+        record["best_epoch"] = self.best_epoch
+        if self.dist.is_main:
+            self._epoch_checkpoint(record, improved)
+            log.info("event=train_partial_epoch %s",
+                     " ".join(f"{k}={v}" for k, v in record.items()))
+        self.model.train()
+
     def run(self) -> TrainResult:
         s = self.settings
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.load_state()
         steps_this_run = 0
+        run_started = time.monotonic()
         stopped_early = self.bad_epochs >= s.patience
         while self.epoch < s.epochs and not stopped_early:
             order = self._order(self.epoch)
@@ -407,6 +454,11 @@ class Trainer:
                     self.save_state()
                 if s.max_steps and steps_this_run >= s.max_steps and pos < len(order):
                     bar.close()
+                    self.save_state()
+                    return self._result(stopped_early, interrupted=True)
+                if pos < len(order) and self._out_of_time(run_started):
+                    bar.close()
+                    self._checkpoint_partial(pos / len(order))
                     self.save_state()
                     return self._result(stopped_early, interrupted=True)
             bar.update(len(order), self.epoch_loss_sum / max(self.epoch_items, 1),
@@ -437,6 +489,8 @@ class Trainer:
             stopped_early = self.bad_epochs >= s.patience
             self.save_state()
             if s.max_steps and steps_this_run >= s.max_steps and self.epoch < s.epochs:
+                return self._result(stopped_early, interrupted=True)
+            if self.epoch < s.epochs and not stopped_early and self._out_of_time(run_started):
                 return self._result(stopped_early, interrupted=True)
         return self._result(stopped_early)
 

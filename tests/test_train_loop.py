@@ -50,6 +50,29 @@ def test_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     assert (tmp_path / "b" / "best.pt").is_file()
 
 
+def test_time_budget_checkpoints_mid_epoch_and_resumes_exactly(tmp_path: Path) -> None:
+    train, val = DiscVolumes(6, seed=1), DiscVolumes(4, seed=2)
+    full = Trainer(tiny_model(0), train, val, TrainSettings(**SETTINGS), tmp_path / "a")
+    full.run()
+
+    boxed = Trainer(tiny_model(0), train, val, TrainSettings(**SETTINGS, max_seconds=1e-6),
+                    tmp_path / "b")
+    result = boxed.run()
+    # out of time after the first optimizer step: the weights so far are validated and kept
+    assert result.interrupted and result.epochs_run == 0
+    records = [json.loads(line) for line in
+               (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["partial"]) for r in records] == [(1, round(1 / 3, 4))]
+    assert (tmp_path / "b" / "best.pt").is_file()
+    _, meta = load_checkpoint(tmp_path / "b" / "best.pt")
+    assert meta["val_auc_malignant"] == records[0]["val_auc_malignant"]
+
+    resumed = Trainer(tiny_model(7), train, val, TrainSettings(**SETTINGS), tmp_path / "b")
+    assert not resumed.run().interrupted
+    for key, value in full.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
 def test_rerun_after_the_end_does_nothing_more(tmp_path: Path) -> None:
     train, val = DiscVolumes(4, seed=1), DiscVolumes(4, seed=2)
     settings = TrainSettings(**{**SETTINGS, "epochs": 1})

@@ -43,6 +43,8 @@ def model_options(f):
         click.option("--zeta", type=int, default=None),
         click.option("--slice-chunk", type=int, default=None,
                      help="Slices per global-network pass (memory vs speed)."),
+        click.option("--local-width", type=int, default=None,
+                     help="Base width of the local ResNet-18 (default 64, the paper's)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: "
                                                     "[model] device)."),
@@ -68,14 +70,21 @@ def model_options(f):
 @click.option("--log10-w", type=float, default=None, help="Saliency head init log10(w).")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True,
               help="Also save the resumable state every N optimizer steps.")
+@click.option("--mask-weight", type=float, default=0.0, show_default=True,
+              help="Also supervise the saliency maps with ground-truth SEG masks at this "
+                   "weight (0: image labels only, as the paper).")
+@click.option("--max-minutes", type=float, default=0.0, show_default=True,
+              help="Stop after this many minutes, checkpointing the weights so far (0: no limit); "
+                   "rerun to resume.")
 @click.pass_context
 def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Path | None,
           init: Path | None, epochs: int, batch_size: int, patience: int, augment_px: int,
           split_text: str, input_size: str | None, crop_size: str | None, zeta: int | None,
-          slice_chunk: int | None, seed: int, device: str | None, precision: str,
-          cache_dir: Path | None, no_progress: bool, lr: float, num_crops: int | None,
-          percent_t: float | None, beta: float | None, log10_w: float | None,
-          checkpoint_every: int) -> None:
+          slice_chunk: int | None, local_width: int | None, seed: int, device: str | None,
+          precision: str, cache_dir: Path | None, no_progress: bool, lr: float,
+          num_crops: int | None, percent_t: float | None, beta: float | None,
+          log10_w: float | None,
+          checkpoint_every: int, mask_weight: float, max_minutes: float) -> None:
     """Train a model on labelled images; rerun the same command to resume."""
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
@@ -95,12 +104,13 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
         "input_size": parse_size(input_size, "--input-size"),
         "crop_size": parse_size(crop_size, "--crop-size"), "zeta": zeta,
         "slice_chunk": slice_chunk, "num_crops": num_crops, "percent_t": percent_t,
-        "beta": beta, "saliency_init_log10_w": log10_w})
+        "beta": beta, "saliency_init_log10_w": log10_w, "local_width": local_width})
     try:
         settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                  patience=patience, augment_px=augment_px, seed=seed,
                                  precision=precision, checkpoint_every_steps=checkpoint_every,
-                                 progress=not no_progress)
+                                 progress=not no_progress, max_seconds=60 * max_minutes,
+                                 mask_weight=mask_weight)
     except TrainError as exc:
         raise DicomnodeError(str(exc)) from None
     data = load_labelled(config, labels, modality, images)
@@ -114,4 +124,6 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
         return
     click.echo(f"best epoch {result.best_epoch}: validation malignant AUC "
                f"{result.best_auc:.3f}; checkpoint {out / 'best.pt'}"
-               + (" (stopped early)" if result.stopped_early else ""))
+               + (" (stopped early)" if result.stopped_early else "")
+               + ("; time budget reached, rerun the command to go on" if result.interrupted
+                  else ""))

@@ -266,10 +266,15 @@ class CachedVolumes:
     cached on disk as float16 .npy keyed by image UID, file size and time, and input size."""
 
     def __init__(self, examples: Sequence[Example], input_size: tuple[int, int],
-                 cache_dir: str | Path | None) -> None:
+                 cache_dir: str | Path | None,
+                 masks: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+        """masks: ground-truth masks by source image UID (seg_masks); when given, items
+        carry them on the model input as a third element, (2, H, W) benign, malignant
+        (zeros for an image without a SEG: nothing to find there)."""
         self.examples = list(examples)
         self.input_size = tuple(input_size)
         self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.masks = masks
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -284,25 +289,52 @@ class CachedVolumes:
         return self.cache_dir / example.header.modality / f"{digest}.npy"
 
     def volume(self, index: int) -> np.ndarray:
+        return self._load(index)[0]
+
+    def _source_masks(self, example: Example) -> dict[str, np.ndarray] | None:
+        if self.masks is None:
+            return None
+        return next((self.masks[u] for u in example.header.sop_instance_uids
+                     if u in self.masks), None)
+
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(volume, model-input masks or None), from the cache when it has them."""
         from gmic.preprocess import preprocess
 
         example = self.examples[index]
         path = self._cache_path(example)
-        if path is not None and path.is_file():
-            return np.load(path).astype(np.float32)
+        mask_path = None if path is None else path.with_name(f"{path.stem}.masks.npy")
+        want_masks = self.masks is not None
+        if path is not None and path.is_file() and (not want_masks or mask_path.is_file()):
+            masks = np.load(mask_path).astype(np.float32) if want_masks else None
+            return np.load(path).astype(np.float32), masks
         image = read_pixels(example.header)
-        volume, _ = preprocess(image.pixels, image.modality, image.laterality,
-                               input_size=self.input_size)
+        volume, transform = preprocess(image.pixels, image.modality, image.laterality,
+                                       input_size=self.input_size)
+        masks = None
+        if want_masks:
+            source = self._source_masks(example)
+            masks = np.zeros((2, *self.input_size), dtype=np.float32)
+            for c, name in enumerate(("benign", "malignant")):
+                if source is not None and source[name].shape == transform.source_shape[1:]:
+                    masks[c] = transform.map_to_model(source[name].astype(np.float32))
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # DDP ranks share it
             np.save(tmp, volume.astype(np.float16))
             tmp.replace(path)
             volume = volume.astype(np.float16).astype(np.float32)  # same values as cached
-        return volume
+            if masks is not None:
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.masks.npy")
+                np.save(tmp, masks.astype(np.uint8))
+                tmp.replace(mask_path)
+        return volume, masks
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.volume(index), self.examples[index].labels
+    def __getitem__(self, index: int) -> tuple:
+        volume, masks = self._load(index)
+        if self.masks is None:
+            return volume, self.examples[index].labels
+        return volume, self.examples[index].labels, masks
 
 
 def log_split(splits: dict[str, list[Example]]) -> None:

@@ -147,7 +147,17 @@ def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *
             "studies": {k: sorted({e.header.study_uid for e in v}) for k, v in splits.items()}})
     torch.manual_seed(settings.seed)  # identical initial weights on every process
     model = initial_model(cfg, init)
-    train_set = CachedVolumes(splits["train"], cfg.input_size, cache_dir)
+    masks = None
+    if settings.mask_weight:
+        from dicomnode.training.data import seg_masks
+
+        masks = seg_masks(data.index.seg_paths)
+        if not masks:
+            raise DicomnodeError(f"--mask-weight needs ground-truth SEG masks, but "
+                                 f"{data.index.source} has none; drop --mask-weight or add "
+                                 "the SEG files")
+        log.info("event=train_masks images_with_masks=%d", len(masks))
+    train_set = CachedVolumes(splits["train"], cfg.input_size, cache_dir, masks)
     val_set = CachedVolumes(splits["val"], cfg.input_size, cache_dir)
     meta = {"modality": modality, "labels": data.labels_path.name,
             "description": "trained with dicomnode train"}

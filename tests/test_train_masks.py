@@ -1,0 +1,69 @@
+"""Saliency supervision by ground-truth masks: masks follow the preprocessing and the
+augmentation exactly, and the loss is the balanced BCE it says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gmic.augment import shift_resize, shift_resize_with_masks
+from gmic.loss import saliency_mask_loss
+from gmic.preprocess import preprocess
+from tests.test_preprocess import breast
+
+
+@pytest.mark.parametrize("side", ["L", "R"])
+@pytest.mark.parametrize("size", [(512, 384), (160, 64)], ids=["padded", "cropped"])
+def test_mask_maps_to_model_like_the_pixels(side: str, size: tuple[int, int]) -> None:
+    vol = breast(3, 300, 200, side, seed=2)
+    col = 30 if side == "L" else 199 - 30
+    mask = np.zeros((300, 200), dtype=np.float32)
+    mask[130:150, col - 5:col + 6] = 1
+    vol[:, mask > 0] = 2500
+    out, tf = preprocess(vol, "dbt", laterality=side, input_size=size)
+    model_mask = tf.map_to_model(mask)
+    assert model_mask.shape == size
+    # every masked source pixel inside the window lands on a masked model pixel and back
+    bright = (2500 - tf.mean) / tf.std
+    for r, c in zip(*np.nonzero(mask)):
+        _, mr, mc = tf.to_model(0, r, c)
+        if 0 <= mr < size[0] and 0 <= mc < size[1]:
+            assert model_mask[mr, mc] == 1 and out[1, mr, mc] == pytest.approx(bright, rel=1e-5)
+    assert model_mask.sum() == np.sum([tf.in_window(r, c) for r, c in zip(*np.nonzero(mask))])
+    with pytest.raises(ValueError, match="shape"):
+        tf.map_to_model(mask[:-1])
+
+
+def test_masks_get_the_same_random_window_as_the_volume() -> None:
+    vol = torch.zeros(2, 96, 64)
+    vol[:, 40:50, 20:28] = 5.0
+    masks = torch.zeros(2, 96, 64)
+    masks[1, 40:50, 20:28] = 1.0
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    moved, moved_masks = shift_resize_with_masks(vol, masks, 12, g1)
+    assert torch.equal(moved, shift_resize(vol, 12, g2))  # same draws as without masks
+    assert moved_masks is not None and moved_masks[0].abs().sum() == 0
+    assert torch.allclose(moved_masks[1] * 5.0, moved[0], atol=1e-5)
+    assert shift_resize_with_masks(vol, masks, 0)[1] is masks
+
+
+def test_mask_loss_is_balanced_bce_on_the_slice_maximum() -> None:
+    saliency = torch.full((3, 2, 2, 2), 0.1)
+    saliency[1, 1, 0, 0] = 0.8  # malignant channel, slice 1, cell (0, 0)
+    masks = torch.zeros(2, 8, 8)
+    masks[1, :4, :4] = 1  # the malignant lesion covers cell (0, 0) entirely
+    got = saliency_mask_loss(saliency, masks)
+    # benign: no lesion, 4 background cells at 0.1; malignant: lesion cell at 0.8 (target 1),
+    # 3 background cells at 0.1 (target 0)
+    bg = -np.log(0.9)
+    expected = bg + (-np.log(0.8)) + bg
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # a partly covered cell has a soft target: a quarter covered is already 1
+    part = torch.zeros(2, 8, 8)
+    part[1, :1, :2] = 1  # 2 of 16 pixels of cell (0, 0): target 0.5
+    one = torch.full((1, 2, 2, 2), 0.5)
+    assert saliency_mask_loss(one, part).item() == pytest.approx(
+        F.binary_cross_entropy(torch.tensor(0.5), torch.tensor(0.5)).item()
+        + 2 * -np.log(0.5), rel=1e-5)
