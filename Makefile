@@ -26,6 +26,7 @@ lint: venv
 test: venv lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# The node end to end on 127.0.0.1: a synthetic study in over DICOM, SR/SEG/Parametric Maps
+# back, a summary and PNG overlays in ./demo-out. Other weights: make demo DEMO_ARGS='--model-dir DIR'
 demo: venv
-	$(VENV)/bin/dicomnode synth ./demo-out --studies 1 --size small --seed 1
-	$(VENV)/bin/dicomnode inspect ./demo-out
+	$(VENV)/bin/dicomnode demo --out ./demo-out $(DEMO_ARGS)

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dicomnode.commands.train:train", "Train a model on labelled images."),
     "tune": ("dicomnode.commands.tune:tune", "Random hyperparameter search (paper V-D.6)."),
     "evaluate": ("dicomnode.commands.evaluate:evaluate", "AUC, localisation and a report."),
+    "demo": ("dicomnode.commands.demo:demo", "The node end to end on a synthetic study."),
 }
 
 
