@@ -89,3 +89,19 @@ def test_test_time_augmentation_averages_copies() -> None:
     np.testing.assert_allclose(y0, out.y.numpy())
     np.testing.assert_allclose(y1, y2)  # seeded
     assert not np.allclose(y0, y1)
+
+
+def test_conspicuity_drops_when_tissue_overlaps_the_finding() -> None:
+    from dicomnode.training.evaluation import conspicuity
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:80, :80]
+    mask = (yy - 40) ** 2 + (xx - 40) ** 2 < 8 ** 2
+    clear = rng.normal(100, 5, (80, 80)) + 30 * mask
+    # the same finding under a patchy dense structure: brighter, busier surroundings
+    cluttered = clear + 40 * (rng.random((80, 80)) > 0.5) * ((yy - 40) ** 2 + (xx - 40) ** 2
+                                                             < 20 ** 2)
+    high, low = conspicuity(clear, mask), conspicuity(cluttered, mask)
+    assert high == pytest.approx(30 / 5, rel=0.2)
+    assert low < high / 3
+    assert conspicuity(clear, np.zeros_like(mask)) is None

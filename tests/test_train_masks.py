@@ -27,11 +27,12 @@ def test_mask_maps_to_model_like_the_pixels(side: str, size: tuple[int, int]) ->
     assert model_mask.shape == size
     # every masked source pixel inside the window lands on a masked model pixel and back
     bright = (2500 - tf.mean) / tf.std
-    for r, c in zip(*np.nonzero(mask)):
+    for r, c in zip(*np.nonzero(mask), strict=True):
         _, mr, mc = tf.to_model(0, r, c)
         if 0 <= mr < size[0] and 0 <= mc < size[1]:
             assert model_mask[mr, mc] == 1 and out[1, mr, mc] == pytest.approx(bright, rel=1e-5)
-    assert model_mask.sum() == np.sum([tf.in_window(r, c) for r, c in zip(*np.nonzero(mask))])
+    inside = [tf.in_window(r, c) for r, c in zip(*np.nonzero(mask), strict=True)]
+    assert model_mask.sum() == np.sum(inside)
     with pytest.raises(ValueError, match="shape"):
         tf.map_to_model(mask[:-1])
 

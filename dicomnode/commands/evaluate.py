@@ -3,6 +3,7 @@ ground-truth SEG masks, and a report (markdown, JSON, ROC curves, montages)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -75,6 +76,11 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
                   "y_malignant": float(s.y[1]), **s.ensemble_localisation}
                  for m, scores in results.items() for s in scores]
     report.write_tables(out, aucs, localisation, meta, per_image)
+    hidden = ev.hidden_findings_table(results, masks, resamples=resamples, seed=seed)
+    if hidden is not None:
+        with open(out / "report.md", "a") as fh:
+            fh.write(ev.hidden_findings_markdown(hidden))
+        (out / "hidden_findings.json").write_text(json.dumps(hidden, indent=1))
     report.roc_figures(out, aucs["curves"])
     if montages > 0:
         folder = out / "montages"

@@ -45,6 +45,9 @@ def model_options(f):
                      help="Slices per global-network pass (memory vs speed)."),
         click.option("--local-width", type=int, default=None,
                      help="Base width of the local ResNet-18 (default 64, the paper's)."),
+        click.option("--activation-checkpointing/--no-activation-checkpointing", default=None,
+                     help="Recompute the global network in backward (less memory, slower; "
+                          "default on)."),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--device", default=None, help="auto, cpu, cuda, cuda:N (default: "
                                                     "[model] device)."),
@@ -80,7 +83,8 @@ def model_options(f):
 def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Path | None,
           init: Path | None, epochs: int, batch_size: int, patience: int, augment_px: int,
           split_text: str, input_size: str | None, crop_size: str | None, zeta: int | None,
-          slice_chunk: int | None, local_width: int | None, seed: int, device: str | None,
+          slice_chunk: int | None, local_width: int | None,
+          activation_checkpointing: bool | None, seed: int, device: str | None,
           precision: str, cache_dir: Path | None, no_progress: bool, lr: float,
           num_crops: int | None, percent_t: float | None, beta: float | None,
           log10_w: float | None,
@@ -104,7 +108,8 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
         "input_size": parse_size(input_size, "--input-size"),
         "crop_size": parse_size(crop_size, "--crop-size"), "zeta": zeta,
         "slice_chunk": slice_chunk, "num_crops": num_crops, "percent_t": percent_t,
-        "beta": beta, "saliency_init_log10_w": log10_w, "local_width": local_width})
+        "beta": beta, "saliency_init_log10_w": log10_w, "local_width": local_width,
+        "activation_checkpointing": activation_checkpointing})
     try:
         settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                  patience=patience, augment_px=augment_px, seed=seed,

@@ -26,7 +26,8 @@ from dicomnode.commands.usage import OneLineCommand
 def tune(ctx: click.Context, labels: Path, modality: str, out: Path, images: Path | None,
          init: Path | None, epochs: int, batch_size: int, patience: int, augment_px: int,
          split_text: str, input_size: str | None, crop_size: str | None, zeta: int | None,
-         slice_chunk: int | None, local_width: int | None, seed: int, device: str | None,
+         slice_chunk: int | None, local_width: int | None,
+         activation_checkpointing: bool | None, seed: int, device: str | None,
          precision: str, cache_dir: Path | None, no_progress: bool, trials: int,
          keep: int) -> None:
     """Random search over lr, w, t, K and beta; keeps the best models."""
@@ -47,7 +48,8 @@ def tune(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pat
     fractions = parse_fractions(split_text)
     base = {"input_size": parse_size(input_size, "--input-size"),
             "crop_size": parse_size(crop_size, "--crop-size"), "zeta": zeta,
-            "slice_chunk": slice_chunk, "local_width": local_width}
+            "slice_chunk": slice_chunk, "local_width": local_width,
+            "activation_checkpointing": activation_checkpointing}
     data = load_labelled(config, labels, modality, images)
     rng = random.Random(seed)
     draws = [sample_trial(modality, rng) for _ in range(trials)]  # fixed by the seed

@@ -234,3 +234,89 @@ def require_examples(examples: Sequence[Example], checkpoints: Sequence[LoadedCh
     if missing:
         raise DicomnodeError(f"{labels_path}: no labelled {', '.join(missing)} images to "
                              "evaluate the checkpoints of that modality on")
+
+
+# ------------------------------------------------------------------ findings hidden in 2D
+
+
+def conspicuity(image: np.ndarray, mask: np.ndarray) -> float | None:
+    """Contrast-to-noise of a finding in a 2D image: (mean inside the mask - mean of a ring
+    around it) / standard deviation of the ring. Overlapping dense tissue in a projection
+    raises the ring's mean and spread, so a hidden finding scores low."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, bool)
+    if not mask.any():
+        return None
+    radius = max(2, int(round(np.sqrt(mask.sum() / np.pi))))
+    ring = ndimage.binary_dilation(mask, iterations=radius) & ~mask
+    if ring.sum() < 8:
+        return None
+    inside = image[mask].astype(np.float64)
+    around = image[ring].astype(np.float64)
+    return float((inside.mean() - around.mean()) / max(around.std(), 1e-9))
+
+
+def hidden_findings_table(results: dict[str, list[ImageScore]],
+                          masks: dict[str, dict[str, np.ndarray]], *, resamples: int = 1000,
+                          seed: int = 0) -> dict[str, Any] | None:
+    """Breast-wise malignant AUC of each modality on malignant breasts split by how visible
+    their finding is in the synthetic 2D projection (conspicuity, the better of the breast's
+    s2d views; halves at the median), each half against all breasts without a malignant
+    finding. Shows whether DBT keeps finding what overlapping tissue hides in the 2D image.
+    None without s2d images and their malignant masks."""
+    if "s2d" not in results:
+        return None
+    visibility: dict[tuple[str, str], float] = {}
+    for score in results["s2d"]:
+        example = score.example
+        mask = next((masks[u]["malignant"] for u in example.header.sop_instance_uids
+                     if u in masks), None)
+        if not example.malignant or mask is None or not mask.any():
+            continue
+        pixels = np.asarray(read_pixels(example.header).pixels, dtype=np.float32)
+        image = pixels[0] if pixels.ndim == 3 else pixels
+        if image.shape != mask.shape:
+            continue
+        value = conspicuity(image, mask)
+        if value is not None:
+            key = example.breast_key
+            visibility[key] = max(visibility.get(key, -np.inf), value)
+    if len(visibility) < 4:
+        return None
+    median = float(np.median(list(visibility.values())))
+    groups = {"hidden in 2D (conspicuity below the median)":
+              {k for k, v in visibility.items() if v < median},
+              "visible in 2D (at or above the median)":
+              {k for k, v in visibility.items() if v >= median}}
+    rows = []
+    for m in [m for m in MODALITY_ORDER if m in results]:
+        breasts = breast_predictions(results[m])
+        negatives = [k for k, (labels, _) in breasts.items() if not labels[1]]
+        row: dict[str, Any] = {"name": MODALITY_NAMES[m], "modality": m}
+        for group, keys in groups.items():
+            chosen = [k for k in keys if k in breasts] + negatives
+            labels = np.array([breasts[k][0][1] for k in chosen])
+            preds = np.array([breasts[k][1][1] for k in chosen])
+            row[group] = _auc_cell(labels, preds, resamples, seed)
+        rows.append(row)
+    return {"median_conspicuity": median, "malignant_breasts": len(visibility),
+            "groups": list(groups), "rows": rows}
+
+
+def hidden_findings_markdown(table: dict[str, Any]) -> str:
+    lines = ["", "## Malignant findings hidden by overlapping tissue in the 2D projection", "",
+             f"Breast-wise malignant AUC; {table['malignant_breasts']} malignant breasts split "
+             f"at the median contrast-to-noise of their finding in the synthetic 2D image "
+             f"({table['median_conspicuity']:.2f}); each half against every breast without a "
+             "malignant finding.", "",
+             "| model | " + " | ".join(table["groups"]) + " |",
+             "|---|" + "---:|" * len(table["groups"])]
+    for row in table["rows"]:
+        cells = []
+        for group in table["groups"]:
+            cell = row[group]
+            cells.append("n/a" if cell is None else
+                         f"{cell['auc']:.3f} ({cell['ci_low']:.3f}-{cell['ci_high']:.3f})")
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
