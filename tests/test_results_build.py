@@ -31,9 +31,8 @@ def test_build_results_makes_one_series_per_object(tmp_path_factory) -> None:
         assert ds.SoftwareVersions == analysis.algorithm.version
         assert ds.SeriesInstanceUID != analysis.image.series_uid
     series = {ds.SeriesInstanceUID for ds in results.datasets}
-    assert len(series) == 3  # SR, SEG, PM (both classes)
-    numbers = sorted(int(ds.SeriesNumber) for ds in (results.sr, results.seg, results.pmaps[0]))
-    assert len(set(numbers)) == 3
+    assert len(series) == 4  # SR, SEG, benign PM, malignant PM
+    assert len({int(ds.SeriesNumber) for ds in results.datasets}) == 4
     assert len({ds.SOPInstanceUID for ds in results.datasets}) == 4
 
 

@@ -32,7 +32,9 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
     analysis = analysis_for(tmp_path_factory, layout, modality)
     pms = build_parametric_maps(analysis, ResultOptions(pmap_decimation=factor))
     assert len(pms) == len(CLASS_NAMES)
-    assert pms[0].SeriesInstanceUID == pms[1].SeriesInstanceUID
+    # one series per class: OHIF shows only the first Parametric Map of a series
+    assert pms[0].SeriesInstanceUID != pms[1].SeriesInstanceUID
+    assert pms[0].SeriesNumber != pms[1].SeriesNumber
     assert pms[0].SOPInstanceUID != pms[1].SOPInstanceUID
     depth, rows, cols = analysis.image.shape
     for class_index, built in enumerate(pms):
@@ -42,6 +44,8 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
         assert pm.SeriesInstanceUID != analysis.image.series_uid
         assert pm.Manufacturer == "dicomnode"
         assert "not for clinical use" in pm.SeriesDescription
+        assert f"{CLASS_NAMES[class_index]} saliency" in pm.SeriesDescription
+        assert pm.InstanceNumber == 1
         mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
         assert mapping.LUTLabel == ("BENIGN_SAL", "MALIG_SAL")[class_index]
         assert mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "130402"
@@ -59,6 +63,19 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
             np.testing.assert_allclose(values[frame], expected, rtol=1e-6, atol=1e-7)
         # per-frame references: the slice's frame (multi-frame) or instance (series)
         assert frame_sources(pm) == [expected_source(analysis, d) for d in slices]
+
+
+def test_pm_series_are_reproduced_by_a_rerun(tmp_path_factory) -> None:
+    analysis = analysis_for(tmp_path_factory, "enhanced", "ffdm")
+    options = ResultOptions(pmap_decimation=4)
+    first, again = (build_parametric_maps(analysis, options) for _ in range(2))
+    assert [(p.SeriesInstanceUID, p.SOPInstanceUID) for p in first] == \
+        [(p.SeriesInstanceUID, p.SOPInstanceUID) for p in again]
+    # malignant first in a viewer's series list, series numbers after the source's
+    source = int(pydicom.dcmread(analysis.image.source_paths[0],
+                                 stop_before_pixels=True).SeriesNumber) % 1000
+    assert (int(first[MALIGNANT].SeriesNumber), int(first[BENIGN].SeriesNumber)) == \
+        (9000 + source, 10000 + source)
 
 
 def test_pm_peak_is_on_the_finding_slice(tmp_path_factory) -> None:

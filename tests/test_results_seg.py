@@ -1,8 +1,10 @@
 """SEG of the flagged regions: BINARY mask = saliency above the operating point, FRACTIONAL,
-nothing flagged, every source layout; validity with dciodvfy."""
+nothing flagged, every source layout, display colours, where each segment flags the most;
+validity with dciodvfy."""
 
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -70,6 +72,16 @@ def test_binary_seg_is_saliency_above_threshold(tmp_path_factory, tmp_path, layo
             np.testing.assert_array_equal(got, expected)
             flagged += int(expected.sum())
         assert result.flagged_pixels[class_index] == flagged > 0
+        # the source-pixel box around the flagged pixels of the slice with the most
+        box = result.flagged_boxes[class_index]
+        masks = [block_mean(saliency[d], expected_factor) > THRESHOLDS[class_index]
+                 for d in range(depth)]
+        assert box.frame_index == int(np.argmax([m.sum() for m in masks]))
+        on_source = np.kron(masks[box.frame_index], np.ones((expected_factor,) * 2, bool))
+        on_source = on_source[:analysis.image.shape[1], :analysis.image.shape[2]]
+        rr, cc = np.nonzero(on_source)
+        assert (box.row0, box.col0, box.row0 + box.height, box.col0 + box.width) == (
+            rr.min(), cc.min(), rr.max() + 1, cc.max() + 1)
     sources = frame_sources(seg)
     for (_, d), i in frames.items():
         assert sources[i] == expected_source(analysis, d)
@@ -93,12 +105,23 @@ def test_fractional_seg_holds_the_saliency(tmp_path_factory, tmp_path, layout,
             np.testing.assert_allclose(got, saliency[d], atol=0.5 / scale + 1e-6)
 
 
+def test_segments_have_their_display_colours(tmp_path_factory, tmp_path) -> None:
+    analysis = analysis_for(tmp_path_factory, "enhanced", "ffdm")
+    seg, _ = _reread(build_segmentation(analysis, ResultOptions(thresholds=THRESHOLDS)),
+                     tmp_path)
+    r, g, b = zip(*(hd.color.CIELabColor.from_dicom_value(s.RecommendedDisplayCIELabValue)
+                    .to_rgb(clip=True) for s in seg.SegmentSequence), strict=True)
+    assert g[0] > 150 and r[0] < 50 and b[0] < 50  # benign: green
+    assert r[1] > 150 and g[1] < 50 and b[1] < 50  # malignant: red
+
+
 def test_nothing_flagged_is_a_valid_seg_with_empty_frames(tmp_path_factory, tmp_path) -> None:
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
     for omit in (False, True):
         result = build_segmentation(analysis, ResultOptions(thresholds=(0.99, 0.99),
                                                             seg_omit_empty_frames=omit))
         assert result.flagged_pixels == (0, 0)
+        assert result.flagged_boxes == (None, None)
         seg, _ = _reread(result, tmp_path)
         assert len(seg.SegmentSequence) == 2
         assert int(seg.NumberOfFrames) == 2 * analysis.image.shape[0]

@@ -3,7 +3,7 @@
 - a Comprehensive 3D SR (TID 1500) with the probabilities, attended regions and the
   flagged-region summary (:mod:`dicomnode.results.sr`);
 - a SEG of the flagged regions, BINARY or FRACTIONAL (:mod:`dicomnode.results.seg`);
-- two Parametric Maps, benign and malignant saliency, in one series
+- two Parametric Maps, benign and malignant saliency, each in its own series
   (:mod:`dicomnode.results.pmap`);
 
 and per study, a Mammography CAD SR (TID 4000) of its DBT images with the marks on their
@@ -37,7 +37,7 @@ class ResultSet:
 
     sr: Dataset
     seg: Dataset | None
-    pmaps: list[Dataset] = field(default_factory=list)  # [benign, malignant], one series
+    pmaps: list[Dataset] = field(default_factory=list)  # [benign, malignant], a series each
     segmentation: SegmentationResult | None = None  # the SEG with its flagged-pixel counts
 
     @property

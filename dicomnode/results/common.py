@@ -26,7 +26,8 @@ NOT_FOR_CLINICAL_USE = "not for clinical use"
 # series list keeps each result next to the others made from the same source.
 SR_SERIES_OFFSET = 7000
 SEG_SERIES_OFFSET = 8000
-PMAP_SERIES_OFFSET = 9000
+# one Parametric Map series per class (CLASS_NAMES order): malignant 9000+, benign 10000+
+PMAP_SERIES_OFFSETS = (10000, 9000)
 
 
 class ResultsError(DicomnodeError):

@@ -1,10 +1,11 @@
 """Parametric Maps of the benign and malignant saliency (float32) on the source image's
 frames, optionally on a decimated grid (see geometry).
 
-One single-channel PM per class, both in one series, so a viewer can show each class as its
-own overlay: the frames of a two-channel PM share their positions and differ only by their
-real-world value mapping, which a viewer stacking frames by position may not separate
-(OHIF displayed a single-channel float32 PM; two channels were not tried).
+One single-channel PM per class, each in its own series ("malignant saliency", "benign
+saliency"), so a viewer shows each class as its own overlay: the frames of a two-channel PM
+share their positions and differ only by their real-world value mapping, which a viewer
+stacking frames by position may not separate, and OHIF (3.13) makes one display set per PM
+series from its first instance, so a second PM in the same series would never be shown.
 
 The PM IOD requires plane position and orientation, which a 2D mammogram lacks: for those
 the PM gets a geometry derived from the source's PatientOrientation (geometry.
@@ -22,7 +23,7 @@ from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.common import (
     MANUFACTURER,
     NO_UNITS,
-    PMAP_SERIES_OFFSET,
+    PMAP_SERIES_OFFSETS,
     ResultOptions,
     building,
     model_name,
@@ -72,21 +73,21 @@ def _mapping(class_index: int, algorithm_name: str) -> hd.pm.RealWorldValueMappi
 
 def build_parametric_maps(analysis: ImageAnalysis, options: ResultOptions | None = None,
                           sources: list[Dataset] | None = None) -> list[Dataset]:
-    """[benign PM, malignant PM]: one series in the source's study and frame of reference."""
+    """[benign PM, malignant PM], each its own series in the source's study and frame of
+    reference."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = pmap_factor(analysis, options)
-    series_uid = result_uid(analysis, options, "pmap-series")
-    return [build_parametric_map(analysis, class_index, options, sources, factor=factor,
-                                 series_uid=series_uid)
+    return [build_parametric_map(analysis, class_index, options, sources, factor=factor)
             for class_index in range(len(CLASS_NAMES))]
 
 
 def build_parametric_map(analysis: ImageAnalysis, class_index: int,
                          options: ResultOptions | None = None,
-                         sources: list[Dataset] | None = None, *, factor: int | None = None,
-                         series_uid: str | None = None) -> Dataset:
-    """The saliency of one class (CLASS_NAMES order) as a Parametric Map."""
+                         sources: list[Dataset] | None = None, *, factor: int | None = None
+                         ) -> Dataset:
+    """The saliency of one class (CLASS_NAMES order) as a Parametric Map, the only instance
+    of its own series."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = factor or pmap_factor(analysis, options)
@@ -101,10 +102,10 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
         pm = hd.pm.ParametricMap(
             source_images=sources,
             pixel_array=array,
-            series_instance_uid=series_uid or result_uid(analysis, options, "pmap-series"),
-            series_number=PMAP_SERIES_OFFSET + source_series_number(sources),
+            series_instance_uid=result_uid(analysis, options, "pmap-series", label),
+            series_number=PMAP_SERIES_OFFSETS[class_index] + source_series_number(sources),
             sop_instance_uid=result_uid(analysis, options, "pmap", class_index),
-            instance_number=class_index + 1,
+            instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=name,
             software_versions=analysis.algorithm.version or "unknown",
@@ -119,7 +120,7 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
             plane_positions=grid.plane_positions,
             plane_orientation=grid.plane_orientation,
             pixel_measures=grid.pixel_measures,
-            series_description=series_description("saliency", analysis),
+            series_description=series_description(f"{label} saliency", analysis),
             institution_name=options.institution_name,
         )
     del array

@@ -3,7 +3,8 @@
 BINARY (default): saliency above the class's operating point (ResultOptions.thresholds).
 FRACTIONAL (PROBABILITY): the saliency itself, 8-bit; OHIF does not display it.
 Both segments are always described, so "nothing flagged" is a valid SEG with empty frames
-(and the SR says how much was flagged: 0).
+(and the SR says how much was flagged: 0). Each segment has its display colour (benign
+green, malignant red), so a viewer need not pick one.
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ from dicomnode.results.geometry import (
 # bytes per pixel of the array handed to highdicom: bool per segment (BINARY); FRACTIONAL
 # must be float32 (highdicom reads integer input as 0/1 masks)
 _BYTES_PER_PIXEL = {"binary": len(CLASS_NAMES), "fractional": 4 * len(CLASS_NAMES)}
+# Recommended display colour per segment (CLASS_NAMES order), sRGB 0-255
+SEGMENT_RGB = ((0, 200, 0), (230, 0, 0))
+
+
+@dataclass(frozen=True)
+class FlaggedBox:
+    """The box around a segment's flagged pixels on the slice where it flags the most, in
+    source pixels: rows [row0, row0 + height), columns [col0, col0 + width)."""
+
+    frame_index: int
+    row0: int
+    col0: int
+    height: int
+    width: int
 
 
 @dataclass
@@ -53,6 +68,8 @@ class SegmentationResult:
     # per segment: Tracking UID / ID, shared with the SR's measurement group about it
     tracking_uids: tuple[str, ...] = ()
     tracking_ids: tuple[str, ...] = ()
+    # per segment: where it flags the most (None when it flags nothing)
+    flagged_boxes: tuple[FlaggedBox | None, ...] = ()
 
     def flagged_mm2(self, class_index: int) -> float:
         """Flagged area (2D) or summed flagged slice area (DBT) in mm^2."""
@@ -94,8 +111,19 @@ def _segments(analysis: ImageAnalysis, options: ResultOptions, tracking_uids: li
             anatomic_regions=[codes.SCT.Breast],
             tracking_uid=tracking_uids[index],
             tracking_id=tracking_id(index),
+            display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_RGB[index]),
         ))
     return out
+
+
+def _flagged_box(mask: np.ndarray, frame_index: int, factor: int,
+                 shape: tuple[int, int]) -> FlaggedBox:
+    """The source-pixel box around the pixels of a mask on the (decimated) result grid."""
+    rows, cols = np.nonzero(mask)
+    row0, col0 = int(rows.min()) * factor, int(cols.min()) * factor
+    row1 = min((int(rows.max()) + 1) * factor, shape[0])
+    col1 = min((int(cols.max()) + 1) * factor, shape[1])
+    return FlaggedBox(frame_index, row0, col0, row1 - row0, col1 - col0)
 
 
 def slice_spacing(analysis: ImageAnalysis) -> float | None:
@@ -117,11 +145,17 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
     dtype = np.bool_ if binary else np.float32
     array = np.zeros((depth, grid.rows, grid.columns, len(CLASS_NAMES)), dtype=dtype)
     flagged = [0] * len(CLASS_NAMES)
+    boxes: list[FlaggedBox | None] = [None] * len(CLASS_NAMES)
     for class_index in range(len(CLASS_NAMES)):
         threshold = options.thresholds[class_index]
+        most = 0
         for d, frame in saliency_frames(analysis, class_index, factor):
             mask = frame > threshold
-            flagged[class_index] += int(mask.sum())
+            count = int(mask.sum())
+            flagged[class_index] += count
+            if count > most:
+                most = count
+                boxes[class_index] = _flagged_box(mask, d, factor, analysis.image.shape[1:])
             array[d, :, :, class_index] = mask if binary else np.clip(frame, 0.0, 1.0)
     name = model_name(analysis.algorithm)
     tracking_uids = [str(result_uid(analysis, options, "segment", name)) for name in CLASS_NAMES]
@@ -166,4 +200,5 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
         pixel_spacing=grid.pixel_spacing,
         slice_spacing=slice_spacing(analysis) if grid.plane_positions is not None else None,
         tracking_uids=tuple(tracking_uids),
-        tracking_ids=tuple(tracking_id(i) for i in range(len(CLASS_NAMES))))
+        tracking_ids=tuple(tracking_id(i) for i in range(len(CLASS_NAMES))),
+        flagged_boxes=tuple(boxes))

@@ -1,14 +1,21 @@
 """Comprehensive 3D SR, TID 1500 Measurement Report, of one analysed image.
 
-Content (one measurement group each, all with the algorithm's identification):
-- image: benign and malignant probability, final / global / local network (TID 1501);
-- breast (when given): the combined probabilities of the image's breast, overall and per
-  modality (TID 1501, finding site = breast with laterality);
-- attended regions: the K patches the local network looked at, each a closed POLYLINE on
-  its slice (referenced frame of a multi-frame DBT, or the slice's own instance) with its
-  attention weight (TID 1410 groups);
-- flagged regions: one group per SEG segment, linked to it by Tracking UID, with the
-  operating point and the flagged volume (DBT) or area (2D) (TID 1501).
+Every measurement group is a planar ROI (TID 1410) placed on a slice of the image (the
+referenced frame of a multi-frame DBT, or the slice's own instance) by a closed POLYLINE,
+all with the algorithm's identification. In order:
+- image summary: the whole image on its most-attended slice, with the image's malignant and
+  benign probability (final, global network, local network) and, when given, its breast's
+  (overall and per modality); the final probability of cancer first;
+- attended regions: the K patches the local network looked at, each with its attention
+  weight;
+- flagged regions: one group per SEG segment, linked to it by Tracking UID, the box around
+  its flagged pixels on the slice where it flags the most (the whole image when it flags
+  nothing), with the operating point and the flagged volume (DBT) or area (2D).
+
+Why all groups have an image region: OHIF (3.13) opens the report on its first group and
+loads the groups from the last, stopping silently at the first without one; it shows a
+group's NUM items as the region's label, about five lines of "concept: value" (the method
+is not shown), hence the order of the summary's probabilities.
 
 Malignant probabilities use the standard concept (DCM 111047 "Probability of cancer");
 concepts without a standard code use the project-private scheme 99DCMNODE, declared in the
@@ -22,7 +29,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicomnode.analysis import BreastAnalysis, ClassProbabilities, ImageAnalysis
+from dicomnode.analysis import MALIGNANT, BreastAnalysis, ClassProbabilities, ImageAnalysis
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,
@@ -43,7 +50,7 @@ from dicomnode.results.common import (
     series_description,
     source_series_number,
 )
-from dicomnode.results.seg import SegmentationResult
+from dicomnode.results.seg import FlaggedBox, SegmentationResult
 
 PROBABILITY_CONCEPTS = (
     private_code("BENIGN_PROB", "Probability of benign finding"),
@@ -79,14 +86,11 @@ def _finding_site(laterality: str) -> list[hd.sr.FindingSite]:
 
 def _probabilities(probs: ClassProbabilities, method: hd.sr.CodedConcept,
                    algorithm: hd.sr.AlgorithmIdentification) -> list[hd.sr.Measurement]:
+    """Probability of cancer, then of a benign finding."""
     values = (probs.benign, probs.malignant)
     return [hd.sr.Measurement(name=PROBABILITY_CONCEPTS[i], value=float(values[i]),
                               unit=PROBABILITY_UNIT, method=method, algorithm_id=algorithm)
-            for i in range(2)]
-
-
-def _image_refs(sources: list[Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
-    return [hd.sr.SourceImageForMeasurementGroup.from_source_image(src) for src in sources]
+            for i in (1, 0)]
 
 
 def _region_source(analysis: ImageAnalysis, sources: list[Dataset], frame_index: int
@@ -110,40 +114,54 @@ def _box(row0: int, col0: int, height: int, width: int) -> np.ndarray:
     return np.array([[c0, r0], [c1, r0], [c1, r1], [c0, r1], [c0, r0]])
 
 
-def _image_group(analysis: ImageAnalysis, sources: list[Dataset],
-                 algorithm: hd.sr.AlgorithmIdentification
-                 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    image = analysis.image
-    measurements = []
-    for key, probs in (("final", analysis.final), ("global", analysis.global_),
-                       ("local", analysis.local)):
-        measurements += _probabilities(probs, METHODS[key], algorithm)
-    where = " ".join(p for p in (image.laterality, image.view, image.modality.upper()) if p)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"Image prediction {where}"[:64]),
-        finding_type=codes.SCT.Breast,
-        finding_sites=_finding_site(image.laterality),
-        algorithm_id=algorithm,
-        measurements=measurements,
-        source_images=_image_refs(sources),
-    )
+def _image_region(analysis: ImageAnalysis, sources: list[Dataset], frame_index: int,
+                  box: tuple[int, int, int, int] | None = None) -> hd.sr.ImageRegion:
+    """The box (row0, col0, height, width) on one slice, or the whole image when None."""
+    row0, col0, height, width = box or (0, 0, *analysis.image.shape[1:])
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_box(row0, col0, height, width),
+        source_image=_region_source(analysis, sources, frame_index))
 
 
-def _breast_group(breast: BreastAnalysis, algorithm: hd.sr.AlgorithmIdentification
-                  ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+def _most_attended_frame(analysis: ImageAnalysis) -> int:
+    """The slice of the attended region with the highest weight; without regions, the slice
+    where the malignant saliency peaks."""
+    if analysis.regions:
+        return max(analysis.regions, key=lambda r: r.attention).frame_index
+    peaks = analysis.saliency[:, MALIGNANT].reshape(len(analysis.saliency), -1).max(axis=1)
+    return int(np.argmax(peaks))
+
+
+def _breast_probabilities(breast: BreastAnalysis, algorithm: hd.sr.AlgorithmIdentification
+                          ) -> list[hd.sr.Measurement]:
     measurements = _probabilities(breast.final, METHODS["breast"], algorithm)
     for modality, probs in sorted(breast.per_modality.items()):
         method = private_code(f"MEAN_{modality.upper()}"[:16],
                               f"Mean over the breast's {MODALITY_NAMES.get(modality, modality)}"
                               " views")
         measurements += _probabilities(probs, method, algorithm)
-    side = {"L": "left", "R": "right"}.get(breast.laterality, breast.laterality)
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    return measurements
+
+
+def _summary_group(analysis: ImageAnalysis, breast: BreastAnalysis | None,
+                   sources: list[Dataset], algorithm: hd.sr.AlgorithmIdentification
+                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The image's probabilities, then its breast's, on the whole image."""
+    image = analysis.image
+    measurements = []
+    for key, probs in (("final", analysis.final), ("global", analysis.global_),
+                       ("local", analysis.local)):
+        measurements += _probabilities(probs, METHODS[key], algorithm)
+    if breast is not None:
+        measurements += _breast_probabilities(breast, algorithm)
+    where = " ".join(p for p in (image.laterality, image.view, image.modality.upper()) if p)
+    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"Breast prediction {side}"),
+            uid=hd.UID(), identifier=f"Image prediction {where}"[:64]),
+        referenced_region=_image_region(analysis, sources, _most_attended_frame(analysis)),
         finding_type=codes.SCT.Breast,
-        finding_sites=_finding_site(breast.laterality),
+        finding_sites=_finding_site(image.laterality),
         algorithm_id=algorithm,
         measurements=measurements,
     )
@@ -157,10 +175,8 @@ def _region_groups(analysis: ImageAnalysis, sources: list[Dataset],
     for n, region in enumerate(analysis.regions, 1):
         if region.height <= 0 or region.width <= 0:
             continue  # clipped away entirely: nothing to draw
-        roi = hd.sr.ImageRegion(
-            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=_box(region.row0, region.col0, region.height, region.width),
-            source_image=_region_source(analysis, sources, region.frame_index))
+        roi = _image_region(analysis, sources, region.frame_index,
+                            (region.row0, region.col0, region.height, region.width))
         depth = analysis.image.shape[0]
         out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
@@ -177,10 +193,19 @@ def _region_groups(analysis: ImageAnalysis, sources: list[Dataset],
     return out
 
 
+def _flagged_region(analysis: ImageAnalysis, sources: list[Dataset], flagged: FlaggedBox | None
+                    ) -> hd.sr.ImageRegion:
+    if flagged is None:  # nothing flagged: the whole image
+        return _image_region(analysis, sources, _most_attended_frame(analysis))
+    return _image_region(analysis, sources, flagged.frame_index,
+                         (flagged.row0, flagged.col0, flagged.height, flagged.width))
+
+
 def _segment_groups(analysis: ImageAnalysis, seg: SegmentationResult, options: ResultOptions,
-                    algorithm: hd.sr.AlgorithmIdentification
-                    ) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """One group per SEG segment, linked to it by the segment's Tracking UID.
+                    sources: list[Dataset], algorithm: hd.sr.AlgorithmIdentification
+                    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One group per SEG segment, linked to it by the segment's Tracking UID, outlining its
+    flagged pixels on the slice where it flags the most (the whole image if none).
 
     Not a TID 1411 group with a Referenced Segment: PixelMed's TID 1500 rules pick one
     measurement-group template for the whole report from what any group contains, so a
@@ -201,9 +226,10 @@ def _segment_groups(analysis: ImageAnalysis, seg: SegmentationResult, options: R
             measurements.append(hd.sr.Measurement(
                 name=codes.SCT.Area, value=seg.flagged_mm2(index),
                 unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm))
-        out.append(hd.sr.MeasurementsAndQualitativeEvaluations(
+        out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
                 uid=seg.tracking_uids[index], identifier=seg.tracking_ids[index]),
+            referenced_region=_flagged_region(analysis, sources, seg.flagged_boxes[index]),
             finding_type=property_type,
             finding_sites=_finding_site(analysis.image.laterality),
             algorithm_id=algorithm, measurements=measurements))
@@ -232,12 +258,10 @@ def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
             uid=device_uid(alg), name=model_name(alg), manufacturer_name=MANUFACTURER,
             model_name=f"{model_name(alg)} {alg.checkpoint_name}"[:64],
             serial_number=serial_number(alg)))
-    groups: list = [_image_group(analysis, sources, algorithm)]
-    if breast is not None:
-        groups.append(_breast_group(breast, algorithm))
+    groups = [_summary_group(analysis, breast, sources, algorithm)]
     groups += _region_groups(analysis, sources, algorithm)
     if seg is not None:
-        groups += _segment_groups(analysis, seg, options, algorithm)
+        groups += _segment_groups(analysis, seg, options, sources, algorithm)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=IMAGING_PROCEDURE,
