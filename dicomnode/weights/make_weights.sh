@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Rebuilds the built-in weights (dbt.pt, ffdm.pt, s2d.pt beside this file) from synthetic
+# phantoms made by `dicomnode synth`. They are NOT for clinical use: no patient image was
+# ever seen by them. README.md here says what they score on held-out phantoms.
+#
+#   dicomnode/weights/make_weights.sh WORKDIR
+#
+# Environment (defaults are what the shipped weights were made with, on a 2-core CPU):
+#   STUDIES     synthetic training studies (each: 4 views x DBT, FFDM, synthetic 2D)
+#   S2D_EPOCHS  epochs of the synthetic-2D model, which the others start from
+#   MINUTES     wall-clock budget of the DBT and FFDM fine-tuning runs (they run together)
+#   DEVICE      auto, cuda, cpu ...
+#   DICOMNODE   how to call the command line (default: dicomnode); PYTHON likewise
+#
+# The recipe: the paper's losses (eq. 7) plus saliency supervision by the ground-truth SEG
+# masks the synthetic archive has (--mask-weight; image labels alone did not train from
+# scratch, and the paper started from pretrained weights), the synthetic-2D GMIC first,
+# then DBT and FFDM initialised from it (the paper's transfer learning). Sizes fit the small
+# phantoms at their own pixel size (0.1 mm; FFDM 0.07 mm); the local network is half the
+# paper's width and the files are stored in float16, so the three stay small.
+set -euo pipefail
+WORK=${1:?usage: make_weights.sh WORKDIR}
+STUDIES=${STUDIES:-160}
+S2D_EPOCHS=${S2D_EPOCHS:-6}
+MINUTES=${MINUTES:-40}
+DEVICE=${DEVICE:-auto}
+DICOMNODE=${DICOMNODE:-dicomnode}
+PYTHON=${PYTHON:-python3}
+HERE=$(cd "$(dirname "$0")" && pwd)
+
+# 1. The synthetic archive (seed 1000; the held-out evaluation uses seed 90000).
+[ -f "$WORK/data/labels.csv" ] ||
+    $DICOMNODE synth "$WORK/data" --studies "$STUDIES" --size small --seed 1000
+
+common=(--images "$WORK/data" --labels "$WORK/data/labels.csv" --split 0.8,0.2,0
+        --crop-size 128x128 --local-width 32 --batch-size 4 --patience 30 --augment-px 24
+        --mask-weight 1 --lr 3e-4 --device "$DEVICE" --no-progress)
+s2d=(--modality s2d --input-size 448x320 --num-crops 4 --percent-t 0.05 --out "$WORK/s2d")
+
+# 2. Synthetic 2D: three epochs, the starting point of the others; then on to S2D_EPOCHS
+#    (the same command resumes exactly where it stopped).
+$DICOMNODE train "${common[@]}" "${s2d[@]}" --epochs 3
+$DICOMNODE train "${common[@]}" "${s2d[@]}" --epochs "$S2D_EPOCHS" &
+
+# 3. DBT (3D-GMIC) and FFDM from the 3-epoch synthetic-2D weights, time-boxed.
+$DICOMNODE train "${common[@]}" --modality dbt --input-size 448x320 --num-crops 6 --zeta 3 \
+    --percent-t 0.5 --no-activation-checkpointing --epochs 30 --max-minutes "$MINUTES" \
+    --init "$WORK/s2d/epoch_003.pt" --out "$WORK/dbt" &
+$DICOMNODE train "${common[@]}" --modality ffdm --input-size 640x480 --num-crops 4 \
+    --percent-t 0.05 --no-activation-checkpointing --epochs 30 --max-minutes "$MINUTES" \
+    --init "$WORK/s2d/epoch_003.pt" --out "$WORK/ffdm" &
+wait
+
+# 4. Each model's best epoch (validation malignant AUC), in float16 with its story.
+for m in dbt ffdm s2d; do
+    $PYTHON - "$WORK/$m/best.pt" "${OUT_DIR:-$HERE}/$m.pt" <<'EOF'
+import sys
+from gmic.checkpoint import load_checkpoint, save_checkpoint
+model, meta = load_checkpoint(sys.argv[1])
+meta.update(description="dicomnode built-in weights: trained on synthetic phantoms "
+            "(dicomnode synth), not for clinical use", recipe="dicomnode/weights/make_weights.sh")
+save_checkpoint(sys.argv[2], model, meta, half=True)
+print(sys.argv[2], "epoch", meta.get("epoch"), "validation malignant AUC",
+      meta.get("val_auc_malignant"))
+EOF
+done
