@@ -4,7 +4,9 @@ loopback."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import time
 
 # dcmtk installs here on Debian. Searching PATH would find pynetdicom's own `storescu`,
@@ -45,3 +47,15 @@ def wait_port(port: int, timeout: float = 20) -> None:
             return
         time.sleep(0.1)
     raise DicomnodeError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM a child process and wait for it; SIGKILL when it outlives timeout."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

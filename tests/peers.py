@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dicomnode.external import free_port, port_open
+from dicomnode.external import free_port, port_open, stop_process
 from tests.conftest import dcmtk
 
 
@@ -32,14 +31,7 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
     raise TimeoutError(f"{what} did not happen within {timeout:.0f} s")
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 30) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+_stop = stop_process
 
 
 @contextmanager

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.config import ModelConfig, ResultsConfig
 from dicomnode.demo.errors import DemoFailed
-from dicomnode.external import port_open
+from dicomnode.external import port_open, stop_process
 
 HOST = "127.0.0.1"
 NODE_AE = "DICOMNODE"
@@ -227,12 +226,5 @@ class NodeProcess:
         return lines[-1][:400] if lines else "no output"
 
     def stop(self, timeout: float = 30) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        if self.proc is not None:
+            stop_process(self.proc, timeout)
