@@ -63,6 +63,17 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
             np.testing.assert_allclose(values[frame], expected, rtol=1e-6, atol=1e-7)
         # per-frame references: the slice's frame (multi-frame) or instance (series)
         assert frame_sources(pm) == [expected_source(analysis, d) for d in slices]
+        # stored along the normal (row x column direction): OHIF copies the frames in
+        # storage order into the source's volume, which cornerstone3D stacks that way
+        assert np.all(np.diff(_along_normal(pm)) > 0) or depth == 1
+
+
+def _along_normal(ds) -> np.ndarray:
+    iop = np.array(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                   .ImageOrientationPatient, float)
+    return np.array([np.dot(g.PlanePositionSequence[0].ImagePositionPatient,
+                            np.cross(iop[:3], iop[3:]))
+                     for g in ds.PerFrameFunctionalGroupsSequence])
 
 
 def test_pm_series_are_reproduced_by_a_rerun(tmp_path_factory) -> None:

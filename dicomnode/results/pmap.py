@@ -130,7 +130,30 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
         f"{analysis.algorithm.checkpoint_name} sha256 {analysis.algorithm.checkpoint_sha256}"
     )[:1024]
     finish_result(pm, analysis, sources[0], series_laterality=True)
+    frames_along_normal(pm)
     return pm
+
+
+def frames_along_normal(pm: Dataset) -> None:
+    """Store the frames in order of position along the orientation's normal (row direction
+    x column direction), the order in which viewers built on cornerstone3D (OHIF) stack the
+    source into a volume. OHIF 3.13 copies a Parametric Map's pixel data into that volume
+    frame by frame in storage order, ignoring the frames' positions; highdicom writes them in
+    the opposite order, so OHIF drew each slice's map on its mirror slice."""
+    groups = pm.get("PerFrameFunctionalGroupsSequence")
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    if not groups or len(groups) < 2 or "PlaneOrientationSequence" not in shared:
+        return
+    iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
+    normal = np.cross(iop[:3], iop[3:])
+    distances = [float(np.dot(g.PlanePositionSequence[0].ImagePositionPatient, normal))
+                 for g in groups]
+    order = np.argsort(distances, kind="stable")
+    if np.array_equal(order, np.arange(len(order))):
+        return
+    pixels = np.frombuffer(pm.FloatPixelData, dtype="<f4")  # the maps are float32
+    pm.FloatPixelData = pixels.reshape(len(groups), -1)[order].tobytes()
+    pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
 
 
 def _creator(name: str) -> str:
