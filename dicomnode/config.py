@@ -93,7 +93,9 @@ class ResultsConfig:
     segmentation: str = "binary"
     # Largest pixel array of one SEG or Parametric Map: above it the result's pixel grid is
     # a coarser integer multiple of the source's (same frames and frame of reference).
-    max_array_mb: int = 64
+    # OHIF (3.13) shows a map only on the source's own grid, so the default keeps a full-size
+    # DBT at source resolution (a float32 map of 70 slices of 2080x1750 is 1 GB).
+    max_array_mb: int = 2048
     # A Mammography CAD SR (TID 4000) per study with DBT images, marks on the DBT slices.
     cad_sr: bool = True
 

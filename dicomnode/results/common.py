@@ -41,9 +41,10 @@ class ResultOptions:
     thresholds: operating point per class (benign, malignant) on the saliency in [0, 1];
         pixels above it are flagged in the BINARY SEG and counted in the SR.
     seg_type: "binary" (default; what OHIF displays) or "fractional" (PROBABILITY).
-    max_array_bytes: cap on the in-memory pixel array of the PM (4 bytes x 2 classes per
-        pixel) and SEG (1 byte x 2 segments per pixel); the smallest integer decimation of
-        the pixel grid that fits is chosen. 64 MiB keeps a full-size DBT PM at factor 5.
+    max_array_bytes: cap on the in-memory pixel array of one PM (4 bytes per pixel, one
+        class per object) and of the SEG (1 byte x 2 segments per pixel); the smallest
+        integer decimation of the pixel grid that fits is chosen. The default, 2 GiB, keeps
+        a full-size DBT at source resolution, the only grid OHIF 3.13 overlays.
     pmap_decimation / seg_decimation: force a factor instead (1 = source resolution).
     seg_omit_empty_frames: False keeps every frame of every segment (highdicom #214: viewers
         place such SEGs more reliably; BINARY frames are bit-packed, so it stays small).
@@ -52,7 +53,7 @@ class ResultOptions:
 
     thresholds: tuple[float, float] = (0.5, 0.5)
     seg_type: Literal["binary", "fractional"] = "binary"
-    max_array_bytes: int = 64 * 1024 * 1024
+    max_array_bytes: int = 2048 * 1024 * 1024
     pmap_decimation: int | None = None
     seg_decimation: int | None = None
     seg_omit_empty_frames: bool = False
