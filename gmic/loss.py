@@ -43,21 +43,24 @@ def saliency_mask_loss(saliency: Tensor, masks: Tensor) -> Tensor:
     saliency: (D, C, h, w) in [0, 1]; masks: (C, H, W) on the model input, 0/1. The slice
     maximum of the saliency (what the paper evaluates localisation on) is compared cell by
     cell with the fraction of the cell the lesion covers (saturating at a quarter), by BCE
-    averaged separately over lesion and background cells and summed, so that a small
-    lesion weighs as much as the background; summed over classes.
+    averaged separately over three kinds of cells and summed, so that a small lesion weighs
+    as much as the background: the class's lesion, the background, and the lesions of the
+    other classes only (a benign mass in the malignant map: without their own term they are a
+    sliver of the background, and the map learns "a mass" rather than "a malignant one");
+    summed over classes.
     """
     projected = saliency.float().amax(dim=0)  # (C, h, w)
     cover = F.adaptive_avg_pool2d(masks.float()[None], projected.shape[-2:])[0]
     target = (cover * 4).clamp(max=1.0)
     bce = F.binary_cross_entropy(projected.clamp(1e-6, 1 - 1e-6), target, reduction="none")
     lesion = target > 0
+    any_lesion = lesion.any(dim=0)
     total = saliency.new_zeros((), dtype=torch.float32)
     for c in range(projected.shape[0]):
-        inside, outside = lesion[c], ~lesion[c]
-        if inside.any():
-            total = total + bce[c][inside].mean()
-        if outside.any():
-            total = total + bce[c][outside].mean()
+        kinds = (lesion[c], ~any_lesion, any_lesion & ~lesion[c])  # own, background, others'
+        for cells in kinds:
+            if cells.any():
+                total = total + bce[c][cells].mean()
     return total
 
 

@@ -56,10 +56,11 @@ def test_mask_loss_is_balanced_bce_on_the_slice_maximum() -> None:
     masks = torch.zeros(2, 8, 8)
     masks[1, :4, :4] = 1  # the malignant lesion covers cell (0, 0) entirely
     got = saliency_mask_loss(saliency, masks)
-    # benign: no lesion, 4 background cells at 0.1; malignant: lesion cell at 0.8 (target 1),
-    # 3 background cells at 0.1 (target 0)
+    # benign: no lesion of its own, 3 background cells and the malignant lesion's cell at 0.1
+    # (target 0, a term of its own); malignant: lesion cell at 0.8 (target 1), 3 background
+    # cells at 0.1 (target 0)
     bg = -np.log(0.9)
-    expected = bg + (-np.log(0.8)) + bg
+    expected = bg + bg + (-np.log(0.8)) + bg
     assert got.item() == pytest.approx(expected, rel=1e-5)
     # a partly covered cell has a soft target: a quarter covered is already 1
     part = torch.zeros(2, 8, 8)
@@ -67,4 +68,17 @@ def test_mask_loss_is_balanced_bce_on_the_slice_maximum() -> None:
     one = torch.full((1, 2, 2, 2), 0.5)
     assert saliency_mask_loss(one, part).item() == pytest.approx(
         F.binary_cross_entropy(torch.tensor(0.5), torch.tensor(0.5)).item()
-        + 2 * -np.log(0.5), rel=1e-5)
+        + 3 * -np.log(0.5), rel=1e-5)
+
+
+def test_mask_loss_weighs_another_class_lesion_like_the_background() -> None:
+    # the malignant map lights up a benign mass: that one cell costs as much as all the
+    # background together, not a sixteenth of it
+    saliency = torch.full((1, 2, 4, 4), 0.1)
+    saliency[0, 1, 0, 0] = 0.9
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :4, :4] = 1  # a benign lesion on cell (0, 0)
+    benign = -np.log(0.1) + -np.log(0.9)  # its lesion missed at 0.1, background right
+    malignant = -np.log(0.9) + -np.log(0.1)  # background right, the benign mass at 0.9
+    assert saliency_mask_loss(saliency, masks).item() == pytest.approx(benign + malignant,
+                                                                      rel=1e-5)
