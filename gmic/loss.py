@@ -64,9 +64,30 @@ def saliency_mask_loss(saliency: Tensor, masks: Tensor) -> Tensor:
     return total
 
 
+def crop_mask_loss(crop_logits: Tensor, crop_positions: Tensor, masks: Tensor,
+                   crop_size: tuple[int, int]) -> Tensor:
+    """Optional strong supervision of the local network by ground-truth lesion masks: the
+    local classifier on each crop alone should say which lesions the crop holds.
+
+    In the paper the local network learns only through y_local, the classifier on the
+    attention-weighted mean of the crops' features, from image labels; with few images it
+    learnt to find masses but not to tell malignant from benign ones, which a small network
+    on lesion-centred patches learns in minutes. crop_logits: (K, C); crop_positions: (K, 3)
+    top-left (slice, row, col) in model-input pixels; masks: (C, H, W) on the model input.
+    A crop's target per class is the share of it the lesion covers, saturating at a tenth;
+    BCE averaged over crops, summed over classes.
+    """
+    ch, cw = crop_size
+    targets = torch.stack([masks[:, r:r + ch, c:c + cw].float().mean(dim=(1, 2))
+                           for r, c in crop_positions[:, 1:].tolist()])  # (K, C)
+    targets = (targets * 10).clamp(max=1.0)
+    bce = F.binary_cross_entropy_with_logits(crop_logits.float(), targets, reduction="none")
+    return bce.mean(dim=0).sum()
+
+
 def gmic_loss(output: GMICOutput, target: Tensor, beta: float) -> Tensor:
     """The scalar loss of eq. 7 (see gmic_loss_terms)."""
     return gmic_loss_terms(output, target, beta).total
 
 
-__all__ = ["LossTerms", "gmic_loss", "gmic_loss_terms", "saliency_mask_loss"]
+__all__ = ["LossTerms", "crop_mask_loss", "gmic_loss", "gmic_loss_terms", "saliency_mask_loss"]

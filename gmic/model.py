@@ -37,6 +37,7 @@ class GMICOutput:
     crop_positions: Tensor  # (K, 3) long
     crop_source_slices: Tensor  # (K,) long
     attention: Tensor  # (K,)
+    crop_logits: Tensor  # (K, C) the local classifier on each crop alone (for crop_mask_loss)
 
     @staticmethod
     def stack(outputs: list[GMICOutput]) -> GMICOutput:
@@ -86,14 +87,15 @@ class GMIC(nn.Module):
         return maps[0] if len(maps) == 1 else torch.cat(maps)
 
     # -- local module -----------------------------------------------------------------
-    def local_prediction(self, crops: Tensor) -> tuple[Tensor, Tensor]:
-        """(K, 1, ch, cw) crops -> y_local (C,) and attention (K,)."""
+    def local_prediction(self, crops: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(K, 1, ch, cw) crops -> y_local (C,), attention (K,) and the classifier's logits
+        on each crop alone (K, C): y_local classifies the attention-weighted mean feature."""
         x = crops.expand(-1, 3, -1, -1)  # the local ResNet-18 takes 3 channels
         if self._channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.dn_resnet(x).mean(dim=(2, 3))  # global average pool -> (K, S)
         z, attention = gated_attention(h, self.mil_attn_V, self.mil_attn_U, self.mil_attn_w)
-        return torch.sigmoid(self.classifier_linear(z)), attention
+        return torch.sigmoid(self.classifier_linear(z)), attention, self.classifier_linear(h)
 
     # -- whole model ------------------------------------------------------------------
     def forward(self, x: Tensor, slice_chunk: int | None = None,
@@ -120,13 +122,13 @@ class GMIC(nn.Module):
                                                generator=generator)
         positions = map_to_image_positions(selection, image_size, map_size, cfg.crop_size)
         crops = extract_crops(volume.detach(), positions, cfg.crop_size)
-        y_local, attention = self.local_prediction(crops)
+        y_local, attention, crop_logits = self.local_prediction(crops)
         y_local = y_local.float()
         return GMICOutput(
             y=(y_global + y_local) / 2, y_global=y_global, y_local=y_local,
             saliency=saliency, crop_positions=positions.to(volume.device),
             crop_source_slices=selection.source_slices.to(volume.device),
-            attention=attention.float())
+            attention=attention.float(), crop_logits=crop_logits.float())
 
     # -- performance switches ------------------------------------------------------------
     _channels_last = False

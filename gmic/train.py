@@ -30,7 +30,7 @@ from torch import nn
 
 from gmic.augment import shift_resize_with_masks
 from gmic.checkpoint import save_checkpoint
-from gmic.loss import gmic_loss_terms, saliency_mask_loss
+from gmic.loss import crop_mask_loss, gmic_loss_terms, saliency_mask_loss
 from gmic.metrics import MetricError, roc_auc
 from gmic.model import GMIC
 
@@ -49,7 +49,7 @@ class TrainError(ValueError):
 
 class LabelledVolumes(Protocol):
     """What the trainer reads: item i is (volume (D, H, W) float32, labels (2,)), optionally
-    followed by ground-truth masks (2, H, W) on the model input (for mask_weight)."""
+    followed by ground-truth masks (2, H, W) on the model input (mask_weight, crop_weight)."""
 
     def __len__(self) -> int: ...
 
@@ -75,6 +75,12 @@ class TrainSettings:
     max_seconds: float = 0.0
     # weight of saliency_mask_loss where items carry masks (0 = the paper: image labels only)
     mask_weight: float = 0.0
+    # weight of crop_mask_loss (the local network on each crop) where items carry masks
+    crop_weight: float = 0.0
+
+    @property
+    def uses_masks(self) -> bool:
+        return bool(self.mask_weight or self.crop_weight)
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +96,8 @@ class TrainSettings:
             problems.append(f"augment_px must be >= 0, got {self.augment_px}")
         if self.mask_weight < 0:
             problems.append(f"mask_weight must be >= 0, got {self.mask_weight}")
+        if self.crop_weight < 0:
+            problems.append(f"crop_weight must be >= 0, got {self.crop_weight}")
         if self.max_seconds < 0:
             problems.append(f"max_seconds must be >= 0, got {self.max_seconds}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -338,7 +346,7 @@ class Trainer:
         item = self.train_set[index]
         volume, label = item[0], item[1]
         masks = None
-        if self.settings.mask_weight and len(item) > 2 and item[2] is not None:
+        if self.settings.uses_masks and len(item) > 2 and item[2] is not None:
             masks = torch.from_numpy(np.asarray(item[2], dtype=np.float32)).to(self.device)
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)).to(self.device)
         x, masks = shift_resize_with_masks(x, masks, self.settings.augment_px, self.generator)
@@ -349,9 +357,12 @@ class Trainer:
             with self._autocast():
                 out = self.net(x, generator=self.generator)
             total = gmic_loss_terms(out, target, self.cfg.beta).total
-            if masks is not None:
+            if masks is not None and self.settings.mask_weight:
                 total = total + self.settings.mask_weight * saliency_mask_loss(out.saliency,
                                                                                masks)
+            if masks is not None and self.settings.crop_weight:
+                total = total + self.settings.crop_weight * crop_mask_loss(
+                    out.crop_logits, out.crop_positions, masks, self.cfg.crop_size)
             self.scaler.scale(total / self.accum).backward()
         return float(total.detach())
 

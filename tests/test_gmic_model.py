@@ -120,7 +120,7 @@ def test_loss_matches_hand_computation() -> None:
                      y_local=torch.tensor([0.4, 0.9]), saliency=sal,
                      crop_positions=torch.zeros(1, 3, dtype=torch.long),
                      crop_source_slices=torch.zeros(1, dtype=torch.long),
-                     attention=torch.ones(1))
+                     attention=torch.ones(1), crop_logits=torch.zeros(1, 2))
     target = torch.tensor([0.0, 1.0])
     beta = 0.1
     expected = (-math.log(1 - 0.2) - math.log(0.7)  # global BCE, benign 0 and malignant 1

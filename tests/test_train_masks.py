@@ -1,5 +1,6 @@
-"""Saliency supervision by ground-truth masks: masks follow the preprocessing and the
-augmentation exactly, and the loss is the balanced BCE it says."""
+"""Supervision by ground-truth masks: masks follow the preprocessing and the augmentation
+exactly; the saliency loss is the balanced BCE it says; the crop loss labels each crop by
+the lesions it holds."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from gmic.augment import shift_resize, shift_resize_with_masks
-from gmic.loss import saliency_mask_loss
+from gmic.loss import crop_mask_loss, saliency_mask_loss
 from gmic.preprocess import preprocess
 from tests.test_preprocess import breast
 
@@ -82,3 +83,31 @@ def test_mask_loss_weighs_another_class_lesion_like_the_background() -> None:
     malignant = -np.log(0.9) + -np.log(0.1)  # background right, the benign mass at 0.9
     assert saliency_mask_loss(saliency, masks).item() == pytest.approx(benign + malignant,
                                                                       rel=1e-5)
+
+
+def test_crop_loss_labels_each_crop_by_the_lesions_it_holds() -> None:
+    masks = torch.zeros(2, 40, 40)
+    masks[1, 0:4, 0:4] = 1  # malignant: 16 pixels, a tenth of a 10x16 crop at (0, 0)
+    masks[0, 30:32, 30:34] = 1  # benign: 8 pixels, half of that in the crop at (30, 24)
+    positions = torch.tensor([[0, 0, 0], [2, 30, 24], [1, 15, 15]])
+    logits = torch.tensor([[0.0, 2.0], [-1.0, 0.5], [-3.0, -3.0]])
+    got = crop_mask_loss(logits, positions, masks, (10, 16))
+    targets = torch.tensor([[0.0, 1.0], [0.5, 0.0], [0.0, 0.0]])
+    expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert got.item() == pytest.approx(expected.mean(dim=0).sum().item(), rel=1e-6)
+    # the gradient pushes the crop holding the malignant lesion up, the empty one down
+    logits.requires_grad_(True)
+    crop_mask_loss(logits, positions, masks, (10, 16)).backward()
+    assert logits.grad[0, 1] < 0 and logits.grad[2, 1] > 0
+
+
+def test_crop_logits_are_the_local_classifier_on_each_crop() -> None:
+    from gmic.model import GMIC
+    from tests.train_support import TINY
+
+    model = GMIC(TINY.replace(num_crops=1)).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, *TINY.input_size))
+    # one crop: attention 1, so y_local is the classifier on that crop
+    assert out.crop_logits.shape == (1, 2)
+    assert torch.allclose(torch.sigmoid(out.crop_logits[0]), out.y_local, atol=1e-6)

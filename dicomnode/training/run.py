@@ -148,14 +148,14 @@ def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *
     torch.manual_seed(settings.seed)  # identical initial weights on every process
     model = initial_model(cfg, init)
     masks = None
-    if settings.mask_weight:
+    if settings.uses_masks:
         from dicomnode.training.data import seg_masks
 
         masks = seg_masks(data.index.seg_paths)
         if not masks:
-            raise DicomnodeError(f"--mask-weight needs ground-truth SEG masks, but "
-                                 f"{data.index.source} has none; drop --mask-weight or add "
-                                 "the SEG files")
+            raise DicomnodeError(f"--mask-weight / --crop-weight need ground-truth SEG "
+                                 f"masks, but {data.index.source} has none; drop them or "
+                                 "add the SEG files")
         log.info("event=train_masks images_with_masks=%d", len(masks))
     train_set = CachedVolumes(splits["train"], cfg.input_size, cache_dir, masks)
     val_set = CachedVolumes(splits["val"], cfg.input_size, cache_dir)
