@@ -8,7 +8,8 @@
 # Environment (defaults are what the shipped weights were made with, on a 2-core CPU):
 #   STUDIES     synthetic training studies (each: 4 views x DBT, FFDM, synthetic 2D)
 #   S2D_EPOCHS  epochs of the synthetic-2D model, which the others start from
-#   MINUTES     wall-clock budget of the DBT and FFDM fine-tuning runs (they run together)
+#   MINUTES     wall-clock budget of the FFDM fine-tuning run
+#   DBT_STUDIES extra DBT-only studies for the DBT model's last stage; DBT_EPOCHS its epochs
 #   DEVICE      auto, cuda, cpu ...
 #   DICOMNODE   how to call the command line (default: dicomnode); PYTHON likewise
 #
@@ -23,6 +24,8 @@ WORK=${1:?usage: make_weights.sh WORKDIR}
 STUDIES=${STUDIES:-160}
 S2D_EPOCHS=${S2D_EPOCHS:-6}
 MINUTES=${MINUTES:-40}
+DBT_STUDIES=${DBT_STUDIES:-240}
+DBT_EPOCHS=${DBT_EPOCHS:-3}
 DEVICE=${DEVICE:-auto}
 DICOMNODE=${DICOMNODE:-dicomnode}
 PYTHON=${PYTHON:-python3}
@@ -32,9 +35,10 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 [ -f "$WORK/data/labels.csv" ] ||
     $DICOMNODE synth "$WORK/data" --studies "$STUDIES" --size small --seed 1000
 
+options=(--crop-size 128x128 --local-width 32 --batch-size 4 --patience 30 --augment-px 24
+         --mask-weight 1 --lr 3e-4 --device "$DEVICE" --no-progress)
 common=(--images "$WORK/data" --labels "$WORK/data/labels.csv" --split 0.8,0.2,0
-        --crop-size 128x128 --local-width 32 --batch-size 4 --patience 30 --augment-px 24
-        --mask-weight 1 --lr 3e-4 --device "$DEVICE" --no-progress)
+        "${options[@]}")
 s2d=(--modality s2d --input-size 448x320 --num-crops 4 --percent-t 0.05 --out "$WORK/s2d")
 
 # 2. Synthetic 2D: three epochs, the starting point of the others; then on to S2D_EPOCHS
@@ -42,16 +46,34 @@ s2d=(--modality s2d --input-size 448x320 --num-crops 4 --percent-t 0.05 --out "$
 $DICOMNODE train "${common[@]}" "${s2d[@]}" --epochs 3
 $DICOMNODE train "${common[@]}" "${s2d[@]}" --epochs "$S2D_EPOCHS" &
 
-# 3. DBT (3D-GMIC) and FFDM from the 3-epoch synthetic-2D weights, time-boxed.
-$DICOMNODE train "${common[@]}" --modality dbt --input-size 448x320 --num-crops 6 --zeta 3 \
-    --percent-t 0.5 --no-activation-checkpointing --epochs 30 --max-minutes "$MINUTES" \
-    --init "$WORK/s2d/epoch_003.pt" --out "$WORK/dbt" &
+# 3. DBT (3D-GMIC) and FFDM from the 3-epoch synthetic-2D weights. FFDM is time-boxed; DBT
+#    trains 9 epochs on this archive.
 $DICOMNODE train "${common[@]}" --modality ffdm --input-size 640x480 --num-crops 4 \
     --percent-t 0.05 --no-activation-checkpointing --epochs 30 --max-minutes "$MINUTES" \
     --init "$WORK/s2d/epoch_003.pt" --out "$WORK/ffdm" &
+dbt=(--modality dbt --input-size 448x320 --num-crops 6 --zeta 3 --percent-t 0.5
+     --no-activation-checkpointing)
+$DICOMNODE train "${common[@]}" "${dbt[@]}" --epochs 9 --init "$WORK/s2d/epoch_003.pt" \
+    --out "$WORK/dbt1" &
 wait
 
-# 4. Each model's best epoch (validation malignant AUC), in float16 with its story.
+# 4. DBT again, on this archive plus DBT_STUDIES DBT-only studies (seed 2000), with the local
+#    network also supervised on each crop (--crop-weight), from the 9-epoch weights.
+[ -f "$WORK/data2/labels.csv" ] ||
+    $DICOMNODE synth "$WORK/data2" --studies "$DBT_STUDIES" --size small --seed 2000 \
+        --modalities dbt
+if [ ! -f "$WORK/dbt_data/labels.csv" ]; then
+    mkdir -p "$WORK/dbt_data"
+    for d in "$WORK"/data/SYNTH-* "$WORK"/data2/SYNTH-*; do cp -al "$d" "$WORK/dbt_data/"; done
+    { head -n 1 "$WORK/data/labels.csv"
+      tail -q -n +2 "$WORK/data/labels.csv" "$WORK/data2/labels.csv" | grep ',dbt,'
+    } > "$WORK/dbt_data/labels.csv"
+fi
+$DICOMNODE train --images "$WORK/dbt_data" --labels "$WORK/dbt_data/labels.csv" \
+    --split 0.85,0.15,0 "${options[@]}" "${dbt[@]}" --crop-weight 1 --epochs "$DBT_EPOCHS" \
+    --init "$WORK/dbt1/epoch_009.pt" --out "$WORK/dbt"
+
+# 5. Each model's best epoch (validation malignant AUC), in float16 with its story.
 for m in dbt ffdm s2d; do
     $PYTHON - "$WORK/$m/best.pt" "${OUT_DIR:-$HERE}/$m.pt" <<'EOF'
 import sys
