@@ -14,6 +14,7 @@ from tests.results_support import (
     CASES,
     analysis_for,
     expected_source,
+    frame_positions,
     frame_sources,
     slice_of_frames,
 )
@@ -71,9 +72,7 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
 def _along_normal(ds) -> np.ndarray:
     iop = np.array(ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
                    .ImageOrientationPatient, float)
-    return np.array([np.dot(g.PlanePositionSequence[0].ImagePositionPatient,
-                            np.cross(iop[:3], iop[3:]))
-                     for g in ds.PerFrameFunctionalGroupsSequence])
+    return frame_positions(ds) @ np.cross(iop[:3], iop[3:])
 
 
 def test_pm_series_are_reproduced_by_a_rerun(tmp_path_factory) -> None:
