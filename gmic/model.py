@@ -97,6 +97,11 @@ class GMIC(nn.Module):
         z, attention = gated_attention(h, self.mil_attn_V, self.mil_attn_U, self.mil_attn_w)
         return torch.sigmoid(self.classifier_linear(z)), attention, self.classifier_linear(h)
 
+    def local_parameters(self) -> list[nn.Parameter]:
+        """The local module's weights: the ResNet-18 on crops, attention and classifier."""
+        return [p for m in (self.dn_resnet, self.mil_attn_V, self.mil_attn_U, self.mil_attn_w,
+                            self.classifier_linear) for p in m.parameters()]
+
     # -- whole model ------------------------------------------------------------------
     def forward(self, x: Tensor, slice_chunk: int | None = None,
                 generator: torch.Generator | None = None) -> GMICOutput:

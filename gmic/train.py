@@ -4,8 +4,11 @@ early stopping on the validation malignant AUC, a checkpoint every epoch, exact 
 DistributedDataParallel under torchrun (gloo on CPU, nccl on GPU; SyncBatchNorm in the local
 network on GPU, as the paper did).
 
+Optionally (not in the paper) the ground-truth masks supervise the saliency maps and the
+crops, or the local network trains alone on crops centred on the lesions (lesion_crops).
+
 The data is abstract: any sequence of (volume (D, H, W) float32 array, label (2,) array of
-0/1 in benign, malignant order). No DICOM here.
+0/1 in benign, malignant order), optionally with masks and depths. No DICOM here.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from gmic.augment import shift_resize_with_masks
 from gmic.checkpoint import save_checkpoint
+from gmic.lesion_crops import find_lesions, sample_lesion_crops
 from gmic.loss import crop_mask_loss, gmic_loss_terms, saliency_mask_loss
 from gmic.metrics import MetricError, roc_auc
 from gmic.model import GMIC
@@ -49,7 +54,8 @@ class TrainError(ValueError):
 
 class LabelledVolumes(Protocol):
     """What the trainer reads: item i is (volume (D, H, W) float32, labels (2,)), optionally
-    followed by ground-truth masks (2, H, W) on the model input (mask_weight, crop_weight)."""
+    followed by ground-truth masks (2, H, W) on the model input (mask_weight, crop_weight)
+    and the slice each mask pixel's lesion is centred on, (2, H, W) (lesion_crops)."""
 
     def __len__(self) -> int: ...
 
@@ -77,10 +83,13 @@ class TrainSettings:
     mask_weight: float = 0.0
     # weight of crop_mask_loss (the local network on each crop) where items carry masks
     crop_weight: float = 0.0
+    # train the local network alone, on crops centred on the items' ground-truth lesions
+    # (gmic.lesion_crops); items then carry masks and depths, the global network is kept
+    lesion_crops: bool = False
 
     @property
     def uses_masks(self) -> bool:
-        return bool(self.mask_weight or self.crop_weight)
+        return bool(self.mask_weight or self.crop_weight or self.lesion_crops)
 
     def __post_init__(self) -> None:
         problems = []
@@ -98,6 +107,9 @@ class TrainSettings:
             problems.append(f"mask_weight must be >= 0, got {self.mask_weight}")
         if self.crop_weight < 0:
             problems.append(f"crop_weight must be >= 0, got {self.crop_weight}")
+        if self.lesion_crops and (self.mask_weight or self.crop_weight):
+            problems.append("lesion_crops trains the local network alone: mask_weight and "
+                            "crop_weight do not apply to it; set them to 0")
         if self.max_seconds < 0:
             problems.append(f"max_seconds must be >= 0, got {self.max_seconds}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -230,7 +242,13 @@ class Trainer:
                     self.model.dn_resnet)
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=settings.learning_rate)
+        if settings.lesion_crops and self.dist.active:
+            raise TrainError("lesion-crop training runs in one process (it trains the small "
+                             "local network only); run it without torchrun")
+        trained = (self.model.local_parameters() if settings.lesion_crops
+                   else self.model.parameters())
+        self.optimizer = torch.optim.Adam(trained, lr=settings.learning_rate)
+        self.lesion_batch: list[tuple[Tensor, Tensor]] = []  # crops of this step's items
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         # all training randomness (order aside) flows from this generator: augmentation and
@@ -343,6 +361,8 @@ class Trainer:
 
     # -- the loop ---------------------------------------------------------------------------
     def _micro_step(self, index: int, sync: bool) -> float:
+        if self.settings.lesion_crops:
+            return self._lesion_micro_step(index, sync)
         item = self.train_set[index]
         volume, label = item[0], item[1]
         masks = None
@@ -366,7 +386,41 @@ class Trainer:
             self.scaler.scale(total / self.accum).backward()
         return float(total.detach())
 
+    def _lesion_micro_step(self, index: int, sync: bool) -> float:
+        """Collect this item's lesion and lesion-free crops; on the step's last item, train
+        the local classifier on all of them at once (its batch norm sees the whole batch).
+        Returns the batch loss times its items on that call, 0 before it."""
+        item = self.train_set[index]
+        if len(item) < 4:
+            raise TrainError("lesion-crop training needs items with masks and depths")
+        volume = torch.from_numpy(np.asarray(item[0], dtype=np.float32)).to(self.device)
+        masks = np.asarray(item[2], dtype=np.float32)
+        lesions = find_lesions(masks, np.asarray(item[3], dtype=np.float32),
+                               merge_px=max(1, min(self.cfg.crop_size) // 8))
+        crops, targets = sample_lesion_crops(volume, torch.from_numpy(masks).to(self.device),
+                                             lesions, self.cfg.crop_size, self.cfg.zeta,
+                                             self.generator)
+        self.lesion_batch.append((crops, targets))
+        if not sync:
+            return 0.0
+        items = len(self.lesion_batch)
+        crops = torch.cat([c for c, _ in self.lesion_batch])
+        targets = torch.cat([t for _, t in self.lesion_batch])
+        self.lesion_batch = []
+        if crops.shape[0] < 2:  # batch norm needs two crops; nothing to learn from here
+            return 0.0
+        with self._autocast():
+            _, _, logits = self.model.local_prediction(crops)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), targets,
+                                                  reduction="none").mean(dim=0).sum()
+        self.scaler.scale(loss).backward()
+        return float(loss.detach()) * items
+
     def _optimizer_step(self) -> None:
+        if self.settings.lesion_crops and all(p.grad is None
+                                              for p in self.model.local_parameters()):
+            self.global_step += 1  # a step without crops to learn from (no lesion, no breast)
+            return
         if self.grad_hook is not None:
             self.scaler.unscale_(self.optimizer)
             self.grad_hook(self.model)

@@ -191,6 +191,34 @@ def test_checkpoint_of_another_format_version(synth: Path, tmp_path: Path, capsy
     assert code == 1 and str(path) in line and "format_version 99" in line
 
 
+def test_lesion_crop_stage_trains_the_local_network_of_init(synth: Path, tmp_path: Path,
+                                                            capsys) -> None:
+    from gmic.checkpoint import load_checkpoint, save_checkpoint
+    from gmic.config import GMICConfig
+    from tests.train_support import tiny_model
+
+    init = tmp_path / "init.pt"
+    save_checkpoint(init, tiny_model(0, GMICConfig.s2d(input_size=(448, 320), crop_size=(64, 64),
+                                                       num_crops=1)))
+    common = ["train", "--labels", str(synth / "labels.csv"), "--modality", "s2d",
+              "--images", str(synth), "--init", str(init), "--lesion-crops", "--epochs", "1",
+              *TINY_ARGS]
+    code, _, err = run_cli([*common, "--out", str(tmp_path / "o"), "--mask-weight", "1"],
+                           capsys)
+    line = one_error_line(err)
+    assert code == 1 and "lesion_crops" in line and "mask_weight" in line
+
+    code, stdout, err = run_cli([*common, "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert "best epoch 1" in stdout
+    before, _ = load_checkpoint(init)
+    after, _ = load_checkpoint(tmp_path / "run" / "epoch_001.pt")
+    for key, value in before.state_dict().items():
+        if key.startswith(("ds_net.", "left_postprocess_net.")):  # the global network
+            assert torch.equal(value, after.state_dict()[key]), key
+    assert not torch.equal(before.dn_resnet.conv1.weight, after.dn_resnet.conv1.weight)
+
+
 @pytest.mark.slow
 def test_tune_keeps_the_best_trials(synth: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "tune"

@@ -79,6 +79,10 @@ def model_options(f):
 @click.option("--crop-weight", type=float, default=0.0, show_default=True,
               help="Also supervise the local network on each crop with ground-truth SEG "
                    "masks at this weight (0: image labels only, as the paper).")
+@click.option("--lesion-crops", is_flag=True,
+              help="Train only the local network, on crops centred on the ground-truth SEG "
+                   "lesions (on the slice each is centred on) and on lesion-free crops; the "
+                   "global network stays as --init has it.")
 @click.option("--max-minutes", type=float, default=0.0, show_default=True,
               help="Stop after this many minutes, checkpointing the weights so far (0: no limit); "
                    "rerun to resume.")
@@ -92,7 +96,7 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
           num_crops: int | None, percent_t: float | None, beta: float | None,
           log10_w: float | None,
           checkpoint_every: int, mask_weight: float, crop_weight: float,
-          max_minutes: float) -> None:
+          lesion_crops: bool, max_minutes: float) -> None:
     """Train a model on labelled images; rerun the same command to resume."""
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
@@ -119,7 +123,8 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
                                  patience=patience, augment_px=augment_px, seed=seed,
                                  precision=precision, checkpoint_every_steps=checkpoint_every,
                                  progress=not no_progress, max_seconds=60 * max_minutes,
-                                 mask_weight=mask_weight, crop_weight=crop_weight)
+                                 mask_weight=mask_weight, crop_weight=crop_weight,
+                                 lesion_crops=lesion_crops)
     except TrainError as exc:
         raise DicomnodeError(str(exc)) from None
     data = load_labelled(config, labels, modality, images)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.multival import MultiValue
 
 from dicomnode.errors import DicomnodeError
 from dicomnode.logs import kv
@@ -23,6 +24,7 @@ log = logging.getLogger("dicomnode.training")
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 CACHE_VERSION = 1
+CLASSES = ("benign", "malignant")  # the order of masks' and labels' channels
 
 
 class DatasetError(DicomnodeError):
@@ -270,7 +272,8 @@ class CachedVolumes:
                  masks: dict[str, dict[str, np.ndarray]] | None = None) -> None:
         """masks: ground-truth masks by source image UID (seg_masks); when given, items
         carry them on the model input as a third element, (2, H, W) benign, malignant
-        (zeros for an image without a SEG: nothing to find there)."""
+        (zeros for an image without a SEG: nothing to find there), and their depth maps as
+        a fourth (NO_DEPTH outside the masks)."""
         self.examples = list(examples)
         self.input_size = tuple(input_size)
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -297,27 +300,35 @@ class CachedVolumes:
         return next((self.masks[u] for u in example.header.sop_instance_uids
                      if u in self.masks), None)
 
-    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """(volume, model-input masks or None), from the cache when it has them."""
+    def _load(self, index: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """(volume, model-input masks and depths or None), from the cache when it has them."""
+        from gmic.lesion_crops import NO_DEPTH
         from gmic.preprocess import preprocess
 
         example = self.examples[index]
         path = self._cache_path(example)
         mask_path = None if path is None else path.with_name(f"{path.stem}.masks.npy")
+        depth_path = None if path is None else path.with_name(f"{path.stem}.depth.npy")
         want_masks = self.masks is not None
-        if path is not None and path.is_file() and (not want_masks or mask_path.is_file()):
-            masks = np.load(mask_path).astype(np.float32) if want_masks else None
-            return np.load(path).astype(np.float32), masks
+        if path is not None and path.is_file() and (
+                not want_masks or (mask_path.is_file() and depth_path.is_file())):
+            if not want_masks:
+                return np.load(path).astype(np.float32), None, None
+            return (np.load(path).astype(np.float32), np.load(mask_path).astype(np.float32),
+                    np.load(depth_path).astype(np.float32))
         image = read_pixels(example.header)
         volume, transform = preprocess(image.pixels, image.modality, image.laterality,
                                        input_size=self.input_size)
-        masks = None
+        masks = depths = None
         if want_masks:
             source = self._source_masks(example)
             masks = np.zeros((2, *self.input_size), dtype=np.float32)
-            for c, name in enumerate(("benign", "malignant")):
+            depths = np.full((2, *self.input_size), NO_DEPTH, dtype=np.float32)
+            for c, name in enumerate(CLASSES):
                 if source is not None and source[name].shape == transform.source_shape[1:]:
                     masks[c] = transform.map_to_model(source[name].astype(np.float32))
+                    inside = masks[c] > 0
+                    depths[c][inside] = transform.map_to_model(source[f"{name}_depth"])[inside]
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # DDP ranks share it
@@ -328,13 +339,16 @@ class CachedVolumes:
                 tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.masks.npy")
                 np.save(tmp, masks.astype(np.uint8))
                 tmp.replace(mask_path)
-        return volume, masks
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.depth.npy")
+                np.save(tmp, depths)
+                tmp.replace(depth_path)
+        return volume, masks, depths
 
     def __getitem__(self, index: int) -> tuple:
-        volume, masks = self._load(index)
+        volume, masks, depths = self._load(index)
         if self.masks is None:
             return volume, self.examples[index].labels
-        return volume, self.examples[index].labels, masks
+        return volume, self.examples[index].labels, masks, depths
 
 
 def log_split(splits: dict[str, list[Example]]) -> None:
@@ -348,42 +362,80 @@ def log_split(splits: dict[str, list[Example]]) -> None:
 # ------------------------------------------------------------------------------ SEG masks
 
 
+def _segment_classes(ds) -> dict[int, str]:
+    """Segment number -> "benign" / "malignant", by property code or label."""
+    classes = {}
+    for seg in ds.SegmentSequence:
+        text = str(seg.get("SegmentLabel", "")).lower()
+        code = ""
+        if "SegmentedPropertyTypeCodeSequence" in seg:
+            code = str(seg.SegmentedPropertyTypeCodeSequence[0].CodeValue)
+        if code == "86049000" or "malig" in text:
+            classes[int(seg.SegmentNumber)] = "malignant"
+        elif code == "3898006" or "benign" in text:
+            classes[int(seg.SegmentNumber)] = "benign"
+    return classes
+
+
+def _source_frame(frame_group, single_source_frame: bool) -> int | None:
+    """The 0-based source frame a SEG frame was derived from: its ReferencedFrameNumber, 0
+    for a one-frame source, else unknown."""
+    for derivation in frame_group.get("DerivationImageSequence", []) if frame_group else []:
+        for source in derivation.get("SourceImageSequence", []):
+            number = source.get("ReferencedFrameNumber")
+            if number is not None:  # one frame, or the first of several
+                return int(number[0] if isinstance(number, MultiValue) else number) - 1
+    return 0 if single_source_frame else None
+
+
 def seg_masks(seg_paths: Iterable[Path]) -> dict[str, dict[str, np.ndarray]]:
     """Ground-truth masks per referenced source image UID, max-projected over frames:
-    {sop uid: {"benign": (H, W) bool, "malignant": (H, W) bool}} (paper VI-C)."""
+    {sop uid: {"benign": (H, W) bool, "malignant": (H, W) bool, "benign_depth": (H, W)
+    float32, "malignant_depth": ...}} (paper VI-C). A depth map holds, where the class's
+    mask is, the mean source frame (0-based) of the SEG frames covering the pixel: the slice
+    the lesion is centred on there; NO_DEPTH where no mask is or the SEG does not say which
+    source frame it was derived from."""
+    from gmic.lesion_crops import NO_DEPTH
+
     out: dict[str, dict[str, np.ndarray]] = {}
     for path in seg_paths:
         ds = pydicom.dcmread(path)
-        classes = {}
-        for seg in ds.SegmentSequence:
-            text = str(seg.get("SegmentLabel", "")).lower()
-            code = ""
-            if "SegmentedPropertyTypeCodeSequence" in seg:
-                code = str(seg.SegmentedPropertyTypeCodeSequence[0].CodeValue)
-            if code == "86049000" or "malig" in text:
-                classes[int(seg.SegmentNumber)] = "malignant"
-            elif code == "3898006" or "benign" in text:
-                classes[int(seg.SegmentNumber)] = "benign"
+        classes = _segment_classes(ds)
         pixels = ds.pixel_array
         if pixels.ndim == 2:
             pixels = pixels[None]
         shape = pixels.shape[1:]
-        masks = {"benign": np.zeros(shape, bool), "malignant": np.zeros(shape, bool)}
+        masks = {name: np.zeros(shape, bool) for name in CLASSES}
+        frame_sum = {name: np.zeros(shape, np.float64) for name in CLASSES}
+        frame_count = {name: np.zeros(shape, np.int32) for name in CLASSES}
         frames = ds.get("PerFrameFunctionalGroupsSequence", [])
+        numbers = [int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                   if "SegmentIdentificationSequence" in f else 1 for f in frames]
+        numbers += [1] * (pixels.shape[0] - len(numbers))
+        frames_per_segment = Counter(numbers)
         for i in range(pixels.shape[0]):
-            number = 1
-            if i < len(frames) and "SegmentIdentificationSequence" in frames[i]:
-                number = int(frames[i].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-            cls = classes.get(number)
-            if cls is not None:
-                masks[cls] |= pixels[i] > 0
+            cls = classes.get(numbers[i])
+            if cls is None:
+                continue
+            inside = pixels[i] > 0
+            masks[cls] |= inside
+            frame = _source_frame(frames[i] if i < len(frames) else None,
+                                  frames_per_segment[numbers[i]] == 1)
+            if frame is not None:
+                frame_sum[cls][inside] += frame
+                frame_count[cls][inside] += 1
+        for name in CLASSES:
+            depth = np.full(shape, NO_DEPTH, np.float32)
+            known = frame_count[name] > 0
+            depth[known] = frame_sum[name][known] / frame_count[name][known]
+            masks[f"{name}_depth"] = depth
         refs = [str(inst.ReferencedSOPInstanceUID)
                 for series in ds.get("ReferencedSeriesSequence", [])
                 for inst in series.get("ReferencedInstanceSequence", [])]
         for uid in refs:
             if uid in out:  # several slices of one series: one mask for the volume
-                for cls in masks:
-                    out[uid][cls] = out[uid][cls] | masks[cls]
+                for key in masks:
+                    out[uid][key] = np.maximum(out[uid][key], masks[key])
             else:
                 out[uid] = {k: v.copy() for k, v in masks.items()}
     return out

@@ -153,9 +153,9 @@ def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *
 
         masks = seg_masks(data.index.seg_paths)
         if not masks:
-            raise DicomnodeError(f"--mask-weight / --crop-weight need ground-truth SEG "
-                                 f"masks, but {data.index.source} has none; drop them or "
-                                 "add the SEG files")
+            raise DicomnodeError(f"--mask-weight, --crop-weight and --lesion-crops need "
+                                 f"ground-truth SEG masks, but {data.index.source} has none; "
+                                 "drop them or add the SEG files")
         log.info("event=train_masks images_with_masks=%d", len(masks))
     train_set = CachedVolumes(splits["train"], cfg.input_size, cache_dir, masks)
     val_set = CachedVolumes(splits["val"], cfg.input_size, cache_dir)
