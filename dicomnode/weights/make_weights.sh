@@ -9,14 +9,16 @@
 #   STUDIES     synthetic training studies (each: 4 views x DBT, FFDM, synthetic 2D)
 #   S2D_EPOCHS  epochs of the synthetic-2D model, which the others start from
 #   MINUTES     wall-clock budget of the FFDM fine-tuning run
-#   DBT_STUDIES extra DBT-only studies for the DBT model's last stage; DBT_EPOCHS its epochs
+#   DBT_STUDIES extra DBT-only studies for the DBT model's fourth stage; DBT_EPOCHS its epochs
+#   LOCAL_EPOCHS at most this many epochs of the DBT local network on lesion crops (stage 5)
 #   DEVICE      auto, cuda, cpu ...
 #   DICOMNODE   how to call the command line (default: dicomnode); PYTHON likewise
 #
 # The recipe: the paper's losses (eq. 7) plus saliency supervision by the ground-truth SEG
 # masks the synthetic archive has (--mask-weight; image labels alone did not train from
 # scratch, and the paper started from pretrained weights), the synthetic-2D GMIC first,
-# then DBT and FFDM initialised from it (the paper's transfer learning). Sizes fit the small
+# then DBT and FFDM initialised from it (the paper's transfer learning), and last the DBT
+# local network alone on crops centred on the lesions (--lesion-crops). Sizes fit the small
 # phantoms at their own pixel size (0.1 mm; FFDM 0.07 mm); the local network is half the
 # paper's width and the files are stored in float16, so the three stay small.
 set -euo pipefail
@@ -26,6 +28,7 @@ S2D_EPOCHS=${S2D_EPOCHS:-6}
 MINUTES=${MINUTES:-40}
 DBT_STUDIES=${DBT_STUDIES:-240}
 DBT_EPOCHS=${DBT_EPOCHS:-3}
+LOCAL_EPOCHS=${LOCAL_EPOCHS:-12}
 DEVICE=${DEVICE:-auto}
 DICOMNODE=${DICOMNODE:-dicomnode}
 PYTHON=${PYTHON:-python3}
@@ -35,8 +38,8 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 [ -f "$WORK/data/labels.csv" ] ||
     $DICOMNODE synth "$WORK/data" --studies "$STUDIES" --size small --seed 1000
 
-options=(--crop-size 128x128 --local-width 32 --batch-size 4 --patience 30 --augment-px 24
-         --mask-weight 1 --lr 3e-4 --device "$DEVICE" --no-progress)
+shape=(--crop-size 128x128 --local-width 32 --device "$DEVICE" --no-progress)
+options=("${shape[@]}" --batch-size 4 --patience 30 --augment-px 24 --mask-weight 1 --lr 3e-4)
 common=(--images "$WORK/data" --labels "$WORK/data/labels.csv" --split 0.8,0.2,0
         "${options[@]}")
 s2d=(--modality s2d --input-size 448x320 --num-crops 4 --percent-t 0.05 --out "$WORK/s2d")
@@ -73,9 +76,20 @@ $DICOMNODE train --images "$WORK/dbt_data" --labels "$WORK/dbt_data/labels.csv" 
     --split 0.85,0.15,0 "${options[@]}" "${dbt[@]}" --crop-weight 1 --epochs "$DBT_EPOCHS" \
     --init "$WORK/dbt1/epoch_009.pt" --out "$WORK/dbt"
 
-# 5. Each model's best epoch (validation malignant AUC), in float16 with its story.
-for m in dbt ffdm s2d; do
-    $PYTHON - "$WORK/$m/best.pt" "${OUT_DIR:-$HERE}/$m.pt" <<'EOF'
+# 5. DBT's local network alone, on crops centred on the ground-truth lesions near the slice
+#    each is centred on and on lesion-free crops (--lesion-crops), from the best stage-4
+#    weights; the global network stays as it is. LOCAL_EPOCHS at 3e-4, then 14 at 1e-4 from
+#    the best of those.
+lesion=(--images "$WORK/dbt_data" --labels "$WORK/dbt_data/labels.csv" --split 0.85,0.15,0
+        "${shape[@]}" "${dbt[@]}" --lesion-crops --batch-size 16)
+$DICOMNODE train "${lesion[@]}" --lr 3e-4 --patience 12 --epochs "$LOCAL_EPOCHS" \
+    --init "$WORK/dbt/best.pt" --out "$WORK/dbt_local"
+$DICOMNODE train "${lesion[@]}" --lr 1e-4 --patience 8 --epochs 14 \
+    --init "$WORK/dbt_local/best.pt" --out "$WORK/dbt_local2"
+
+# 6. Each model's best epoch (validation malignant AUC), in float16 with its story.
+for m in dbt_local2:dbt ffdm:ffdm s2d:s2d; do
+    $PYTHON - "$WORK/${m%%:*}/best.pt" "${OUT_DIR:-$HERE}/${m##*:}.pt" <<'EOF'
 import sys
 from gmic.checkpoint import load_checkpoint, save_checkpoint
 model, meta = load_checkpoint(sys.argv[1])
