@@ -16,6 +16,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from gmic.roi import cut_crop
+
 NO_DEPTH = -1.0  # a depth map's value where no lesion is, or its slice is unknown
 BACKGROUND_TRIES = 20
 
@@ -65,18 +67,6 @@ def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
     return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 
-def _cut(volume: Tensor, s: int, top: int, left: int, size: tuple[int, int]) -> Tensor:
-    """volume[s, top:top+h, left:left+w], filled with the slice minimum outside the image."""
-    ch, cw = size
-    _, big_h, big_w = volume.shape
-    out = volume[s].min().expand(ch, cw).clone()
-    r0, c0 = max(0, top), max(0, left)
-    r1, c1 = min(big_h, top + ch), min(big_w, left + cw)
-    if r0 < r1 and c0 < c1:
-        out[r0 - top:r1 - top, c0 - left:c1 - left] = volume[s, r0:r1, c0:c1]
-    return out
-
-
 def sample_lesion_crops(volume: Tensor, masks: Tensor, lesions: list[Lesion],
                         crop_size: tuple[int, int], zeta: int,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -102,7 +92,7 @@ def sample_lesion_crops(volume: Tensor, masks: Tensor, lesions: list[Lesion],
         left = int(round(lesion.col)) - cw // 2 + _randint(-(cw // 4), cw // 4, generator)
         centre = masks[:, max(0, top + ch // 4):max(0, top + ch - ch // 4),
                        max(0, left + cw // 4):max(0, left + cw - cw // 4)]
-        crops.append(_cut(volume, s, top, left, crop_size))
+        crops.append(cut_crop(volume, s, top, left, crop_size))
         targets.append((centre > 0.5).flatten(1).any(dim=1).float()
                        if centre.numel() else torch.tensor(lesion.labels))
     breast = volume.amax(dim=0) > volume.min()
@@ -114,7 +104,7 @@ def sample_lesion_crops(volume: Tensor, masks: Tensor, lesions: list[Lesion],
             top, left = int(rows[i]) - ch // 2, int(cols[i]) - cw // 2
             window = lesion_free[max(0, top):max(0, top + ch), max(0, left):max(0, left + cw)]
             if not window.any():
-                crops.append(_cut(volume, _randint(0, depth - 1, generator), top, left,
+                crops.append(cut_crop(volume, _randint(0, depth - 1, generator), top, left,
                                   crop_size))
                 targets.append(torch.zeros(classes))
                 break

@@ -114,19 +114,25 @@ def map_to_image_positions(selection: RoiSelection, image_size: tuple[int, int],
     return torch.stack([selection.slices, rows, cols], dim=1)
 
 
+def cut_crop(volume: Tensor, s: int, top: int, left: int, size: tuple[int, int]) -> Tensor:
+    """volume[s, top:top+h, left:left+w] (any top/left, even negative); parts outside the
+    image are filled with that slice's minimum."""
+    ch, cw = size
+    _, big_h, big_w = volume.shape
+    r0, c0 = max(0, top), max(0, left)
+    r1, c1 = min(big_h, top + ch), min(big_w, left + cw)
+    if (r0, c0, r1, c1) == (top, left, top + ch, left + cw):
+        return volume[s, r0:r1, c0:c1]
+    out = volume[s].min().expand(ch, cw).clone()
+    if r0 < r1 and c0 < c1:
+        out[r0 - top:r1 - top, c0 - left:c1 - left] = volume[s, r0:r1, c0:c1]
+    return out
+
+
 def extract_crops(volume: Tensor, positions: Tensor, crop_size: tuple[int, int]) -> Tensor:
     """Cut (K, 1, ch, cw) crops from volume (D, H, W) at top-left positions (K, 3).
 
     Parts of a crop outside the image are filled with that slice's minimum.
     """
-    ch, cw = crop_size
-    _, big_h, big_w = volume.shape
-    crops = []
-    for s, r, c in positions.tolist():
-        patch = volume[s, r:r + ch, c:c + cw]
-        if patch.shape != (ch, cw):
-            filled = volume[s].min().expand(ch, cw).clone()
-            filled[:patch.shape[0], :patch.shape[1]] = patch
-            patch = filled
-        crops.append(patch)
+    crops = [cut_crop(volume, s, r, c, crop_size) for s, r, c in positions.tolist()]
     return torch.stack(crops).unsqueeze(1)
