@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _uniform_int(low: int, high: int, generator: torch.Generator | None) -> int:
+def uniform_int(low: int, high: int, generator: torch.Generator | None = None) -> int:
+    """Uniform integer in [low, high], drawn from generator (training randomness)."""
     return int(torch.randint(low, high + 1, (1,), generator=generator))
 
 
@@ -31,10 +32,10 @@ def shift_resize_with_masks(volume: Tensor, masks: Tensor | None, max_px: int,
     _, h, w = volume.shape
     # window edges in input pixels: each edge moves independently within +/-max_px, which
     # shifts (edges move together) and resizes (edges move apart) in one draw
-    top = _uniform_int(-max_px, max_px, generator)
-    left = _uniform_int(-max_px, max_px, generator)
-    bottom = h + _uniform_int(-max_px, max_px, generator)
-    right = w + _uniform_int(-max_px, max_px, generator)
+    top = uniform_int(-max_px, max_px, generator)
+    left = uniform_int(-max_px, max_px, generator)
+    bottom = h + uniform_int(-max_px, max_px, generator)
+    right = w + uniform_int(-max_px, max_px, generator)
     bottom, right = max(bottom, top + 8), max(right, left + 8)
     pad = (max(0, -left), max(0, right - w), max(0, -top), max(0, bottom - h))
 
@@ -50,4 +51,4 @@ def shift_resize_with_masks(volume: Tensor, masks: Tensor | None, max_px: int,
     return window(volume, float(volume.min())), None if masks is None else window(masks, 0.0)
 
 
-__all__ = ["shift_resize", "shift_resize_with_masks"]
+__all__ = ["shift_resize", "shift_resize_with_masks", "uniform_int"]

@@ -3,7 +3,7 @@
 In the paper the local network learns only through y_local, from image labels. On few images
 it learns that a crop holds a mass, not whether the mass is malignant; trained on crops
 centred on the lesions, on the slice where each is in focus, it learns that in minutes
-(held-out phantoms: AUC among images with a mass 0.59 -> 0.93 on such crops). Masks and
+(held-out phantoms, crops centred on the masses: malignant AUC 0.56 -> 0.94). Masks and
 depths come from ground-truth segmentations on the model input; no DICOM here.
 """
 
@@ -16,6 +16,7 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from gmic.augment import uniform_int
 from gmic.roi import cut_crop
 
 NO_DEPTH = -1.0  # a depth map's value where no lesion is, or its slice is unknown
@@ -62,11 +63,6 @@ def find_lesions(masks: np.ndarray, depths: np.ndarray, merge_px: int) -> list[L
     return lesions
 
 
-def _randint(low: int, high: int, generator: torch.Generator | None) -> int:
-    """Uniform integer in [low, high]."""
-    return int(torch.randint(low, high + 1, (1,), generator=generator))
-
-
 def sample_lesion_crops(volume: Tensor, masks: Tensor, lesions: list[Lesion],
                         crop_size: tuple[int, int], zeta: int,
                         generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -82,14 +78,14 @@ def sample_lesion_crops(volume: Tensor, masks: Tensor, lesions: list[Lesion],
     volume: (D, H, W); masks: (C, H, W) on the model input. Returns crops (K, 1, ch, cw) and
     targets (K, C) in 0/1.
     """
-    depth, big_h, big_w = volume.shape
+    depth = volume.shape[0]
     ch, cw = crop_size
     classes = masks.shape[0]
     crops, targets = [], []
     for lesion in lesions:
-        s = min(max(lesion.slice + _randint(-zeta, zeta, generator), 0), depth - 1)
-        top = int(round(lesion.row)) - ch // 2 + _randint(-(ch // 4), ch // 4, generator)
-        left = int(round(lesion.col)) - cw // 2 + _randint(-(cw // 4), cw // 4, generator)
+        s = min(max(lesion.slice + uniform_int(-zeta, zeta, generator), 0), depth - 1)
+        top = int(round(lesion.row)) - ch // 2 + uniform_int(-(ch // 4), ch // 4, generator)
+        left = int(round(lesion.col)) - cw // 2 + uniform_int(-(cw // 4), cw // 4, generator)
         centre = masks[:, max(0, top + ch // 4):max(0, top + ch - ch // 4),
                        max(0, left + cw // 4):max(0, left + cw - cw // 4)]
         crops.append(cut_crop(volume, s, top, left, crop_size))
@@ -97,14 +93,14 @@ def sample_lesion_crops(volume: Tensor, masks: Tensor, lesions: list[Lesion],
                        if centre.numel() else torch.tensor(lesion.labels))
     breast = volume.amax(dim=0) > volume.min()
     rows, cols = torch.nonzero(breast, as_tuple=True)
-    lesion_free = masks.amax(dim=0) > 0
+    on_a_lesion = masks.amax(dim=0) > 0
     for _ in range(max(1, len(lesions)) if rows.numel() else 0):
         for _try in range(BACKGROUND_TRIES):
-            i = _randint(0, rows.numel() - 1, generator)
+            i = uniform_int(0, rows.numel() - 1, generator)
             top, left = int(rows[i]) - ch // 2, int(cols[i]) - cw // 2
-            window = lesion_free[max(0, top):max(0, top + ch), max(0, left):max(0, left + cw)]
+            window = on_a_lesion[max(0, top):max(0, top + ch), max(0, left):max(0, left + cw)]
             if not window.any():
-                crops.append(cut_crop(volume, _randint(0, depth - 1, generator), top, left,
+                crops.append(cut_crop(volume, uniform_int(0, depth - 1, generator), top, left,
                                   crop_size))
                 targets.append(torch.zeros(classes))
                 break
