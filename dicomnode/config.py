@@ -76,6 +76,13 @@ class ModelConfig:
     dbt: str = "builtin"
     ffdm: str = "builtin"
     s2d: str = "builtin"
+    # Test-time augmentation (paper V-D.3): each image's scores are the mean over this many
+    # copies shifted and resized at random (the paper used 10; each copy is one more forward
+    # pass). 0: one plain pass. Saliency maps and attended regions come from the plain pass.
+    test_time_augmentations: int = 0
+    # Largest shift/resize of a copy in model-input pixels: the paper's 100 px were for its
+    # 2116-px-high input; 24 is what the built-in weights (448-px input) were trained with.
+    augment_px: int = 24
 
 
 @dataclass
@@ -218,6 +225,10 @@ def validate(config: Config) -> None:
     if config.results.segmentation not in ("binary", "fractional"):
         raise ConfigError(f"results.segmentation: {config.results.segmentation!r} is not one "
                           "of binary, fractional")
+    for key in ("test_time_augmentations", "augment_px"):
+        if getattr(config.model, key) < 0:
+            raise ConfigError(f"model.{key}: {getattr(config.model, key)} is negative; use 0 "
+                              "(off) or more")
     if not 0 <= config.node.port <= 65535:
         raise ConfigError(f"node.port: {config.node.port} is not a TCP port "
                           "(1-65535, or 0 for any free port)")

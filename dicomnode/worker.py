@@ -59,18 +59,27 @@ def _probabilities(values: np.ndarray) -> ClassProbabilities:
     return ClassProbabilities(benign=float(values[BENIGN]), malignant=float(values[MALIGNANT]))
 
 
-def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32"
-                  ) -> ImageAnalysis:
-    """Preprocess one image, run the model, and express the result on the source image."""
+def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32",
+                  test_time_augmentations: int = 0, augment_px: int = 0) -> ImageAnalysis:
+    """Preprocess one image, run the model, and express the result on the source image.
+
+    With test_time_augmentations > 0 the final scores are the mean over that many shifted
+    and resized copies; everything drawn on the image comes from the plain pass, whose
+    geometry is the source image's."""
     import torch
 
-    from gmic.model import predict
+    from gmic.model import predict, predict_augmented
     from gmic.preprocess import preprocess
 
     cfg = loaded.model.cfg
     model_input, transform = preprocess(image.pixels, image.modality, image.laterality,
                                         input_size=cfg.input_size)
-    output = predict(loaded.model, torch.from_numpy(model_input), dtype=dtype)
+    volume = torch.from_numpy(model_input)
+    output = predict(loaded.model, volume, dtype=dtype)
+    final = output.y.float().cpu()
+    if test_time_augmentations > 0:
+        final = predict_augmented(loaded.model, volume, test_time_augmentations, augment_px,
+                                  dtype=dtype)
     crop_h, crop_w = cfg.crop_size
     regions = []
     for (frame, row, col), weight in zip(output.crop_positions.tolist(),
@@ -79,7 +88,7 @@ def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32
         regions.append(AttendedRegion(int(frame), r0, c0, h, w, float(weight)))
     return ImageAnalysis(
         image=image, algorithm=loaded.identity,
-        final=_probabilities(output.y.float().cpu().numpy()),
+        final=_probabilities(final.numpy()),
         global_=_probabilities(output.y_global.float().cpu().numpy()),
         local=_probabilities(output.y_local.float().cpu().numpy()),
         regions=regions, saliency=output.saliency.float().cpu().numpy(), transform=transform)
@@ -283,7 +292,9 @@ class Worker:
                 log.warning("event=image_skipped %s", kv(job=job.id, reason=exc))
                 continue
             t1 = time.perf_counter()
-            analyses.append(analyse_image(image, loaded))
+            analyses.append(analyse_image(
+                image, loaded, test_time_augmentations=self.config.model.test_time_augmentations,
+                augment_px=self.config.model.augment_px))
             t2 = time.perf_counter()
             times.load += t1 - t0
             times.model += t2 - t1

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from gmic.augment import shift_resize
 from gmic.config import GMICConfig
 from gmic.networks import GlobalResNet22, ResNetTrunk, SaliencyHead, gated_attention
 from gmic.roi import (
@@ -176,3 +177,14 @@ def predict(model: GMIC, volume: Tensor, dtype: str = "fp32",
             return model(volume.to(device, torch.float32), slice_chunk=slice_chunk)
     finally:
         model.train(was_training)
+
+
+def predict_augmented(model: GMIC, volume: Tensor, copies: int, max_px: int, *,
+                      seed: int = 0, dtype: str = "fp32") -> Tensor:
+    """Mean prediction y (2,) over `copies` copies of the volume, each shifted and resized
+    at random by up to max_px pixels (paper V-D.3: 10 copies at test time). The copies are
+    drawn from `seed`, so an image always gets the same answer."""
+    generator = torch.Generator().manual_seed(seed)
+    ys = [predict(model, shift_resize(volume, max_px, generator), dtype).y.float().cpu()
+          for _ in range(copies)]
+    return torch.stack(ys).mean(dim=0)

@@ -50,6 +50,8 @@ def test_config_from_dicomnode_config_variable(tmp_path: Path) -> None:
         ('[storage]\non_resend = "sometimes"\n', {}, "storage.on_resend"),
         ("", {"DICOMNODE_NODE_PORT": "99999"}, "not a TCP port"),
         ("", {"DICOMNODE_NODE_MAX_ASSOCIATIONS": "many"}, "DICOMNODE_NODE_MAX_ASSOCIATIONS"),
+        ('[model]\ntest_time_augmentations = -1\n', {}, "model.test_time_augmentations"),
+        ("", {"DICOMNODE_MODEL_AUGMENT_PX": "-3"}, "model.augment_px: -3 is negative"),
     ],
 )
 def test_bad_configuration_is_named(tmp_path: Path, text: str, env: dict, fragment: str) -> None:

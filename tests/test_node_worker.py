@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 
@@ -123,6 +124,43 @@ def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: 
             if c.ValueType == "NUM" and c.ConceptNameCodeSequence[0].CodeValue == "111012")
         assert certainties == pytest.approx(
             sorted(100 * a.final.malignant for a in dbt.values()), abs=1e-3)
+    finally:
+        store.close()
+
+
+def test_test_time_augmentation_changes_the_scores_not_the_drawings(
+        tmp_path: Path, study: Path, checkpoints: dict[str, Path]) -> None:
+    config = node_config(tmp_path, {"dbt": str(checkpoints["dbt"]), "ffdm": "none",
+                                    "s2d": "none"})
+    config.model.test_time_augmentations, config.model.augment_px = 3, 8
+    store = Store(config.database_url, tmp_path / "archive")
+    try:
+        study_uid = receive(store, study)
+        store.force_ready(study_uid)
+        assert Worker(config, store, name="w1").run_one_job()
+        assert str(store.list_jobs()[0].state) == "done"
+        finals = {}
+        for result in store.study_results(study_uid):
+            if result.kind == "sr":
+                sr = dcmread(result.path)
+                uid = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[
+                    0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                finals[uid] = read_sr_summary(sr).probabilities["final"]["malignant"]
+
+        loaded = ModelRegistry(config.model).get("dbt")
+        moved = 0
+        for path in sorted(study.glob("dbt/*.dcm")):
+            image = load_image(path)
+            plain = analyse_image(image, loaded)
+            augmented = analyse_image(image, loaded, test_time_augmentations=3, augment_px=8)
+            # The worker reported the augmented mean ...
+            assert finals[image.sop_instance_uids[0]] == pytest.approx(
+                augmented.final.malignant, abs=1e-5)
+            moved += abs(augmented.final.malignant - plain.final.malignant) > 1e-4
+            # ... and drew what the plain pass saw, in the source image's geometry.
+            assert augmented.global_ == plain.global_ and augmented.regions == plain.regions
+            np.testing.assert_array_equal(augmented.saliency, plain.saliency)
+        assert moved >= 2 and len(finals) == 4
     finally:
         store.close()
 

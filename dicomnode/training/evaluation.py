@@ -94,8 +94,7 @@ def predict_image(model, pixels: np.ndarray, modality: str, laterality: str, *, 
     mean over tta randomly shifted/resized copies (paper V-D.3: 10 at test time)."""
     import torch
 
-    from gmic.augment import shift_resize
-    from gmic.model import predict
+    from gmic.model import predict, predict_augmented
     from gmic.preprocess import preprocess
 
     volume, transform = preprocess(pixels, modality, laterality,
@@ -104,10 +103,7 @@ def predict_image(model, pixels: np.ndarray, modality: str, laterality: str, *, 
     out = predict(model, x)
     if tta <= 0:
         return out.y.float().cpu().numpy(), out, volume, transform
-    g = torch.Generator().manual_seed(seed)
-    ys = [predict(model, shift_resize(x, augment_px, g)).y.float().cpu().numpy()
-          for _ in range(tta)]
-    return np.mean(ys, axis=0), out, volume, transform
+    return predict_augmented(model, x, tta, augment_px, seed=seed).numpy(), out, volume, transform
 
 
 def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
