@@ -88,6 +88,10 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
 
+# How often the studies of open associations get their idle timers restarted (seconds);
+# shorter where a study's idle time is short (hold_interval).
+HOLD_SECONDS = 1.0
+
 # Largest pixel data the node accepts in one instance: far above any breast image
 # (a 90-slice 3328x4096 DBT is 2.4 GB), so only absurd declarations are refused.
 MAX_PIXEL_BYTES = 4 * 2**30
@@ -174,6 +178,14 @@ def policy_from_config(config: Config) -> ReceiverPolicy:
         max_associations=config.node.max_associations,
         patient_key_salt=node_secret(config.data_path),
     )
+
+
+def hold_interval(config: Config) -> float:
+    """Seconds between holds of open associations' studies: a quarter of the shortest idle
+    time, at most HOLD_SECONDS, so a hold always lands before the idle timer runs out."""
+    idle = [config.node.idle_seconds, *(p.idle_seconds for p in config.peers
+                                        if p.idle_seconds is not None)]
+    return max(0.05, min(HOLD_SECONDS, min(idle) / 4))
 
 
 def patient_key(ds: Dataset, salt: bytes) -> str:
@@ -453,6 +465,9 @@ class Receiver:
         # A-ASSOCIATE-RQ, because pynetdicom's own limit counts every association in
         # negotiation, so a burst above the limit would have all of them rejected.
         self._admitted: dict[int, object] = {}
+        # Studies each open association has stored to: held receiving until it closes
+        # (hold_open_studies), as its next instance may be a DBT still on the wire.
+        self._studies: dict[int, set[str]] = {}
         self._lock = threading.Lock()
         self.instances_received = 0
         self.bytes_received = 0
@@ -496,6 +511,7 @@ class Receiver:
     def handle_connection_closed(self, event: evt.Event) -> None:
         with self._lock:
             self._admitted.pop(id(event.assoc), None)
+            self._studies.pop(id(event.assoc), None)
 
     def handle_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejections (those of handle_requested never get here): its
@@ -521,6 +537,7 @@ class Receiver:
         assoc = event.assoc
         with self._lock:
             count = self._counts.pop(id(assoc), None)
+            self._studies.pop(id(assoc), None)
         if count is None:
             return  # rejected, or never accepted
         metrics.ASSOCIATIONS.inc(outcome="aborted" if assoc.is_aborted else "released")
@@ -559,6 +576,7 @@ class Receiver:
             return status
         with self._lock:
             self._counts[id(event.assoc)] = self._counts.get(id(event.assoc), 0) + 1
+            self._studies.setdefault(id(event.assoc), set()).add(str(ds.StudyInstanceUID))
             self.instances_received += 1
             self.bytes_received += size
         elapsed = time.perf_counter() - started
@@ -583,6 +601,22 @@ class Receiver:
             return outcome, ds, len(encoded)
         finally:
             encoded.close()
+
+    def hold_open_studies(self) -> None:
+        """Restart the idle timers of the studies open associations are sending.
+
+        A C-STORE's dataset reaches the handler only once it is complete, so without this a
+        study whose next instance takes longer than idle_seconds on the wire would start
+        without it (and run again when it lands). It is complete when its association
+        closes, or idle_seconds after its last instance, whichever is later."""
+        with self._lock:
+            uids = set().union(*self._studies.values())
+        if not uids:
+            return
+        try:
+            self.store.hold_receiving(uids)
+        except Exception:  # the next round tries again; receiving goes on regardless
+            log.exception("event=study_hold_failed")
 
     def _audit(self, event: str, calling: str, called: str, peer: str, *,
                count: int | None = None, status: str | None = None) -> None:
@@ -651,12 +685,16 @@ class StorageSCP:
     """The running receiver: ``start()`` listens in background threads, ``stop()`` shuts down."""
 
     def __init__(self, store: Store, policy: ReceiverPolicy, host: str, port: int,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 hold_seconds: float = HOLD_SECONDS) -> None:
         self.receiver = Receiver(store, policy)
         self.ae = build_ae(policy)
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self._server = None
+        self.hold_seconds = hold_seconds
+        self._stopping = threading.Event()
+        self._hold_thread: threading.Thread | None = None
 
     def start(self) -> None:
         from dicomnode.errors import DicomnodeError
@@ -676,6 +714,10 @@ class StorageSCP:
                 f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "
                 "choose a free port with [node] port or DICOMNODE_NODE_PORT") from None
         self.port = self._server.server_address[1]
+        self._stopping.clear()
+        self._hold_thread = threading.Thread(target=self._hold_studies, name="study-hold",
+                                             daemon=True)
+        self._hold_thread.start()
         log.info("event=listening %s", kv(ae_title=self.ae.ae_title, host=self.host,
                                           port=self.port, tls=self.ssl_context is not None))
 
@@ -683,7 +725,15 @@ class StorageSCP:
     def listening(self) -> bool:
         return self._server is not None
 
+    def _hold_studies(self) -> None:
+        while not self._stopping.wait(self.hold_seconds):
+            self.receiver.hold_open_studies()
+
     def stop(self) -> None:
+        self._stopping.set()
+        if self._hold_thread is not None:
+            self._hold_thread.join()
+            self._hold_thread = None
         if self._server is not None:
             self._server.shutdown()
             self._server = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, BinaryIO, NoReturn
@@ -411,6 +411,25 @@ class Store:
                 queued.extend(result.scalars())
         self.reap_expired(now=now)
         return sorted(queued)
+
+    def hold_receiving(self, study_uids: Iterable[str], *, now: datetime | None = None
+                       ) -> int:
+        """An association that brought these studies is still open: restart their idle
+        timers, so a study does not start mid-transfer of its next (large) instance. Only
+        receiving studies: one already queued (`import --ready`) stays queued. Returns the
+        number of jobs held."""
+        uids = sorted(set(study_uids))
+        if not uids:
+            return 0
+        now = _at(now)
+        with self._tx() as s:
+            result = s.execute(
+                update(m.Job).where(
+                    m.Job.state == JobState.RECEIVING,
+                    m.Job.study_id.in_(select(m.Study.id).where(m.Study.study_uid.in_(uids))))
+                .values(last_instance_at=now, updated_at=now)
+                .execution_options(synchronize_session=False))
+            return result.rowcount
 
     def force_ready(self, study_uid: str, *, now: datetime | None = None) -> int:
         """Queue a study now, whatever its state (a running job will run again); its job id."""

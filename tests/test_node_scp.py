@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,13 +38,14 @@ def image_files(study: Path) -> list[Path]:
 
 
 class Node:
-    def __init__(self, root: Path, min_free_bytes: int = 0, other: str = "reject") -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0, other: str = "reject",
+                 hold_seconds: float = 1.0) -> None:
         self.store = Store(f"sqlite:///{root / 'db.sqlite'}", root / "archive",
                            min_free_bytes=min_free_bytes)
         policy = ReceiverPolicy(NODE_AE, [AllowedPeer("PACS", "127.0.0.1")],
                                 other_storage=other, max_associations=4,
                                 patient_key_salt=b"test")
-        self.scp = StorageSCP(self.store, policy, "127.0.0.1", 0)
+        self.scp = StorageSCP(self.store, policy, "127.0.0.1", 0, hold_seconds=hold_seconds)
         self.scp.start()
         self.port = self.scp.port
 
@@ -245,3 +247,44 @@ def test_bit_packed_seg_is_stored_when_other_classes_are_kept(tmp_path: Path, st
         assert store_status(n, seg, "1.2.840.10008.5.1.4.1.1.66.4")[0] == 0x0000
     finally:
         n.close()
+
+
+def test_study_is_not_complete_while_its_association_is_open(tmp_path: Path,
+                                                              study: Path) -> None:
+    """The idle timer runs from the association's close: its next instance may still be on
+    the wire (a C-STORE reaches the node only once complete)."""
+    node = Node(tmp_path, hold_seconds=0.1)
+    first, second = sorted(study.glob("*/dbt/*.dcm"))[:2]
+    queued: list[int] = []
+    try:
+        assoc = associate(node, [BTO])
+        assert assoc.is_established
+        try:
+            assert assoc.send_c_store(first).Status == 0
+            # three idle times pass with the association open (as during a slow transfer)
+            deadline = time.monotonic() + 1.5
+            while time.monotonic() < deadline:
+                queued += node.store.mark_ready(idle_seconds=0.5)
+                time.sleep(0.05)
+            assert queued == []
+            assert assoc.send_c_store(second).Status == 0
+        finally:
+            assoc.release()
+        deadline = time.monotonic() + 10
+        while not queued and time.monotonic() < deadline:
+            queued += node.store.mark_ready(idle_seconds=0.5)
+            time.sleep(0.05)
+        [job_id] = queued
+        assert len(node.store.study_instances(node.store.get_job(job_id).study_uid)) == 2
+    finally:
+        node.close()
+
+
+def test_hold_interval_stays_under_the_shortest_idle_time() -> None:
+    from dicomnode.config import Config, PeerConfig
+    from dicomnode.scp import HOLD_SECONDS, hold_interval
+
+    config = Config()
+    assert hold_interval(config) == HOLD_SECONDS  # the default 30 s idle time
+    config.peers = [PeerConfig("FAST", idle_seconds=2.0), PeerConfig("SLOW")]
+    assert hold_interval(config) == 0.5

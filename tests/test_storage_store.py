@@ -132,6 +132,22 @@ def test_study_ready_after_idle_time_per_calling_ae(store: Store) -> None:
     assert store.get_job(slow).calling_ae == "SLOWPACS"
 
 
+def test_held_study_waits_for_its_idle_time_after_the_last_hold(store: Store) -> None:
+    held, queued_by_hand, other = (instance_args(study=n)["study_uid"] for n in (1, 2, 3))
+    for n in (1, 2, 3):
+        store.store_instance(**instance_args(study=n), now=at(0))
+    store.force_ready(queued_by_hand, now=at(1))
+    # An association still sending study 1 holds it at 25 s; study 3 was not named.
+    assert store.hold_receiving([held, queued_by_hand, "1.2.3.999"], now=at(25)) == 1
+    [first] = store.mark_ready(idle_seconds=30, now=at(40))
+    assert store.get_job(first).study_uid == other
+    assert store.get_job(store.claim_job("w1", now=at(41)).id).study_uid == queued_by_hand
+    assert store.mark_ready(idle_seconds=30, now=at(54)) == []
+    [late] = store.mark_ready(idle_seconds=30, now=at(55))
+    assert store.get_job(late).study_uid == held
+    assert store.hold_receiving([], now=at(60)) == 0
+
+
 def test_force_ready_and_instances_arriving_while_running(store: Store) -> None:
     study = instance_args()["study_uid"]
     store.store_instance(**instance_args(), now=at(0))

@@ -29,10 +29,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 
 def _start_scp(config, store):
-    from dicomnode.scp import StorageSCP, policy_from_config, ssl_context_from_config
+    from dicomnode.scp import (
+        StorageSCP,
+        hold_interval,
+        policy_from_config,
+        ssl_context_from_config,
+    )
 
     scp = StorageSCP(store, policy_from_config(config), config.node.host, config.node.port,
-                     ssl_context_from_config(config))
+                     ssl_context_from_config(config), hold_seconds=hold_interval(config))
     scp.start()
     if not config.peers:
         log.warning("event=no_peers_configured detail=\"accepting any calling AE; results are "
