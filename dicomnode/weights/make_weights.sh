@@ -10,15 +10,15 @@
 #   S2D_EPOCHS  epochs of the synthetic-2D model, which the others start from
 #   MINUTES     wall-clock budget of the FFDM fine-tuning run
 #   DBT_STUDIES extra DBT-only studies for the DBT model's fourth stage; DBT_EPOCHS its epochs
-#   LOCAL_EPOCHS at most this many epochs of the DBT local network on lesion crops (stage 5)
+#   LOCAL_EPOCHS at most this many epochs of each local network on lesion crops (stage 5)
 #   DEVICE      auto, cuda, cpu ...
 #   DICOMNODE   how to call the command line (default: dicomnode); PYTHON likewise
 #
 # The recipe: the paper's losses (eq. 7) plus saliency supervision by the ground-truth SEG
 # masks the synthetic archive has (--mask-weight; image labels alone did not train from
 # scratch, and the paper started from pretrained weights), the synthetic-2D GMIC first,
-# then DBT and FFDM initialised from it (the paper's transfer learning), and last the DBT
-# local network alone on crops centred on the lesions (--lesion-crops). Sizes fit the small
+# then DBT and FFDM initialised from it (the paper's transfer learning), and last each
+# model's local network alone on crops centred on the lesions (--lesion-crops). Sizes fit the small
 # phantoms at their own pixel size (0.1 mm; FFDM 0.07 mm); the local network is half the
 # paper's width and the files are stored in float16, so the three stay small.
 set -euo pipefail
@@ -87,8 +87,19 @@ $DICOMNODE train "${lesion[@]}" --lr 3e-4 --patience 12 --epochs "$LOCAL_EPOCHS"
 $DICOMNODE train "${lesion[@]}" --lr 1e-4 --patience 8 --epochs 14 \
     --init "$WORK/dbt_local/best.pt" --out "$WORK/dbt_local2"
 
+#    The same for synthetic 2D and FFDM: LOCAL_EPOCHS at 3e-4 from their best weights, on the
+#    stage-1 archive (one 2D image per view, so no slice to choose).
+lesion2d=(--images "$WORK/data" --labels "$WORK/data/labels.csv" --split 0.8,0.2,0
+          "${shape[@]}" --lesion-crops --batch-size 16 --lr 3e-4 --patience 6
+          --epochs "$LOCAL_EPOCHS")
+$DICOMNODE train "${lesion2d[@]}" "${s2d[@]}" --init "$WORK/s2d/best.pt" \
+    --out "$WORK/s2d_local"
+$DICOMNODE train "${lesion2d[@]}" --modality ffdm --input-size 640x480 --num-crops 4 \
+    --percent-t 0.05 --no-activation-checkpointing --init "$WORK/ffdm/best.pt" \
+    --out "$WORK/ffdm_local"
+
 # 6. Each model's best epoch (validation malignant AUC), in float16 with its story.
-for m in dbt_local2:dbt ffdm:ffdm s2d:s2d; do
+for m in dbt_local2:dbt ffdm_local:ffdm s2d_local:s2d; do
     $PYTHON - "$WORK/${m%%:*}/best.pt" "${OUT_DIR:-$HERE}/${m##*:}.pt" <<'EOF'
 import sys
 from gmic.checkpoint import load_checkpoint, save_checkpoint
