@@ -24,6 +24,10 @@ class AlgorithmIdentity:
     checkpoint_name: str  # "builtin:dbt" or the checkpoint file's name
     checkpoint_sha256: str
     description: str = ""  # e.g. "trained on synthetic phantoms; not for clinical use"
+    # Scores are the mean over this many shifted/resized copies (up to augment_px pixels);
+    # 0: one plain pass ([model] test_time_augmentations).
+    test_time_augmentations: int = 0
+    augment_px: int = 0
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,8 @@ class ModelRegistry:
             checkpoint_name=f"builtin:{modality}" if builtin else path.name,
             checkpoint_sha256=_sha256(path),
             description=str(meta.get("description") or (BUILTIN_DESCRIPTION if builtin else "")),
+            test_time_augmentations=self.config.test_time_augmentations,
+            augment_px=self.config.augment_px if self.config.test_time_augmentations else 0,
         )
         log.info("event=model_loaded %s", kv(modality=modality, checkpoint=identity.checkpoint_name,
                                              sha256=identity.checkpoint_sha256[:12],

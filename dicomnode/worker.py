@@ -293,8 +293,8 @@ class Worker:
                 continue
             t1 = time.perf_counter()
             analyses.append(analyse_image(
-                image, loaded, test_time_augmentations=self.config.model.test_time_augmentations,
-                augment_px=self.config.model.augment_px))
+                image, loaded, test_time_augmentations=loaded.identity.test_time_augmentations,
+                augment_px=loaded.identity.augment_px))
             t2 = time.perf_counter()
             times.load += t1 - t0
             times.model += t2 - t1

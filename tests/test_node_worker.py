@@ -3,6 +3,7 @@ are the model's, and a node without weights fails the job clearly."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,8 @@ from pydicom import dcmread
 
 from dicomnode.config import Config
 from dicomnode.models import ModelRegistry
+from dicomnode.results import ResultOptions
+from dicomnode.results.common import result_uid
 from dicomnode.results.read import read_sr_summary
 from dicomnode.scp import ReceiverPolicy, archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
@@ -161,6 +164,18 @@ def test_test_time_augmentation_changes_the_scores_not_the_drawings(
             assert augmented.global_ == plain.global_ and augmented.regions == plain.regions
             np.testing.assert_array_equal(augmented.saliency, plain.saliency)
         assert moved >= 2 and len(finals) == 4
+
+        # The objects say how they were scored, and get other UIDs than one-pass results.
+        seg = next(dcmread(r.path) for r in store.study_results(study_uid) if r.kind == "seg")
+        parameters: list[str] = []
+        seg.walk(lambda _, e: parameters.append(str(e.value))
+                 if e.keyword == "AlgorithmParameters" else None)
+        assert parameters and all("test_time_augmentations" in p and "3 copies, up to 8 px" in p
+                                  for p in parameters)
+        one_pass = replace(plain, algorithm=replace(plain.algorithm, test_time_augmentations=0,
+                                                    augment_px=0))
+        assert result_uid(plain, ResultOptions(), "sr") != result_uid(one_pass, ResultOptions(),
+                                                                      "sr")
     finally:
         store.close()
 

@@ -111,8 +111,12 @@ def result_uid(analysis: ImageAnalysis, options: ResultOptions, *labels: object)
     instance is archived under a new name), same weights, same options. A job that runs
     again after its worker died then rewrites and re-sends the same objects instead of
     sending the PACS a second copy under new UIDs."""
+    algorithm = analysis.algorithm
+    # other test-time copies give other scores: other objects, other UIDs
+    copies = ([f"tta={algorithm.test_time_augmentations}x{algorithm.augment_px}"]
+              if algorithm.test_time_augmentations else [])
     entropy = [*(p.name for p in analysis.image.source_paths),
-               analysis.algorithm.checkpoint_sha256, repr(options), *map(str, labels)]
+               algorithm.checkpoint_sha256, repr(options), *copies, *map(str, labels)]
     return hd.UID(str(generate_uid(entropy_srcs=entropy)))
 
 
@@ -128,6 +132,9 @@ def algorithm_parameters(algorithm: AlgorithmIdentity) -> dict[str, str]:
         params["checkpoint_sha256"] = algorithm.checkpoint_sha256
     if algorithm.description:  # e.g. what it was trained on, "not for clinical use"
         params["description"] = algorithm.description
+    if algorithm.test_time_augmentations:
+        params["test_time_augmentations"] = (f"{algorithm.test_time_augmentations} copies, "
+                                             f"up to {algorithm.augment_px} px")
     return params
 
 
