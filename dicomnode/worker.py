@@ -59,13 +59,13 @@ def _probabilities(values: np.ndarray) -> ClassProbabilities:
     return ClassProbabilities(benign=float(values[BENIGN]), malignant=float(values[MALIGNANT]))
 
 
-def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32",
-                  test_time_augmentations: int = 0, augment_px: int = 0) -> ImageAnalysis:
+def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32"
+                  ) -> ImageAnalysis:
     """Preprocess one image, run the model, and express the result on the source image.
 
-    With test_time_augmentations > 0 the final scores are the mean over that many shifted
-    and resized copies; everything drawn on the image comes from the plain pass, whose
-    geometry is the source image's."""
+    Where the model's identity says so (test_time_augmentations > 0), the final scores are
+    the mean over that many shifted and resized copies; everything drawn on the image comes
+    from the plain pass, whose geometry is the source image's."""
     import torch
 
     from gmic.model import predict, predict_augmented
@@ -77,8 +77,9 @@ def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32
     volume = torch.from_numpy(model_input)
     output = predict(loaded.model, volume, dtype=dtype)
     final = output.y.float().cpu()
-    if test_time_augmentations > 0:
-        final = predict_augmented(loaded.model, volume, test_time_augmentations, augment_px,
+    copies = loaded.identity.test_time_augmentations
+    if copies > 0:
+        final = predict_augmented(loaded.model, volume, copies, loaded.identity.augment_px,
                                   dtype=dtype)
     crop_h, crop_w = cfg.crop_size
     regions = []
@@ -292,9 +293,7 @@ class Worker:
                 log.warning("event=image_skipped %s", kv(job=job.id, reason=exc))
                 continue
             t1 = time.perf_counter()
-            analyses.append(analyse_image(
-                image, loaded, test_time_augmentations=loaded.identity.test_time_augmentations,
-                augment_px=loaded.identity.augment_px))
+            analyses.append(analyse_image(image, loaded))
             t2 = time.perf_counter()
             times.load += t1 - t0
             times.model += t2 - t1
