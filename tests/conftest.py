@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,13 @@ from dicomnode.external import dcmtk_program
 
 REQUIRE_PEERS = os.environ.get("DICOMNODE_REQUIRE_PEERS") == "1"
 
+
+def pytest_report_header(config: pytest.Config) -> str:
+    # A full run writes about 8 GB of archives and checkpoints at its peak; a disk that runs
+    # out shows as hundreds of unrelated errors, so say up front what is free.
+    temp = tempfile.gettempdir()
+    return f"free disk under {temp}: {shutil.disk_usage(temp).free / 2**30:.1f} GiB " \
+           "(a full run needs about 8 GiB)"
 
 
 def dcmtk(tool: str) -> str:
