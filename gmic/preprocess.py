@@ -253,7 +253,8 @@ class PreprocessTransform:
             cols = slice(c_lo + wc, c_hi + wc)
         rows = slice(r_lo + wr, r_hi + wr)
         for d in range(depth):  # per frame: temporaries stay one frame large
-            block = _apply_index(_apply_index(vals[d], ri, axis=0), ci, axis=1)
+            # columns first, on the small map; the last pass then takes whole rows
+            block = _apply_index(_apply_index(vals[d], ci, axis=1), ri, axis=0)
             out[d, rows, cols] = block[:, ::-1] if self.flipped else block
         return out
 
@@ -277,7 +278,11 @@ def _apply_index(arr: np.ndarray, index, axis: int) -> np.ndarray:
         return a0
     a1 = np.take(arr, i1, axis=axis)
     f = frac[:, None] if axis == 0 else frac[None, :]
-    return a0 + (a1 - a0) * f
+    # a0 + (a1 - a0) * f in place: a1 is a fresh copy, and full-size frames are large
+    a1 -= a0
+    a1 *= f
+    a1 += a0
+    return a1
 
 
 def _window_rows(row_counts: np.ndarray, r0: int, r1: int, in_h: int) -> int:
