@@ -87,6 +87,27 @@ def test_binary_seg_is_saliency_above_threshold(tmp_path_factory, tmp_path, layo
         assert sources[i] == expected_source(analysis, d)
 
 
+def test_segments_overlap_only_where_both_classes_flag_a_pixel(tmp_path_factory,
+                                                              tmp_path) -> None:
+    # The default operating points flag the finding's class only (the SEG is built from a
+    # label map); THRESHOLDS flag both classes on the same blob (a per-segment stack).
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    for thresholds, overlap in (((0.5, 0.5), "NO"), (THRESHOLDS, "YES")):
+        result = build_segmentation(analysis, ResultOptions(thresholds=thresholds))
+        seg, _ = _reread(result, tmp_path)
+        assert seg.SegmentsOverlap == overlap
+        assert (result.flagged_pixels[0] > 0) == (overlap == "YES")
+        assert result.flagged_pixels[1] > 0
+        frames = _frames_by_segment(analysis, seg, result.factor)
+        pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+        for class_index in range(len(CLASS_NAMES)):
+            saliency = analysis.saliency_on_source(class_index)
+            for d in range(analysis.image.shape[0]):
+                expected = block_mean(saliency[d], result.factor) > thresholds[class_index]
+                got = pixels[frames[(class_index + 1, d)]].astype(bool)
+                np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("layout,modality", CASES)
 def test_fractional_seg_holds_the_saliency(tmp_path_factory, tmp_path, layout,
                                            modality) -> None:
