@@ -122,7 +122,9 @@ class StoreRefused(Exception):
     def __init__(self, status: int, comment: str) -> None:
         super().__init__(comment)
         self.status = status
-        self.comment = comment[:64]  # Error Comment is LO: at most 64 characters
+        # Error Comment is LO: one value (no backslash, which separates values), at most 64
+        # characters; the message may quote what the peer sent
+        self.comment = comment.replace("\\", "/")[:64]
 
 
 @dataclass(frozen=True)
