@@ -81,6 +81,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def algorithm_identity(modality: str, path: Path, meta: dict, *, builtin: bool = False,
+                       test_time_augmentations: int = 0, augment_px: int = 0
+                       ) -> AlgorithmIdentity:
+    """Which model a checkpoint file is, as written into every result object."""
+    return AlgorithmIdentity(
+        name="3D-GMIC" if modality == "dbt" else "GMIC",
+        version=__version__,
+        checkpoint_name=f"builtin:{modality}" if builtin else path.name,
+        checkpoint_sha256=_sha256(path),
+        description=str(meta.get("description") or (BUILTIN_DESCRIPTION if builtin else "")),
+        test_time_augmentations=test_time_augmentations,
+        augment_px=augment_px if test_time_augmentations else 0,
+    )
+
+
 class ModelRegistry:
     """Loads each modality's model on first use (thread-safe) and keeps it."""
 
@@ -131,15 +146,10 @@ class ModelRegistry:
                 f"[model] {modality} = {path}: the checkpoint is a {model.cfg.modality} model; "
                 f"name a {modality} checkpoint")
         builtin = self.spec(modality) == "builtin"
-        identity = AlgorithmIdentity(
-            name="3D-GMIC" if modality == "dbt" else "GMIC",
-            version=__version__,
-            checkpoint_name=f"builtin:{modality}" if builtin else path.name,
-            checkpoint_sha256=_sha256(path),
-            description=str(meta.get("description") or (BUILTIN_DESCRIPTION if builtin else "")),
+        identity = algorithm_identity(
+            modality, path, meta, builtin=builtin,
             test_time_augmentations=self.config.test_time_augmentations,
-            augment_px=self.config.augment_px if self.config.test_time_augmentations else 0,
-        )
+            augment_px=self.config.augment_px)
         log.info("event=model_loaded %s", kv(modality=modality, checkpoint=identity.checkpoint_name,
                                              sha256=identity.checkpoint_sha256[:12],
                                              device=str(self.device)))

@@ -24,17 +24,15 @@ import numpy as np
 
 from dicomnode import metrics
 from dicomnode.analysis import (
-    BENIGN,
-    MALIGNANT,
-    AttendedRegion,
     BreastAnalysis,
     ClassProbabilities,
     ImageAnalysis,
 )
 from dicomnode.errors import DicomnodeError, UnusableImageError
+from dicomnode.inference import analyse_image
 from dicomnode.logs import kv
 from dicomnode.models import LoadedModel, ModelRegistry, ModelUnavailable
-from dicomnode.volume import BreastImage, ImageHeader, read_pixels, scan_images
+from dicomnode.volume import ImageHeader, read_pixels, scan_images
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
@@ -53,46 +51,6 @@ def worker_id() -> str:
 
 
 # -------------------------------------------------------------------------- inference
-
-
-def _probabilities(values: np.ndarray) -> ClassProbabilities:
-    return ClassProbabilities(benign=float(values[BENIGN]), malignant=float(values[MALIGNANT]))
-
-
-def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32"
-                  ) -> ImageAnalysis:
-    """Preprocess one image, run the model, and express the result on the source image.
-
-    Where the model's identity says so (test_time_augmentations > 0), the final scores are
-    the mean over that many shifted and resized copies; everything drawn on the image comes
-    from the plain pass, whose geometry is the source image's."""
-    import torch
-
-    from gmic.model import predict, predict_augmented
-    from gmic.preprocess import preprocess
-
-    cfg = loaded.model.cfg
-    model_input, transform = preprocess(image.pixels, image.modality, image.laterality,
-                                        input_size=cfg.input_size)
-    volume = torch.from_numpy(model_input)
-    output = predict(loaded.model, volume, dtype=dtype)
-    final = output.y.float().cpu()
-    copies = loaded.identity.test_time_augmentations
-    if copies > 0:
-        final = predict_augmented(loaded.model, volume, copies, loaded.identity.augment_px,
-                                  dtype=dtype)
-    crop_h, crop_w = cfg.crop_size
-    regions = []
-    for (frame, row, col), weight in zip(output.crop_positions.tolist(),
-                                         output.attention.float().tolist(), strict=True):
-        r0, c0, h, w = transform.to_source_box(int(row), int(col), crop_h, crop_w)
-        regions.append(AttendedRegion(int(frame), r0, c0, h, w, float(weight)))
-    return ImageAnalysis(
-        image=image, algorithm=loaded.identity,
-        final=_probabilities(final.numpy()),
-        global_=_probabilities(output.y_global.float().cpu().numpy()),
-        local=_probabilities(output.y_local.float().cpu().numpy()),
-        regions=regions, saliency=output.saliency.float().cpu().numpy(), transform=transform)
 
 
 def combine_breasts(analyses: list[ImageAnalysis]) -> dict[str, BreastAnalysis]:

@@ -85,17 +85,8 @@ def load_checkpoint(path: str | Path, config: GMICConfig | None = None,
     path = Path(path)
     data = read_checkpoint(path)
     meta: dict[str, Any] = {}
-    if "format" in data:
-        if data["format"] != FORMAT:
-            raise CheckpointError(f"{path}: format {data['format']!r} is not {FORMAT!r}")
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: format_version {version!r} is not supported "
-                                  f"(this version reads {FORMAT_VERSION})")
-        try:
-            stored = GMICConfig.from_dict(dict(data["config"]))
-        except (KeyError, TypeError, GMICConfigError) as exc:
-            raise CheckpointError(f"{path}: bad configuration in checkpoint: {exc}") from exc
+    stored = _stored_config(data, path)
+    if stored is not None:
         cfg = stored if config is None else config
         state = data.get("state_dict")
         meta = dict(data.get("meta") or {})
@@ -107,6 +98,27 @@ def load_checkpoint(path: str | Path, config: GMICConfig | None = None,
     model = GMIC(cfg)
     load_state_dict_strict(model, state, path)
     return model.to(map_location).eval(), meta
+
+
+def checkpoint_config(path: str | Path) -> GMICConfig | None:
+    """The configuration a project checkpoint was saved with; None for a published state
+    dict, which carries none (its architecture is whatever the caller says)."""
+    return _stored_config(read_checkpoint(path), Path(path))
+
+
+def _stored_config(data: Mapping[str, Any], path: Path) -> GMICConfig | None:
+    if "format" not in data:
+        return None
+    if data["format"] != FORMAT:
+        raise CheckpointError(f"{path}: format {data['format']!r} is not {FORMAT!r}")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported "
+                              f"(this version reads {FORMAT_VERSION})")
+    try:
+        return GMICConfig.from_dict(dict(data["config"]))
+    except (KeyError, TypeError, GMICConfigError) as exc:
+        raise CheckpointError(f"{path}: bad configuration in checkpoint: {exc}") from exc
 
 
 def load_state_dict_strict(model: GMIC, state: Mapping[str, Tensor], source: str | Path) -> None:

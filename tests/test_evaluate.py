@@ -14,7 +14,6 @@ from dicomnode.training.evaluation import (
     auc_tables,
     breast_predictions,
     localisation_table,
-    predict_image,
 )
 from gmic.metrics import roc_auc
 
@@ -79,16 +78,22 @@ def test_test_time_augmentation_averages_copies() -> None:
     from tests.train_support import tiny_model
 
     torch.set_num_threads(1)
+    from dicomnode.inference import run_model
+
     model = tiny_model().eval()
     pixels = np.random.default_rng(0).random((1, 140, 100)).astype(np.float32)
     pixels[:, :, :60] += 2  # a "breast" on the left
-    y0, out, volume, _ = predict_image(model, pixels, "s2d", "L", tta=0, augment_px=10, seed=1)
-    y1, _, _, _ = predict_image(model, pixels, "s2d", "L", tta=3, augment_px=10, seed=1)
-    y2, _, _, _ = predict_image(model, pixels, "s2d", "L", tta=3, augment_px=10, seed=1)
-    assert volume.shape == (1, *model.cfg.input_size)
-    np.testing.assert_allclose(y0, out.y.numpy())
-    np.testing.assert_allclose(y1, y2)  # seeded
-    assert not np.allclose(y0, y1)
+    image = SimpleNamespace(pixels=pixels, modality="s2d", laterality="L")
+    plain = run_model(model, image)  # type: ignore[arg-type]
+    once = run_model(model, image, test_time_augmentations=3, augment_px=10,  # type: ignore[arg-type]
+                     seed=1)
+    again = run_model(model, image, test_time_augmentations=3, augment_px=10,  # type: ignore[arg-type]
+                      seed=1)
+    assert plain.model_input.shape == (1, *model.cfg.input_size)
+    np.testing.assert_allclose(plain.final, plain.output.y.numpy())
+    np.testing.assert_allclose(once.final, again.final)  # seeded
+    assert not np.allclose(plain.final, once.final)
+    np.testing.assert_array_equal(once.output.saliency, plain.output.saliency)  # drawn: plain
 
 
 def test_conspicuity_drops_when_tissue_overlaps_the_finding() -> None:
@@ -105,3 +110,56 @@ def test_conspicuity_drops_when_tissue_overlaps_the_finding() -> None:
     assert high == pytest.approx(30 / 5, rel=0.2)
     assert low < high / 3
     assert conspicuity(clear, np.zeros_like(mask)) is None
+
+
+@pytest.mark.parametrize("copies", [0, 2])
+def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies: int) -> None:
+    """The AUC `evaluate` reports is measured on the node's own path: per image, its score
+    is the probability the worker puts in its results (same checkpoint, same image, same
+    [model] test-time augmentation, which evaluate follows by default)."""
+    import json
+
+    from dicomnode.cli import main
+    from dicomnode.config import ModelConfig
+    from dicomnode.models import ModelRegistry
+    from dicomnode.synth import SynthOptions, generate_studies
+    from dicomnode.volume import load_image
+    from dicomnode.worker import analyse_image
+    from gmic.checkpoint import save_checkpoint
+    from gmic.config import GMICConfig
+    from tests.train_support import tiny_model
+
+    torch.set_num_threads(1)
+    images = tmp_path / "images"
+    generate_studies(images, SynthOptions(studies=2, modalities=("s2d",), seed=183))
+    checkpoint = tmp_path / "s2d.pt"
+    save_checkpoint(checkpoint, tiny_model(3, GMICConfig.s2d(
+        input_size=(160, 112), crop_size=(32, 32), num_crops=2, percent_t=0.1, local_width=8,
+        saliency_init_log10_w=-0.5)))
+    config = tmp_path / "node.toml"
+    config.write_text(f'[node]\ndata_dir = "{tmp_path / "data"}"\n[model]\ndevice = "cpu"\n'
+                      f'test_time_augmentations = {copies}\naugment_px = 12\n')
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(config), "evaluate", "--labels", str(images / "labels.csv"),
+              "--images", str(images), "--checkpoint", str(checkpoint), "--out",
+              str(tmp_path / "report"), "--bootstrap", "10", "--montages", "0"])
+    assert not exc.value.code, capsys.readouterr().err
+    scored = {row["sop_instance_uid"]: row for row in
+              json.loads((tmp_path / "report" / "report.json").read_text())["images"]}
+
+    model_config = ModelConfig(device="cpu", s2d=str(checkpoint),
+                               test_time_augmentations=copies, augment_px=12)
+    loaded = ModelRegistry(model_config).get("s2d")
+    one_pass = ModelRegistry(ModelConfig(device="cpu", s2d=str(checkpoint))).get("s2d")
+    paths = sorted(images.glob("*/s2d/*.dcm"))
+    assert len(paths) == len(scored) == 8
+    moved = 0
+    for path in paths:
+        image = load_image(path)
+        worker = analyse_image(image, loaded)
+        row = scored[image.sop_instance_uids[0]]
+        assert row["y_malignant"] == pytest.approx(worker.final.malignant, rel=1e-6, abs=1e-7)
+        assert row["y_benign"] == pytest.approx(worker.final.benign, rel=1e-6, abs=1e-7)
+        plain = analyse_image(image, one_pass).final.malignant
+        moved += abs(row["y_malignant"] - plain) > 1e-6
+    assert moved == (len(paths) if copies else 0)  # the copies count, and were followed

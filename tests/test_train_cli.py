@@ -253,3 +253,99 @@ def test_breast_level_labels_cover_both_views(synth: Path, tmp_path: Path) -> No
     for e in examples:
         assert e.malignant == int(by_uid[e.uid]["malignant"])
         assert e.patient == by_uid[e.uid]["patient_id"] and e.study_date  # from the headers
+
+
+# --init brings the checkpoint's model: no architecture flags, one step (--max-minutes tiny)
+ONE_STEP = ["--epochs", "1", "--batch-size", "2", "--augment-px", "8", "--split", "0.5,0.5,0",
+            "--no-progress", "--device", "cpu", "--max-minutes", "0.0001"]
+
+
+def _trained_config(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())["config"]
+
+
+def test_init_builtin_trains_the_shipped_model_without_architecture_flags(
+        synth: Path, tmp_path: Path, capsys) -> None:
+    from dicomnode.models import BUILTIN_DIR
+    from gmic.checkpoint import checkpoint_config
+
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["train", "--labels", str(synth / "labels.csv"), "--modality",
+                                 "s2d", "--images", str(synth), "--init", "builtin", "--out",
+                                 str(out), *ONE_STEP], capsys)
+    assert code == 0, err
+    assert "time budget reached" in stdout
+    shipped = checkpoint_config(BUILTIN_DIR / "s2d.pt")
+    assert _trained_config(out) == shipped.to_dict() | {"input_size": list(shipped.input_size),
+                                                        "crop_size": list(shipped.crop_size)}
+    assert (out / "train_state.pt").is_file()
+
+
+def test_init_file_takes_the_checkpoints_model_and_flags_that_do_not_change_it(
+        synth: Path, tmp_path: Path, capsys) -> None:
+    from gmic.checkpoint import save_checkpoint
+    from gmic.config import GMICConfig
+    from tests.train_support import tiny_model
+
+    cfg = GMICConfig.s2d(input_size=(256, 192), crop_size=(48, 48), num_crops=2, percent_t=0.1,
+                         local_width=8, slice_chunk=0, activation_checkpointing=False)
+    init = tmp_path / "init.pt"
+    save_checkpoint(init, tiny_model(0, cfg))
+    out = tmp_path / "run"
+    # a value equal to the checkpoint's is accepted, and run-time settings may change
+    code, stdout, err = run_cli(["train", "--labels", str(synth / "labels.csv"), "--modality",
+                                 "s2d", "--images", str(synth), "--init", str(init),
+                                 "--crop-size", "48x48", "--beta", "0.001", "--out", str(out),
+                                 *ONE_STEP], capsys)
+    assert code == 0, err
+    trained = _trained_config(out)
+    assert trained["input_size"] == [256, 192] and trained["crop_size"] == [48, 48]
+    assert trained["num_crops"] == 2 and trained["local_width"] == 8
+    assert trained["percent_t"] == 0.1 and trained["beta"] == 0.001
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--input-size", "448x320"], "--input-size 448x320 contradicts the checkpoint's 256x192"),
+    (["--local-width", "16"], "--local-width 16 contradicts the checkpoint's 8"),
+    (["--num-crops", "3", "--zeta", "2"], "--num-crops 3 contradicts the checkpoint's 6; "
+                                          "--zeta 2 contradicts the checkpoint's 0"),
+])
+def test_init_refuses_flags_that_contradict_the_checkpoint(
+        synth: Path, tmp_path: Path, capsys, flags: list[str], named: str) -> None:
+    from gmic.checkpoint import save_checkpoint
+    from gmic.config import GMICConfig
+    from tests.train_support import tiny_model
+
+    init = tmp_path / "init.pt"
+    save_checkpoint(init, tiny_model(0, GMICConfig.s2d(input_size=(256, 192), local_width=8)))
+    out = tmp_path / "o"
+    code, _, err = run_cli(["train", "--labels", str(synth / "labels.csv"), "--modality", "s2d",
+                            "--images", str(synth), "--init", str(init), "--out", str(out),
+                            *flags, *ONE_STEP], capsys)
+    line = one_error_line(err)
+    assert code == 1 and named in line and str(init) in line
+    assert "leave" in line and "to use the checkpoint's" in line
+    assert not out.exists()  # refused before anything was written
+
+
+def test_init_of_another_modality_keeps_its_network_and_reads_images_the_new_way(
+        synth: Path, tmp_path: Path, capsys) -> None:
+    from gmic.checkpoint import save_checkpoint
+    from gmic.config import GMICConfig
+    from tests.train_support import tiny_model
+
+    init = tmp_path / "dbt.pt"
+    save_checkpoint(init, tiny_model(0, GMICConfig.dbt(input_size=(256, 192), local_width=8,
+                                                       crop_size=(48, 48), zeta=3)))
+    code, _, err = run_cli(["train", "--labels", str(synth / "labels.csv"), "--modality", "s2d",
+                            "--images", str(synth), "--init", str(init), "--out",
+                            str(tmp_path / "o"), "--local-width", "16", *ONE_STEP], capsys)
+    assert code == 1 and "--local-width 16 contradicts the checkpoint's 8" in one_error_line(err)
+
+    from dicomnode.training.run import model_config
+
+    cfg = model_config("s2d", {"input_size": (256, 192)}, GMICConfig.dbt(
+        input_size=(256, 192), local_width=8, crop_size=(48, 48), zeta=3))
+    s2d = GMICConfig.s2d()
+    assert cfg.modality == "s2d" and cfg.local_width == 8 and cfg.crop_size == (48, 48)
+    assert (cfg.zeta, cfg.percent_t, cfg.num_crops) == (s2d.zeta, s2d.percent_t, s2d.num_crops)

@@ -26,9 +26,12 @@ from dicomnode.commands.usage import OneLineCommand
               help="Patient fractions TRAIN,VAL,TEST used to make the split.")
 @click.option("--split-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="split.json of a training run: --subset takes that run's studies.")
-@click.option("--tta", type=int, default=0, show_default=True,
-              help="Random shift/resize copies averaged per image (paper: 10).")
-@click.option("--augment-px", type=int, default=100, show_default=True)
+@click.option("--tta", type=int, default=None,
+              help="Random shift/resize copies averaged per image (paper: 10); default: "
+                   "[model] test_time_augmentations, what the node does.")
+@click.option("--augment-px", type=int, default=None,
+              help="Largest shift/resize of a copy, model-input pixels; default: [model] "
+                   "augment_px.")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="Saliency threshold for DSC.")
 @click.option("--bootstrap", "resamples", type=int, default=1000, show_default=True)
@@ -39,8 +42,8 @@ from dicomnode.commands.usage import OneLineCommand
 @click.pass_context
 def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], out: Path,
              images: Path | None, subset: str, split_text: str, split_file: Path | None,
-             tta: int, augment_px: int, threshold: float, resamples: int, montages: int, seed: int,
-             device: str | None) -> None:
+             tta: int | None, augment_px: int | None, threshold: float, resamples: int,
+             montages: int, seed: int, device: str | None) -> None:
     """Evaluate checkpoints on labelled images and write a report to OUT."""
     from dicomnode.cli import load_cli_config
     from dicomnode.models import resolve_device
@@ -51,6 +54,9 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
 
     config = load_cli_config(ctx)
     fractions = parse_fractions(split_text)
+    # Scored as the worker scores: the node's test-time augmentation unless told otherwise.
+    tta = config.model.test_time_augmentations if tta is None else tta
+    augment_px = config.model.augment_px if augment_px is None else augment_px
     loaded = ev.load_checkpoints(checkpoints, resolve_device(device or config.model.device))
     data = load_labelled(config, labels, None, images)
     examples = data.examples
@@ -68,7 +74,7 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
     out.mkdir(parents=True, exist_ok=True)
     meta = {"labels": str(labels), "source": data.index.source, "subset": subset,
             "checkpoints": [str(c.path) for c in loaded], "resamples": resamples,
-            "threshold": threshold, "tta": tta}
+            "threshold": threshold, "tta": tta, "augment_px": augment_px if tta > 0 else 0}
     per_image = [{"sop_instance_uid": s.example.uid, "modality": m,
                   "study_uid": s.example.header.study_uid, "laterality": s.example.laterality,
                   "view": s.example.header.view, "benign": s.example.benign,

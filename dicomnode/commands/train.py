@@ -27,7 +27,11 @@ def model_options(f):
                      default=None, help="Read images from this folder (e.g. a synth output) "
                                         "instead of the node's archive."),
         click.option("--init", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                     help="Start from this checkpoint's weights (transfer learning)."),
+                     help="Start from this checkpoint's weights; 'builtin': the weights "
+                          "shipped for --modality. A checkpoint of the same modality brings "
+                          "its whole model (input size, crops, K, t, zeta, widths: leave "
+                          "those flags out); one of another modality (transfer learning) "
+                          "brings its network."),
         click.option("--epochs", type=int, default=40, show_default=True),
         click.option("--batch-size", type=int, default=4, show_default=True,
                      help="Images per optimizer step, over all processes."),
@@ -38,7 +42,8 @@ def model_options(f):
         click.option("--split", "split_text", default="0.8,0.1,0.1", show_default=True,
                      help="Patient fractions TRAIN,VAL,TEST (a split column overrides)."),
         click.option("--input-size", default=None,
-                     help="Model input HxW (default: the modality's, e.g. 2116x1339)."),
+                     help="Model input HxW (default: the modality's, e.g. 2116x1339, or the "
+                          "--init checkpoint's)."),
         click.option("--crop-size", default=None, help="Local patch HxW (default 256x256)."),
         click.option("--zeta", type=int, default=None),
         click.option("--slice-chunk", type=int, default=None,
@@ -101,10 +106,12 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
     from dicomnode.training.run import (
+        init_config,
         load_labelled,
         model_config,
         parse_fractions,
         parse_size,
+        resolve_init,
         shutdown_distributed,
         train_run,
     )
@@ -112,12 +119,13 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
 
     config = load_cli_config(ctx)
     fractions = parse_fractions(split_text)
+    init = resolve_init(init, modality)
     cfg = model_config(modality, {
         "input_size": parse_size(input_size, "--input-size"),
         "crop_size": parse_size(crop_size, "--crop-size"), "zeta": zeta,
         "slice_chunk": slice_chunk, "num_crops": num_crops, "percent_t": percent_t,
         "beta": beta, "saliency_init_log10_w": log10_w, "local_width": local_width,
-        "activation_checkpointing": activation_checkpointing})
+        "activation_checkpointing": activation_checkpointing}, init_config(init), init=init)
     try:
         settings = TrainSettings(epochs=epochs, learning_rate=lr, batch_size=batch_size,
                                  patience=patience, augment_px=augment_px, seed=seed,

@@ -34,9 +34,12 @@ def tune(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pat
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
     from dicomnode.training.run import (
+        init_config,
         load_labelled,
+        model_config,
         parse_fractions,
         parse_size,
+        resolve_init,
         shutdown_distributed,
         write_json,
     )
@@ -50,12 +53,16 @@ def tune(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pat
             "crop_size": parse_size(crop_size, "--crop-size"), "zeta": zeta,
             "slice_chunk": slice_chunk, "local_width": local_width,
             "activation_checkpointing": activation_checkpointing}
+    init = resolve_init(init, modality)
+    init_cfg = init_config(init)
+    model_config(modality, base, init_cfg, init=init)  # contradicting flags fail before data
     data = load_labelled(config, labels, modality, images)
     rng = random.Random(seed)
     draws = [sample_trial(modality, rng) for _ in range(trials)]  # fixed by the seed
     out.mkdir(parents=True, exist_ok=True)
     try:
-        finished = _run_trials(draws, out, data, modality, base, fractions, init, cache_dir,
+        finished = _run_trials(draws, out, data, modality, base, fractions, init, init_cfg,
+                               cache_dir,
                                device or config.model.device, epochs=epochs,
                                batch_size=batch_size, patience=patience,
                                augment_px=augment_px, seed=seed, precision=precision,
@@ -77,7 +84,7 @@ def tune(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pat
         f"{r['folder']} (AUC {r['best_auc']:.3f})" for r in kept))
 
 
-def _run_trials(draws, out: Path, data, modality: str, base: dict, fractions, init,
+def _run_trials(draws, out: Path, data, modality: str, base: dict, fractions, init, init_cfg,
                 cache_dir: Path | None, device: str, *, epochs: int, batch_size: int,
                 patience: int, augment_px: int, seed: int, precision: str,
                 progress: bool) -> list[dict]:
@@ -93,7 +100,9 @@ def _run_trials(draws, out: Path, data, modality: str, base: dict, fractions, in
         if done.is_file():
             finished.append(json.loads(done.read_text()))
             continue
-        cfg = model_config(modality, {**base, **trial.config_changes()})
+        changes = trial.config_changes()  # searched: may differ from the --init checkpoint's
+        cfg = model_config(modality, {**base, **changes}, init_cfg, init=init,
+                           free=tuple(changes))
         try:
             settings = TrainSettings(epochs=epochs, learning_rate=trial.learning_rate,
                                      batch_size=batch_size, patience=patience,

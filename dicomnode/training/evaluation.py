@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,10 @@ from dicomnode.errors import DicomnodeError
 from dicomnode.logs import kv
 from dicomnode.training.data import Example
 from dicomnode.volume import read_pixels
+
+if TYPE_CHECKING:
+    from dicomnode.analysis import AlgorithmIdentity
+    from dicomnode.models import LoadedModel
 
 log = logging.getLogger("dicomnode.evaluate")
 
@@ -33,6 +37,15 @@ class LoadedCheckpoint:
     path: Path
     model: Any  # gmic.model.GMIC
     modality: str
+    identity: AlgorithmIdentity  # as the node would name it; one plain pass
+
+    def as_node_runs_it(self, tta: int, augment_px: int) -> LoadedModel:
+        """The model as the worker holds it with [model] test_time_augmentations = tta."""
+        from dicomnode.models import LoadedModel
+
+        identity = dataclasses.replace(self.identity, test_time_augmentations=max(tta, 0),
+                                       augment_px=augment_px if tta > 0 else 0)
+        return LoadedModel(self.model, identity, next(self.model.parameters()).device)
 
 
 @dataclass
@@ -51,16 +64,19 @@ class ImageScore:
 
 
 def load_checkpoints(paths: Sequence[str | Path], device) -> list[LoadedCheckpoint]:
+    from dicomnode.models import algorithm_identity
     from dicomnode.training.run import CheckpointUnusable
     from gmic.checkpoint import CheckpointError, load_checkpoint
 
     out = []
     for p in paths:
         try:
-            model, _ = load_checkpoint(p, map_location=device)
+            model, meta = load_checkpoint(p, map_location=device)
         except CheckpointError as exc:
             raise CheckpointUnusable(f"--checkpoint: {exc}") from None
-        out.append(LoadedCheckpoint(Path(p), model.eval(), model.cfg.modality))
+        modality = model.cfg.modality
+        out.append(LoadedCheckpoint(Path(p), model.eval(), modality,
+                                    algorithm_identity(modality, Path(p), meta)))
     return out
 
 
@@ -88,32 +104,19 @@ def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
     return out
 
 
-def predict_image(model, pixels: np.ndarray, modality: str, laterality: str, *, tta: int,
-                  augment_px: int, seed: int):
-    """(y (2,), GMICOutput of the plain pass, model input, transform). With tta > 0, y is the
-    mean over tta randomly shifted/resized copies (paper V-D.3: 10 at test time)."""
-    import torch
-
-    from gmic.model import predict, predict_augmented
-    from gmic.preprocess import preprocess
-
-    volume, transform = preprocess(pixels, modality, laterality,
-                                   input_size=model.cfg.input_size)
-    x = torch.from_numpy(volume)
-    out = predict(model, x)
-    if tta <= 0:
-        return out.y.float().cpu().numpy(), out, volume, transform
-    return predict_augmented(model, x, tta, augment_px, seed=seed).numpy(), out, volume, transform
-
-
 def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
                  masks: dict[str, dict[str, np.ndarray]], *, tta: int = 0,
                  augment_px: int = 100, threshold: float = 0.5, seed: int = 0,
                  progress: bool = False) -> dict[str, list[ImageScore]]:
-    """Run every checkpoint on every image of its modality; localisation where a mask exists."""
-    by_modality: dict[str, list[LoadedCheckpoint]] = defaultdict(list)
+    """Run every checkpoint on every image of its modality as the node's worker does
+    (dicomnode.inference.analyse_image, with tta test-time copies drawn from seed: the
+    worker's [model] test_time_augmentations and augment_px); localisation where a mask
+    exists."""
+    from dicomnode.inference import analyse_image
+
+    by_modality: dict[str, list[LoadedModel]] = defaultdict(list)
     for c in checkpoints:
-        by_modality[c.modality].append(c)
+        by_modality[c.modality].append(c.as_node_runs_it(tta, augment_px))
     results: dict[str, list[ImageScore]] = defaultdict(list)
     todo = [e for e in examples if e.header.modality in by_modality]
     for n, example in enumerate(todo, start=1):
@@ -121,13 +124,12 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
         mask = next((masks[u] for u in example.header.sop_instance_uids if u in masks), None)
         score = ImageScore(example, [])
         projected = []
-        for ckpt in by_modality[example.header.modality]:
-            y, out, _, transform = predict_image(ckpt.model, image.pixels, image.modality,
-                                                 image.laterality, tta=tta,
-                                                 augment_px=augment_px, seed=seed)
-            score.per_checkpoint.append(y)
+        for loaded in by_modality[example.header.modality]:
+            analysis = analyse_image(image, loaded, seed=seed)
+            score.per_checkpoint.append(np.array([analysis.final.benign,
+                                                  analysis.final.malignant]))
             if mask is not None:
-                src = _project_saliency(out.saliency.float().cpu().numpy(), transform)
+                src = _project_saliency(analysis.saliency, analysis.transform)
                 projected.append(src)
                 for key, value in _localisation(src, mask, threshold).items():
                     score.localisation.setdefault(key, []).append(value)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.training.evaluation import CLASSES, ImageScore, predict_image
+from dicomnode.training.evaluation import CLASSES, ImageScore
 
 
 def _cell(value: dict[str, Any] | None) -> str:
@@ -33,6 +33,10 @@ def markdown(aucs: dict[str, Any], localisation: list[dict[str, Any]], meta: dic
     lines += [f"- labels: `{meta['labels']}`", f"- images from: {meta['source']}",
               f"- subset: {meta['subset']}",
               f"- checkpoints: {', '.join('`' + c + '`' for c in meta['checkpoints'])}",
+              "- scores: as the node's worker computes them, "
+              + (f"mean over {meta['tta']} shifted/resized copies (up to "
+                 f"{meta['augment_px']} px) per image" if meta.get("tta")
+                 else "one plain pass per image"),
               f"- 95% CIs: percentile bootstrap, {meta['resamples']} resamples", ""]
     lines += ["## Breast-wise AUC (paper Table II)", "",
               "| Modality | Malignant | Benign | Breasts |", "|---|---|---|---|"]
@@ -122,11 +126,11 @@ def montage(path: Path, score: ImageScore, model, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
+    from dicomnode.inference import run_model
     from dicomnode.volume import read_pixels
 
-    image = read_pixels(score.example.header)
-    _, out, volume, _ = predict_image(model, image.pixels, image.modality, image.laterality,
-                                      tta=0, augment_px=0, seed=0)
+    plain = run_model(model, read_pixels(score.example.header))  # what the node draws from
+    out, volume = plain.output, plain.model_input
     shown = volume.max(axis=0)
     saliency = out.saliency.float().cpu().numpy().max(axis=0)  # (2, h, w)
     positions = out.crop_positions.cpu().numpy()

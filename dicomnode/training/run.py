@@ -81,19 +81,92 @@ def parse_fractions(text: str) -> tuple[float, float, float]:
     return values  # type: ignore[return-value]
 
 
-def model_config(modality: str, changes: dict[str, Any]):
+# The command-line flag of each configuration field the train and tune commands set.
+FLAGS = {"input_size": "--input-size", "crop_size": "--crop-size", "num_crops": "--num-crops",
+         "percent_t": "--percent-t", "zeta": "--zeta", "local_width": "--local-width",
+         "beta": "--beta", "saliency_init_log10_w": "--log10-w",
+         "slice_chunk": "--slice-chunk", "activation_checkpointing": "--activation-checkpointing"}
+# What a checkpoint's model is, whatever modality it goes on to learn: its weights' shapes
+# and its normalisation...
+NETWORK_FIELDS = ("num_classes", "local_width", "attention_dim", "norm_groups")
+# ...and, for the same modality, how it reads an image: the field of view it learnt at, its
+# crops, its top-t pooling and its slice suppression.
+READING_FIELDS = ("input_size", "crop_size", "num_crops", "percent_t", "zeta")
+# The fields GMICConfig.for_modality sets per modality: a checkpoint of another modality
+# (transfer learning) leaves them at the new modality's defaults unless flags say otherwise.
+MODALITY_FIELDS = ("input_size", "num_crops", "percent_t", "beta", "zeta")
+
+
+def resolve_init(init: str | Path | None, modality: str) -> Path | None:
+    """The file `--init` names; `builtin` is the weights shipped for the modality."""
+    if init is None:
+        return None
+    if str(init) == "builtin":
+        from dicomnode.models import ModelUnavailable, checkpoint_path
+
+        try:
+            return checkpoint_path(modality, "builtin")
+        except ModelUnavailable as exc:
+            raise CheckpointUnusable(f"--init builtin: {exc}") from None
+    return Path(init)
+
+
+def init_config(init: Path | None):
+    """The configuration stored in the --init checkpoint; None without --init or for a
+    published state dict (which carries none: the flags describe its architecture)."""
+    from gmic.checkpoint import CheckpointError, checkpoint_config
+
+    if init is None:
+        return None
+    try:
+        return checkpoint_config(init)
+    except CheckpointError as exc:
+        raise CheckpointUnusable(f"--init: {exc}") from None
+
+
+def _flag_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def model_config(modality: str, changes: dict[str, Any], init_cfg=None, *,
+                 init: Path | None = None, free: tuple[str, ...] = ()):
+    """The model to train. Without a starting checkpoint (init_cfg None): the modality's
+    defaults with `changes` (None: not given). From a checkpoint of the same modality: the
+    checkpoint's configuration, flags contradicting what the model is refused; of another
+    modality: its network with the new modality's defaults for how images are read.
+    `free` names fields that may differ from the checkpoint's (tune's searched values);
+    run-time settings (slice chunk, activation checkpointing, loss weight) always may."""
     from gmic.config import GMICConfig, GMICConfigError
 
+    given = {k: v for k, v in changes.items() if v is not None}
     try:
-        return GMICConfig.for_modality(modality, **{k: v for k, v in changes.items()
-                                                    if v is not None})
+        if init_cfg is None:
+            return GMICConfig.for_modality(modality, **given)
+        kept = NETWORK_FIELDS + (READING_FIELDS if init_cfg.modality == modality else ())
+        contradictions = [
+            f"{FLAGS.get(name, name)} {_flag_value(given[name])} contradicts the "
+            f"checkpoint's {_flag_value(getattr(init_cfg, name))}"
+            for name in kept
+            if name in given and name not in free and given[name] != getattr(init_cfg, name)]
+        if contradictions:
+            raise CheckpointUnusable(
+                "; ".join(contradictions) + (f" (--init {init})" if init else "")
+                + (": leave it out to use the checkpoint's" if len(contradictions) == 1
+                   else ": leave them out to use the checkpoint's"))
+        values = init_cfg.to_dict()
+        if init_cfg.modality != modality:
+            defaults = GMICConfig.for_modality(modality)
+            values.update({f: getattr(defaults, f) for f in MODALITY_FIELDS}, modality=modality)
+        return GMICConfig.from_dict({**values, **given})
     except GMICConfigError as exc:
         raise DicomnodeError(str(exc)) from None
 
 
 def initial_model(cfg, init: str | Path | None):
     """A fresh model, or one whose weights come from `init` (any modality: the paper's
-    transfer learning), with cfg's hyperparameters."""
+    transfer learning), with cfg's hyperparameters (see model_config)."""
     from gmic.checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
     from gmic.model import GMIC
 
