@@ -253,11 +253,13 @@ class Worker:
         self.store.renew_lease(job.id, self.id, lease_seconds=self.config.worker.lease_seconds)
 
     def process(self, job: Job) -> StageTimes:
+        from dicomnode.results.common import ResultsError
+
         times = StageTimes()
         paths = [i.path for i in self.store.study_instances(job.study_uid)]
         headers, times.skipped = usable_headers(paths)
         for problem in times.skipped:
-            log.warning("event=image_skipped %s", kv(job=job.id, reason=problem))
+            self._left_out(job, times, None, problem)
         if not headers:
             raise JobFailed(f"study {job.study_uid} has no usable breast image"
                             + (f": {times.skipped[0]}" if times.skipped else ""))
@@ -289,8 +291,7 @@ class Worker:
             try:
                 image = read_pixels(header)
             except UnusableImageError as exc:
-                times.skipped.append(str(exc))
-                log.warning("event=image_skipped %s", kv(job=job.id, reason=exc))
+                self._left_out(job, times, header.sop_instance_uids[0], str(exc))
                 continue
             t1 = time.perf_counter()
             analyses.append(analyse_image(image, loaded))
@@ -312,15 +313,43 @@ class Worker:
         t0 = time.perf_counter()
         breasts = combine_breasts(analyses)
         destinations = self._destinations_for(job)
+        with_results: list[ImageAnalysis] = []
         for analysis in analyses:
-            for dataset, kind in self._build(analysis, breasts.get(analysis.image.laterality)):
+            # One image whose results cannot be built (highdicom refuses its geometry, say)
+            # is left out and recorded; the study's other images keep theirs.
+            try:
+                built = self._build(analysis, breasts.get(analysis.image.laterality))
+            except ResultsError as exc:
+                self._left_out(job, times, analysis.image.sop_instance_uids[0], str(exc))
+                continue
+            for dataset, kind in built:
                 self._archive_and_queue(job, dataset, kind, destinations)
+            with_results.append(analysis)
             analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
             self._renew(job)
-        for dataset, kind in self._build_study(job, analyses):  # the study's CAD SR
+        if not with_results:
+            raise JobFailed(f"study {job.study_uid}: no image's results could be built: "
+                            f"{times.skipped[-1]}")
+        for dataset, kind in self._build_study(job, with_results):  # the study's CAD SR
             self._archive_and_queue(job, dataset, kind, destinations)
         times.results = time.perf_counter() - t0
         return times
+
+    def _left_out(self, job: Job, times: StageTimes, sop_instance_uid: str | None,
+                  reason: str) -> None:
+        """An image of the study that gets no results: logged, and kept in the audit trail
+        with the reason (`dicomnode status --audit N` shows it)."""
+        if reason not in times.skipped:
+            times.skipped.append(reason)
+        log.warning("event=image_left_out %s", kv(job=job.id, study_uid=job.study_uid,
+                                                   sop_instance_uid=sop_instance_uid,
+                                                   reason=reason))
+        try:
+            self.store.audit("image_left_out", study_uid=job.study_uid,
+                             sop_instance_uid=sop_instance_uid, status="no results",
+                             detail=reason)
+        except Exception:  # the audit trail must never fail the job
+            log.exception("event=audit_failed %s", kv(job=job.id))
 
     def _destinations_for(self, job: Job) -> list[str]:
         """Back to the calling AE when it is a configured peer that takes results; else to

@@ -287,17 +287,24 @@ class Store:
 
     def _touch_job(self, s: Session, study_id: int, calling_ae: str | None,
                    now: datetime) -> None:
-        """New data for a study: (re)start its idle timer; a finished study is queued again."""
+        """New data for a study: (re)start its idle timer; a finished study is queued again.
+
+        The attempt count survives new instances: only a job that completed starts afresh.
+        A job queued after a failure keeps its attempts, and one that used them all stays
+        failed until an admin retries it; otherwise a study whose instances keep arriving
+        would run (and fail, and send partial results) without end."""
         s.execute(self._insert(m.Job).values(
             study_id=study_id, state=JobState.RECEIVING, calling_ae=calling_ae, attempts=0,
             rerun=False, last_instance_at=now, created_at=now, updated_at=now,
         ).on_conflict_do_nothing(index_elements=["study_id"]))
-        again = (JobState.QUEUED, JobState.DONE, JobState.FAILED)
+        exhausted = and_(m.Job.state == JobState.FAILED,
+                         m.Job.attempts >= self.job_max_attempts)
+        again = and_(m.Job.state.in_((JobState.QUEUED, JobState.DONE, JobState.FAILED)),
+                     ~exhausted)
         s.execute(update(m.Job).where(m.Job.study_id == study_id).values(
             last_instance_at=now, calling_ae=calling_ae, updated_at=now,
-            state=case((m.Job.state.in_(again), JobState.RECEIVING.value), else_=m.Job.state),
-            attempts=case((m.Job.state.in_((JobState.DONE, JobState.FAILED)), 0),
-                          else_=m.Job.attempts),
+            state=case((again, JobState.RECEIVING.value), else_=m.Job.state),
+            attempts=case((m.Job.state == JobState.DONE, 0), else_=m.Job.attempts),
             rerun=case((m.Job.state == JobState.RUNNING, True), else_=m.Job.rerun),
         ))
 
@@ -498,9 +505,11 @@ class Store:
         """Mark the job done (or receiving again when instances arrived while it ran)."""
         now = _at(now)
         with self._tx() as s:
+            # A completed run uses up no attempt of the next one (the study grew meanwhile).
             state = s.execute(update(m.Job).where(*self._held(job_id, worker_id)).values(
                 state=case((m.Job.rerun, JobState.RECEIVING.value), else_=JobState.DONE.value),
-                rerun=False, lease_owner=None, lease_expires_at=None, finished_at=now,
+                attempts=case((m.Job.rerun, 0), else_=m.Job.attempts), rerun=False,
+                lease_owner=None, lease_expires_at=None, finished_at=now,
                 updated_at=now, last_error=None,
             ).returning(m.Job.state)).scalar()
             if state is None:

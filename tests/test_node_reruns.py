@@ -1,0 +1,163 @@
+"""The worker when a study is not what it should be, or grows after its results went out
+(issue 15, items 5 and 7): one image whose results cannot be built is left out and recorded,
+the rest of the study gets its results; a study that grows after its results were sent gets
+what it was sent superseded, never two contradicting CAD SRs at the PACS.
+
+The model and the result builders are stand-ins here (the real ones are covered by
+test_node_worker and test_results_*): what is under test is the worker and the store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from dicomnode import worker as worker_module
+from dicomnode.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnalysis
+from dicomnode.config import Config, PeerConfig
+from dicomnode.results.common import ResultsError
+from dicomnode.scp import ReceiverPolicy, archive_instance
+from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.worker import Worker
+from storage import JobState, Store
+from storage.records import DeliveryState
+
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("study")
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=31, modalities=("ffdm",)))
+    return next(p for p in out.iterdir() if p.is_dir())
+
+
+def study_files(study: Path) -> list[Path]:
+    return sorted(study.glob("ffdm/*.dcm"))
+
+
+class FakeModels:
+    def get(self, modality: str):
+        return SimpleNamespace(device="cpu", identity=None)
+
+
+def fake_analysis(image, loaded) -> ImageAnalysis:
+    p = ClassProbabilities(0.1, 0.2)
+    return ImageAnalysis(image=image, algorithm=AlgorithmIdentity("GMIC", "0", "test", "0" * 64),
+                         final=p, global_=p, local=p, regions=[],
+                         saliency=np.zeros((2, 1, 1, 1), np.float32), transform=None)
+
+
+def result_dataset(sources: list[Path], sop_class: str, label: str) -> Dataset:
+    """A result object in the sources' study whose UID depends on its sources, as the real
+    builders' do (dicomnode.results.common.result_uid, cad_sr.study_result_uid)."""
+    source = dcmread(sources[0], stop_before_pixels=True)
+    names = sorted(p.name for p in sources)
+    ds = Dataset()
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID",
+                    "AccessionNumber", "ReferringPhysicianName"):
+        setattr(ds, keyword, source.get(keyword, ""))
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[*names, label])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[*names, label, "series"])
+    ds.Modality = "SR"
+    ds.SeriesNumber = 7001
+    ds.InstanceNumber = 1
+    ds.ContentDate, ds.ContentTime = "20260105", "090000"
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds
+
+
+def fake_builders(bad: set[str]):
+    def per_image(analysis: ImageAnalysis, breast) -> list:
+        uid = analysis.image.sop_instance_uids[0]
+        if uid in bad:
+            raise ResultsError(f"cannot build the SEG of image {uid}: no frame of reference")
+        return [(result_dataset(list(analysis.image.source_paths), BASIC_TEXT_SR, "sr"), "sr")]
+
+    def per_study(job, analyses: list[ImageAnalysis]) -> list:
+        paths = [p for a in analyses for p in a.image.source_paths]
+        return [(result_dataset(paths, MAMMO_CAD_SR, "cad-sr"), "cad-sr")]
+
+    return per_image, per_study
+
+
+@pytest.fixture
+def node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(worker_module, "analyse_image", fake_analysis)
+    config = Config()
+    config.node.data_dir = str(tmp_path / "data")
+    config.peers = [PeerConfig("PACS", "127.0.0.1", 11112)]
+    store = Store(config.database_url, tmp_path / "archive")
+    yield SimpleNamespace(config=config, store=store)
+    store.close()
+
+
+def make_worker(node, bad: set[str] = frozenset(), name: str = "w1") -> Worker:
+    per_image, per_study = fake_builders(set(bad))
+    return Worker(node.config, node.store, models=FakeModels(), name=name,
+                  result_builder=per_image, study_result_builder=per_study)
+
+
+def receive(store: Store, paths: list[Path]) -> str:
+    policy = ReceiverPolicy("DICOMNODE", patient_key_salt=b"t")
+    for path in paths:
+        _, ds = archive_instance(store, path.read_bytes(), policy, calling_ae="PACS")
+    return str(ds.StudyInstanceUID)
+
+
+def deliver_all(store: Store) -> list[str]:
+    """Play the PACS accepting everything due: the SOP Instance UIDs delivered."""
+    sent = []
+    for task in store.claim_due_deliveries("sender", limit=100):
+        store.record_delivery_attempt(task.id, "sender", ok=True, status=0)
+        sent.append(task.sop_instance_uid)
+    return sent
+
+
+# ------------------------------------------------------------------------- item 5
+
+def test_one_image_whose_results_fail_is_left_out_and_the_study_completes(
+        node, study: Path) -> None:
+    files = study_files(study)
+    bad = str(dcmread(files[1], stop_before_pixels=True).SOPInstanceUID)
+    study_uid = receive(node.store, files)
+    node.store.force_ready(study_uid)
+    worker = make_worker(node, bad={bad})
+    assert worker.run_one_job()
+    [job] = node.store.list_jobs()
+    assert job.state is JobState.DONE, job.last_error
+    assert job.attempts == 1  # ran once: no retry of the whole study
+    results = node.store.study_results(study_uid)
+    assert sorted(r.kind for r in results) == ["cad-sr", "sr", "sr", "sr"]
+    # the study-level object covers the images that got results, not the one left out
+    good = [i.path for i in node.store.study_instances(study_uid) if i.sop_instance_uid != bad]
+    [cad] = [r for r in results if r.kind == "cad-sr"]
+    assert cad.sop_instance_uid == result_dataset(good, MAMMO_CAD_SR, "cad-sr").SOPInstanceUID
+    assert any("no frame of reference" in s for s in worker.last_times.skipped)
+    [note] = [a for a in node.store.audit_trail() if a.event == "image_left_out"]
+    assert note.sop_instance_uid == bad and "no frame of reference" in note.detail
+    assert note.study_uid == study_uid
+
+
+def test_a_study_whose_every_image_fails_its_results_fails_once(node, study: Path) -> None:
+    files = study_files(study)
+    uids = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
+    study_uid = receive(node.store, files)
+    node.store.force_ready(study_uid)
+    assert make_worker(node, bad=uids).run_one_job()
+    [job] = node.store.list_jobs()
+    assert job.state is JobState.FAILED and "results could be built" in job.last_error
+    assert node.store.study_results(study_uid) == []
+    assert [d for d in node.store.list_deliveries() if d.state is DeliveryState.PENDING] == []
