@@ -48,8 +48,44 @@ class JobFailed(DicomnodeError):
     """The study cannot be processed as it is (no usable image, no model): not retried."""
 
 
+# The worker ids made in this process: a lease owner with this process's id that is not
+# among them belonged to a previous process that had the same pid (a restarted container).
+_OWN_IDS: set[str] = set()
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """host:pid:nonce. The host and pid let a restarted node tell which leases belonged to
+    workers of its own machine that are gone (see :func:`dead_workers`)."""
+    name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    _OWN_IDS.add(name)
+    return name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def dead_workers(owners: set[str]) -> set[str]:
+    """The lease owners known to be dead: workers of this host whose process is gone, or
+    that had this process's pid before (a container restarted with pid 1). Owners on other
+    hosts, with other id formats, or whose pid is alive (maybe reused) are left to their
+    lease expiry: never taken from a worker that may still be sending."""
+    host, me = socket.gethostname(), os.getpid()
+    dead = set()
+    for owner in owners:
+        parts = owner.rsplit(":", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if (pid == me and owner not in _OWN_IDS) or (pid != me and not _pid_alive(pid)):
+            dead.add(owner)
+    return dead
 
 
 # -------------------------------------------------------------------------- inference
@@ -177,8 +213,25 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def reclaim_from_dead_workers(self) -> tuple[int, int]:
+        """At start: the jobs and deliveries leased by this machine's workers that are gone
+        (this node before it was killed) are due now, not when their leases run out; a
+        delivery cut off mid-send resumes at once. (jobs, deliveries) released."""
+        dead = dead_workers(self.store.lease_owners())
+        if not dead:
+            return 0, 0
+        jobs, deliveries = self.store.expire_leases(dead)
+        log.warning("event=leases_reclaimed %s", kv(worker=self.id, jobs=jobs,
+                                                     deliveries=deliveries,
+                                                     owners=",".join(sorted(dead))))
+        return jobs, deliveries
+
     def run_forever(self) -> None:
         log.info("event=worker_started %s", kv(worker=self.id))
+        try:
+            self.reclaim_from_dead_workers()
+        except Exception:  # the leases run out in the end anyway
+            log.exception("event=reclaim_failed %s", kv(worker=self.id))
         idle_by_ae = {p.ae_title: p.idle_seconds for p in self.config.peers
                       if p.idle_seconds is not None}
         while not self._stop.is_set():

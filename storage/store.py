@@ -714,6 +714,34 @@ class Store:
                                  self.archive.absolute(r.path), expires)
                     for d, r, study_uid in rows]
 
+    def lease_owners(self) -> set[str]:
+        """The workers holding a job or a delivery lease now (expired or not)."""
+        with self._tx() as s:
+            jobs = s.scalars(select(m.Job.lease_owner).distinct().where(
+                m.Job.state == JobState.RUNNING, m.Job.lease_owner.is_not(None))).all()
+            deliveries = s.scalars(select(m.Delivery.lease_owner).distinct().where(
+                m.Delivery.state == DeliveryState.SENDING,
+                m.Delivery.lease_owner.is_not(None))).all()
+            return {o for o in (*jobs, *deliveries) if o}
+
+    def expire_leases(self, owners: Iterable[str], *,
+                      now: datetime | None = None) -> tuple[int, int]:
+        """End the leases of workers known to be dead (a restarted node's previous
+        incarnation): their jobs and deliveries are due now instead of when the lease would
+        have run out. The attempts they used stay counted. (jobs, deliveries) released."""
+        names = sorted(set(owners))
+        if not names:
+            return 0, 0
+        past = _at(now) - timedelta(seconds=1)
+        with self._tx() as s:
+            jobs = s.execute(update(m.Job).where(
+                m.Job.state == JobState.RUNNING, m.Job.lease_owner.in_(names))
+                .values(lease_expires_at=past)).rowcount or 0
+            deliveries = s.execute(update(m.Delivery).where(
+                m.Delivery.state == DeliveryState.SENDING, m.Delivery.lease_owner.in_(names))
+                .values(lease_expires_at=past)).rowcount or 0
+        return jobs, deliveries
+
     def record_delivery_attempt(self, delivery_id: int, worker_id: str, *, ok: bool,
                                 status: str | int | None = None, error: str | None = None,
                                 now: datetime | None = None) -> DeliveryUpdate:

@@ -8,6 +8,12 @@ test_node_worker and test_results_*): what is under test is the worker and the s
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +29,7 @@ from dicomnode.config import Config, PeerConfig
 from dicomnode.results.common import ResultsError
 from dicomnode.scp import ReceiverPolicy, archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.worker import Worker
+from dicomnode.worker import Worker, dead_workers, worker_id
 from storage import JobState, Store
 from storage.records import DeliveryState
 
@@ -161,3 +167,68 @@ def test_a_study_whose_every_image_fails_its_results_fails_once(node, study: Pat
     assert job.state is JobState.FAILED and "results could be built" in job.last_error
     assert node.store.study_results(study_uid) == []
     assert [d for d in node.store.list_deliveries() if d.state is DeliveryState.PENDING] == []
+
+
+# ------------------------------------------------------------------------- item 7: sending
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_deliveries_of_a_killed_node_resume_when_it_restarts(node, study: Path) -> None:
+    """A node killed mid-send used to leave its deliveries leased for 120 s; restarted, it
+    now takes back at once what its dead process held, and nothing a live worker holds."""
+    node.config.peers = [PeerConfig("PACS", "127.0.0.1", _closed_port())]
+    node.config.worker.poll_seconds = 0.05
+    study_uid = receive(node.store, study_files(study))
+    node.store.force_ready(study_uid)
+    assert make_worker(node).run_one_job()
+    host = socket.gethostname()
+    dead = f"{host}:{_dead_pid()}:dead01"
+    alive = worker_id()  # another worker of this process, still sending
+    elsewhere = "otherhost:4242:abcdef"  # another machine: only its lease tells
+    in_flight = {}
+    for owner, count in ((dead, 3), (alive, 1), (elsewhere, 1)):
+        for task in node.store.claim_due_deliveries(owner, limit=count, lease_seconds=120):
+            in_flight[task.id] = owner
+    assert len(in_flight) == 5
+
+    restarted = make_worker(node, name=None)
+    thread = threading.Thread(target=restarted.run_forever, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = {d.id: d for d in node.store.list_deliveries()}
+            retried = [i for i, o in in_flight.items() if o == dead and states[i].attempts > 1]
+            if len(retried) == 3:
+                break
+            time.sleep(0.05)
+    finally:
+        restarted.stop()
+        thread.join(10)
+    states = {d.id: d for d in node.store.list_deliveries()}
+    for delivery_id, owner in in_flight.items():
+        if owner == dead:  # sent again at once (the PACS is down here: it backs off)
+            assert states[delivery_id].attempts == 2, states[delivery_id]
+            assert states[delivery_id].last_status == "unreachable"
+        else:  # still leased by a worker that may be sending it
+            assert states[delivery_id].state is DeliveryState.SENDING
+            assert states[delivery_id].attempts == 1
+
+
+def test_dead_workers_are_only_this_hosts_gone_processes() -> None:
+    host = socket.gethostname()
+    gone = f"{host}:{_dead_pid()}:aaaaaa"
+    previous_me = f"{host}:{os.getpid()}:zzzzzz"  # this pid, not made here: a container restart
+    parent = f"{host}:{os.getppid()}:bbbbbb"  # alive
+    owners = {gone, previous_me, worker_id(), parent, "other:1:cccccc", "w1"}
+    assert dead_workers(owners) == {gone, previous_me}
