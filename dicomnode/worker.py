@@ -367,6 +367,7 @@ class Worker:
         breasts = combine_breasts(analyses)
         destinations = self._destinations_for(job)
         with_results: list[ImageAnalysis] = []
+        produced: list[str] = []  # SOP Instance UIDs of this run's results
         for analysis in analyses:
             # One image whose results cannot be built (highdicom refuses its geometry, say)
             # is left out and recorded; the study's other images keep theirs.
@@ -376,7 +377,7 @@ class Worker:
                 self._left_out(job, times, analysis.image.sop_instance_uids[0], str(exc))
                 continue
             for dataset, kind in built:
-                self._archive_and_queue(job, dataset, kind, destinations)
+                produced.append(self._archive_and_queue(job, dataset, kind, destinations))
             with_results.append(analysis)
             analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
             self._renew(job)
@@ -384,9 +385,60 @@ class Worker:
             raise JobFailed(f"study {job.study_uid}: no image's results could be built: "
                             f"{times.skipped[-1]}")
         for dataset, kind in self._build_study(job, with_results):  # the study's CAD SR
-            self._archive_and_queue(job, dataset, kind, destinations)
+            produced.append(self._archive_and_queue(job, dataset, kind, destinations))
+        self._supersede(job, produced)
         times.results = time.perf_counter() - t0
         return times
+
+    def _supersede(self, job: Job, produced: list[str]) -> None:
+        """Results once per study: what an earlier run of the study sent and this run did
+        not produce again (its study-level objects, made from fewer images; the results of
+        an image since replaced or left out) is superseded. Deliveries not yet started are
+        cancelled; where one may have arrived, an IHE IOCM rejection note ("Rejected for
+        Quality Reasons") follows to the same destinations, so the PACS hides it."""
+        stale = self.store.stale_results(job.study_uid, produced)
+        if not stale:
+            return
+        ids = [s.result.id for s in stale]
+        note_id = None
+        if any(s.reached for s in stale):
+            note_id = self._store_rejection(job, stale)
+        reached = self.store.supersede_results(ids, rejection_id=note_id)
+        if reached and note_id is None:  # one went out while this ran: reject it too
+            note_id = self._store_rejection(job, stale)
+            if note_id is not None:
+                reached = self.store.supersede_results(ids, rejection_id=note_id)
+        log.info("event=results_superseded %s", kv(
+            job=job.id, study_uid=job.study_uid, superseded=len(ids),
+            rejection_sent_to=",".join(reached) or "none"))
+
+    def _store_rejection(self, job: Job, stale) -> int | None:
+        """The rejection note of the stale results, archived; None (logged) when it cannot be
+        built: the results are still superseded and their unsent deliveries cancelled."""
+        import io
+
+        from pydicom import dcmread, dcmwrite
+
+        from dicomnode.results.common import ResultsError
+        from dicomnode.results.rejection import build_rejection_note
+        from storage.records import REJECTION
+
+        try:
+            headers = [dcmread(s.result.path, stop_before_pixels=True) for s in stale]
+            note = build_rejection_note(headers)
+        except (OSError, ResultsError) as exc:
+            log.error("event=rejection_note_failed %s", kv(job=job.id, study_uid=job.study_uid,
+                                                            error=exc))
+            return None
+        buffer = io.BytesIO()
+        dcmwrite(buffer, note, enforce_file_format=True)
+        record = self.store.store_result(
+            encoded=buffer.getvalue(), sop_instance_uid=str(note.SOPInstanceUID),
+            sop_class_uid=str(note.SOPClassUID), study_uid=str(note.StudyInstanceUID),
+            series_uid=str(note.SeriesInstanceUID),
+            transfer_syntax=str(note.file_meta.TransferSyntaxUID), kind=REJECTION,
+            job_id=job.id)
+        return record.id
 
     def _left_out(self, job: Job, times: StageTimes, sop_instance_uid: str | None,
                   reason: str) -> None:
@@ -411,7 +463,7 @@ class Worker:
             return [job.calling_ae]
         return sorted(self.destinations)
 
-    def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> None:
+    def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> str:
         import io
 
         from pydicom import dcmwrite
@@ -428,6 +480,7 @@ class Worker:
         log.info("event=result_stored %s", kv(job=job.id, kind=kind,
                                               sop_instance_uid=dataset.SOPInstanceUID,
                                               destinations=",".join(destinations) or "none"))
+        return str(dataset.SOPInstanceUID)
 
 
 RESULT_KINDS = {

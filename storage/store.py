@@ -35,6 +35,8 @@ from storage.errors import (
 )
 from storage.migrate import check_schema
 from storage.records import (
+    REJECTION,
+    SUPERSEDED,
     UNFINISHED_JOB_STATES,
     AuditRecord,
     DeliveryRecord,
@@ -49,6 +51,7 @@ from storage.records import (
     ResultRecord,
     RetentionReport,
     RetryOutcome,
+    StaleResult,
     StoredInstance,
     StoreOutcome,
 )
@@ -364,6 +367,70 @@ class Store:
         return ResultRecord(row.id, row.sop_instance_uid, row.series_uid, row.sop_class_uid,
                             row.transfer_syntax, row.kind, self.archive.absolute(row.path),
                             row.size, row.sha256, row.job_id, row.created_at)
+
+    # -- superseded results ---------------------------------------------------------------
+
+    @staticmethod
+    def _reached(s: Session, result_ids: Sequence[int]) -> dict[int, list[str]]:
+        """Per result, the destinations it may be at: delivered, being sent, or tried (an
+        attempt whose answer was lost may have landed)."""
+        rows = s.execute(select(m.Delivery.result_id, m.Delivery.destination).where(
+            m.Delivery.result_id.in_(list(result_ids)),
+            or_(m.Delivery.state.in_((DeliveryState.DONE, DeliveryState.SENDING)),
+                m.Delivery.attempts > 0)).order_by(m.Delivery.destination)).all()
+        reached: dict[int, list[str]] = {}
+        for result_id, destination in rows:
+            reached.setdefault(result_id, []).append(destination)
+        return reached
+
+    def stale_results(self, study_uid: str, keep: Iterable[str]) -> list[StaleResult]:
+        """The study's results, other than ``keep`` (the SOP Instance UIDs the latest run
+        produced), that are not superseded yet; rejection notes are never stale."""
+        keep = set(keep)
+        with self._tx() as s:
+            rows = s.scalars(select(m.Result).join(m.Study, m.Study.id == m.Result.study_id)
+                             .where(m.Study.study_uid == study_uid,
+                                    m.Result.kind != REJECTION,
+                                    m.Result.kind.not_like(SUPERSEDED + "%"))
+                             .order_by(m.Result.id)).all()
+            stale = [r for r in rows if r.sop_instance_uid not in keep]
+            reached = self._reached(s, [r.id for r in stale]) if stale else {}
+            return [StaleResult(self._result_record(r), tuple(reached.get(r.id, ())))
+                    for r in stale]
+
+    def supersede_results(self, result_ids: Sequence[int], *, rejection_id: int | None = None,
+                          now: datetime | None = None) -> list[str]:
+        """Mark results superseded and cancel their deliveries that have not started; with a
+        rejection note (a stored result), queue it to every destination they may have
+        reached. Idempotent. Returns those destinations (sorted): a caller that passed no
+        note and gets some back must send one."""
+        now = _at(now)
+        ids = list(result_ids)
+        if not ids:
+            return []
+        with self._tx() as s:
+            rows = s.scalars(select(m.Result).where(m.Result.id.in_(ids))
+                             .with_for_update()).all()
+            for row in rows:
+                if not row.kind.startswith(SUPERSEDED):
+                    row.kind = (SUPERSEDED + row.kind)[:32]
+            # a delivery claimed meanwhile is not cancelled: it counts as reached below
+            s.execute(update(m.Delivery).where(
+                m.Delivery.result_id.in_(ids),
+                m.Delivery.state.in_((DeliveryState.PENDING, DeliveryState.DEAD)),
+            ).values(state=DeliveryState.CANCELLED, lease_owner=None, lease_expires_at=None,
+                     updated_at=now))
+            destinations = sorted({d for ds in self._reached(s, ids).values() for d in ds})
+            if rejection_id is not None:
+                if s.get(m.Result, rejection_id) is None:
+                    raise ResultNotFound(f"result {rejection_id} does not exist")
+                for destination in destinations:
+                    s.execute(self._insert(m.Delivery).values(
+                        result_id=rejection_id, destination=destination,
+                        state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
+                        created_at=now, updated_at=now,
+                    ).on_conflict_do_nothing(index_elements=["result_id", "destination"]))
+            return destinations
 
     # -- reading the index ---------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from dicomnode.config import Config, PeerConfig
 from dicomnode.results.common import ResultsError
 from dicomnode.scp import ReceiverPolicy, archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.worker import Worker, dead_workers, worker_id
+from dicomnode.worker import Worker
 from storage import JobState, Store
 from storage.records import DeliveryState
 
@@ -169,6 +169,106 @@ def test_a_study_whose_every_image_fails_its_results_fails_once(node, study: Pat
     assert [d for d in node.store.list_deliveries() if d.state is DeliveryState.PENDING] == []
 
 
+# ------------------------------------------------------------------------- item 7: results
+
+def current(results) -> list:
+    """The results the node stands by: neither superseded nor rejection notes."""
+    return [r for r in results if not r.kind.startswith("superseded:")
+            and r.kind != "rejection"]
+
+
+def store_results(store: Store) -> list:
+    [job] = store.list_jobs()
+    return store.study_results(job.study_uid)
+
+
+def pacs_view(store: Store, delivered: list[str]) -> set[str]:
+    """What a PACS that honours IOCM shows: the delivered instances less those that a
+    delivered rejection note (113001) lists."""
+    rejected = set()
+    for r in store_results(store):
+        if r.sop_instance_uid in delivered and r.sop_class_uid == KOS:
+            note = dcmread(r.path)
+            assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+            rejected |= {ref.ReferencedSOPInstanceUID
+                         for item in note.CurrentRequestedProcedureEvidenceSequence
+                         for series in item.ReferencedSeriesSequence
+                         for ref in series.ReferencedSOPSequence}
+    return set(delivered) - rejected - {r.sop_instance_uid for r in store_results(store)
+                                        if r.sop_class_uid == KOS}
+
+
+def test_a_study_that_grows_after_its_results_went_out_keeps_one_cad_sr_at_the_pacs(
+        node, study: Path) -> None:
+    """A kill during receive: the first images were processed after the idle time and their
+    results sent; the rest arrived, the full study was processed, and the PACS held two CAD
+    SRs. The node now sends an IOCM rejection note for the partial run's CAD SR."""
+    files = study_files(study)
+    study_uid = receive(node.store, files[:2])
+    node.store.force_ready(study_uid)
+    assert make_worker(node).run_one_job()
+    [partial_cad] = [r for r in node.store.study_results(study_uid) if r.kind == "cad-sr"]
+    delivered = deliver_all(node.store)
+    assert partial_cad.sop_instance_uid in delivered
+
+    receive(node.store, files[2:])
+    node.store.force_ready(study_uid)
+    assert make_worker(node).run_one_job()
+    results = node.store.study_results(study_uid)
+    [full_cad] = [r for r in current(results) if r.kind == "cad-sr"]
+    assert full_cad.sop_instance_uid != partial_cad.sop_instance_uid
+    assert len([r for r in current(results) if r.kind == "sr"]) == 4
+    [old] = [r for r in results if r.sop_instance_uid == partial_cad.sop_instance_uid]
+    assert old.kind == "superseded:cad-sr"  # remembered, not forgotten
+    [rejection] = [r for r in results if r.kind == "rejection"]
+    note = dcmread(rejection.path)
+    assert note.SOPClassUID == KOS and note.StudyInstanceUID == study_uid
+    title = note.ConceptNameCodeSequence[0]
+    assert (title.CodeValue, title.CodingSchemeDesignator) == ("113001", "DCM")
+    referenced = {ref.ReferencedSOPInstanceUID
+                  for item in note.CurrentRequestedProcedureEvidenceSequence
+                  for series in item.ReferencedSeriesSequence
+                  for ref in series.ReferencedSOPSequence}
+    assert referenced == {partial_cad.sop_instance_uid}
+    [to_pacs] = [d for d in node.store.list_deliveries() if d.result_id == rejection.id]
+    assert to_pacs.destination == "PACS" and to_pacs.state is DeliveryState.PENDING
+
+    second = deliver_all(node.store)
+    assert partial_cad.sop_instance_uid not in second and rejection.sop_instance_uid in second
+    delivered += second
+    shown = pacs_view(node.store, delivered)
+    cads = [r.sop_instance_uid for r in results if r.sop_class_uid == MAMMO_CAD_SR]
+    assert [uid for uid in cads if uid in shown] == [full_cad.sop_instance_uid]
+
+    # the same study again: nothing new to reject, no second note
+    node.store.force_ready(study_uid)
+    assert make_worker(node).run_one_job()
+    again = node.store.study_results(study_uid)
+    assert [r.kind for r in again].count("rejection") == 1
+    assert deliver_all(node.store) == []  # identical results, already delivered
+
+
+def test_results_superseded_before_they_were_sent_are_cancelled_not_rejected(
+        node, study: Path) -> None:
+    files = study_files(study)
+    study_uid = receive(node.store, files[:2])
+    node.store.force_ready(study_uid)
+    assert make_worker(node).run_one_job()
+    [partial_cad] = [r for r in node.store.study_results(study_uid) if r.kind == "cad-sr"]
+    receive(node.store, files[2:])  # arrives before anything was sent
+    node.store.force_ready(study_uid)
+    assert make_worker(node).run_one_job()
+    results = node.store.study_results(study_uid)
+    assert [r.kind for r in results].count("rejection") == 0
+    [cancelled] = [d for d in node.store.list_deliveries()
+                   if d.result_sop_instance_uid == partial_cad.sop_instance_uid]
+    assert cancelled.state is DeliveryState.CANCELLED
+    delivered = deliver_all(node.store)
+    assert partial_cad.sop_instance_uid not in delivered
+    assert len([u for u in delivered if u in {r.sop_instance_uid for r in results
+                                              if r.sop_class_uid == MAMMO_CAD_SR}]) == 1
+
+
 # ------------------------------------------------------------------------- item 7: sending
 
 def _dead_pid() -> int:
@@ -191,6 +291,8 @@ def test_deliveries_of_a_killed_node_resume_when_it_restarts(node, study: Path) 
     study_uid = receive(node.store, study_files(study))
     node.store.force_ready(study_uid)
     assert make_worker(node).run_one_job()
+    from dicomnode.worker import worker_id
+
     host = socket.gethostname()
     dead = f"{host}:{_dead_pid()}:dead01"
     alive = worker_id()  # another worker of this process, still sending
@@ -226,6 +328,8 @@ def test_deliveries_of_a_killed_node_resume_when_it_restarts(node, study: Path) 
 
 
 def test_dead_workers_are_only_this_hosts_gone_processes() -> None:
+    from dicomnode.worker import dead_workers, worker_id
+
     host = socket.gethostname()
     gone = f"{host}:{_dead_pid()}:aaaaaa"
     previous_me = f"{host}:{os.getpid()}:zzzzzz"  # this pid, not made here: a container restart
