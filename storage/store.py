@@ -400,10 +400,10 @@ class Store:
 
     def supersede_results(self, result_ids: Sequence[int], *, rejection_id: int | None = None,
                           now: datetime | None = None) -> list[str]:
-        """Mark results superseded and cancel their deliveries that have not started; with a
-        rejection note (a stored result), queue it to every destination they may have
-        reached. Idempotent. Returns those destinations (sorted): a caller that passed no
-        note and gets some back must send one."""
+        """Mark results superseded and cancel their deliveries not done; with a rejection
+        note (a stored result), queue it to every destination they may have reached.
+        Idempotent. Returns those destinations (sorted): a caller that passed no note and
+        gets some back must send one."""
         now = _at(now)
         ids = list(result_ids)
         if not ids:
@@ -414,13 +414,15 @@ class Store:
             for row in rows:
                 if not row.kind.startswith(SUPERSEDED):
                     row.kind = (SUPERSEDED + row.kind)[:32]
-            # a delivery claimed meanwhile is not cancelled: it counts as reached below
+            # Reached first: a delivery being sent is cancelled too (its sender gets LeaseLost,
+            # and it is never sent again when its lease runs out), but may have landed.
+            destinations = sorted({d for ds in self._reached(s, ids).values() for d in ds})
             s.execute(update(m.Delivery).where(
                 m.Delivery.result_id.in_(ids),
-                m.Delivery.state.in_((DeliveryState.PENDING, DeliveryState.DEAD)),
+                m.Delivery.state.in_((DeliveryState.PENDING, DeliveryState.DEAD,
+                                      DeliveryState.SENDING)),
             ).values(state=DeliveryState.CANCELLED, lease_owner=None, lease_expires_at=None,
                      updated_at=now))
-            destinations = sorted({d for ds in self._reached(s, ids).values() for d in ds})
             if rejection_id is not None:
                 if s.get(m.Result, rejection_id) is None:
                     raise ResultNotFound(f"result {rejection_id} does not exist")
