@@ -336,3 +336,45 @@ def test_dead_workers_are_only_this_hosts_gone_processes() -> None:
     parent = f"{host}:{os.getppid()}:bbbbbb"  # alive
     owners = {gone, previous_me, worker_id(), parent, "other:1:cccccc", "w1"}
     assert dead_workers(owners) == {gone, previous_me}
+
+
+@pytest.mark.slow
+def test_real_results_of_a_grown_dbt_study_get_one_cad_sr(tmp_path: Path) -> None:
+    """The same with the real model and builders: the partial run's Mammography CAD SR is
+    rejected by a KOS that dciodvfy-clean highdicom builds from the real header."""
+    from tests.peers import make_checkpoint
+
+    out = tmp_path / "study"
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=41, modalities=("dbt",)))
+    files = sorted(out.glob("*/dbt/*.dcm"))
+    config = Config()
+    config.node.data_dir = str(tmp_path / "data")
+    config.model.device = "cpu"
+    config.model.dbt = str(make_checkpoint(tmp_path / "dbt.pt", "dbt"))
+    config.peers = [PeerConfig("PACS", "127.0.0.1", 11112)]
+    store = Store(config.database_url, tmp_path / "archive")
+    try:
+        study_uid = receive(store, files[:2])
+        store.force_ready(study_uid)
+        assert Worker(config, store, name="w1").run_one_job()
+        [partial] = [r for r in store.study_results(study_uid) if r.kind == "cad-sr"]
+        delivered = deliver_all(store)
+        receive(store, files[2:])
+        store.force_ready(study_uid)
+        assert Worker(config, store, name="w2").run_one_job()
+        results = store.study_results(study_uid)
+        assert [r.kind for r in current(results)].count("cad-sr") == 1
+        [rejection] = [r for r in results if r.kind == "rejection"]
+        note = dcmread(rejection.path)
+        assert note.ConceptNameCodeSequence[0].CodeValue == "113001"
+        assert {ref.ReferencedSOPInstanceUID
+                for item in note.CurrentRequestedProcedureEvidenceSequence
+                for series in item.ReferencedSeriesSequence
+                for ref in series.ReferencedSOPSequence} == {partial.sop_instance_uid}
+        assert note.PatientID == dcmread(files[0], stop_before_pixels=True).PatientID
+        delivered += deliver_all(store)
+        shown = pacs_view(store, delivered)
+        assert len([r for r in results if r.sop_class_uid == MAMMO_CAD_SR
+                    and r.sop_instance_uid in shown]) == 1
+    finally:
+        store.close()
