@@ -378,3 +378,38 @@ def test_real_results_of_a_grown_dbt_study_get_one_cad_sr(tmp_path: Path) -> Non
                     and r.sop_instance_uid in shown]) == 1
     finally:
         store.close()
+
+
+def test_each_delivery_is_recorded_as_soon_as_the_pacs_answers(node, study: Path) -> None:
+    """A node killed mid-group used to re-send what had already arrived (outcomes were
+    recorded after the whole association): now each is recorded on its C-STORE response."""
+    from pynetdicom import AE, evt
+
+    seen: list[str] = []
+    states_before: list[set[str]] = []
+
+    def on_store(event) -> int:
+        # what the node has recorded for the instances that arrived before this one
+        done = {d.result_sop_instance_uid for d in node.store.list_deliveries()
+                if d.state is DeliveryState.DONE}
+        states_before.append({uid for uid in seen if uid in done})
+        seen.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    pacs = AE(ae_title="PACS")
+    for uid in (BASIC_TEXT_SR, MAMMO_CAD_SR):
+        pacs.add_supported_context(uid)
+    server = pacs.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        node.config.peers = [PeerConfig("PACS", "127.0.0.1", server.server_address[1])]
+        study_uid = receive(node.store, study_files(study))
+        node.store.force_ready(study_uid)
+        worker = make_worker(node)
+        assert worker.run_one_job()
+        assert worker.deliverer.run_once() == 5
+    finally:
+        server.shutdown()
+    assert len(seen) == 5
+    # before each C-STORE, every earlier one is already recorded as delivered
+    assert states_before == [set(seen[:i]) for i in range(5)]
