@@ -443,7 +443,7 @@ class Worker:
     def _left_out(self, job: Job, times: StageTimes, sop_instance_uid: str | None,
                   reason: str) -> None:
         """An image of the study that gets no results: logged, and kept in the audit trail
-        with the reason (`dicomnode status --audit N` shows it)."""
+        with the reason (`dicomnode status --audit N --json` shows it)."""
         if reason not in times.skipped:
             times.skipped.append(reason)
         log.warning("event=image_left_out %s", kv(job=job.id, study_uid=job.study_uid,
