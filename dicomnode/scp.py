@@ -37,6 +37,11 @@ from dicomnode import metrics
 from dicomnode.errors import UnusableImageError
 from dicomnode.logs import kv
 from dicomnode.volume import describe_dataset
+from dicomnode.wirecheck import (
+    frame_of_reference_problem,
+    pixel_encoding_problem,
+    pixel_module_problem,
+)
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
@@ -252,6 +257,28 @@ class EncodedInstance:
     def stream(self) -> io.BufferedReader:
         return io.BufferedReader(_PartsReader(self), buffer_size=65536)
 
+    def header_source(self) -> _HeaderSource:
+        """A stream for pydicom that its deferred reads come back to (see parse_header)."""
+        return _HeaderSource(self.stream())
+
+
+class _HeaderSource:
+    """A readable, seekable buffer that pydicom keeps as the dataset's source.
+
+    pydicom takes an io.BufferedReader for an open file and re-opens it by name to read a
+    deferred value (a large Per-frame Functional Groups Sequence, say); the received bytes
+    have no such name ("Deferred read -- original file <received> is missing"). Any other
+    object with read/seek/tell is kept and read again in place, for as long as the
+    EncodedInstance is open."""
+
+    def __init__(self, stream: io.BufferedReader) -> None:
+        self._stream = stream
+        self.read, self.seek, self.tell = stream.read, stream.seek, stream.tell
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
 
 class _PartsReader(io.RawIOBase):
     name = "<received>"  # pydicom names its source in messages
@@ -283,7 +310,7 @@ class _PartsReader(io.RawIOBase):
 def parse_header(encoded: EncodedInstance) -> Dataset:
     """The dataset without reading large values (pixel data stays as its length)."""
     try:
-        return dcmread(encoded.stream(), defer_size=1024, force=False)
+        return dcmread(encoded.header_source(), defer_size=1024, force=False)
     except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
         raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from None
 
@@ -317,6 +344,10 @@ def check_instance(ds: Dataset, context_sop_class: str, request_sop_instance: st
     if sop_class == "1.2.840.10008.5.1.4.1.1.13.1.3" and (
             "NumberOfFrames" not in ds or "SharedFunctionalGroupsSequence" not in ds):
         raise StoreRefused(DATASET_DOES_NOT_MATCH, "DBT without frames or functional groups")
+    # what the worker needs to decode the image and place results on it (dicomnode.wirecheck)
+    problem = frame_of_reference_problem(ds) or pixel_module_problem(ds)
+    if problem is not None:
+        raise StoreRefused(*problem)
     try:
         declared = _declared_pixel_bytes(ds)
     except (TypeError, ValueError) as exc:
@@ -333,6 +364,9 @@ def check_pixel_data(ds: Dataset, encoded: EncodedInstance) -> None:
     offset = getattr(element, "value_tell", None)
     if length is None or offset is None:
         return
+    problem = pixel_encoding_problem(str(ds.file_meta.TransferSyntaxUID), length)
+    if problem is not None:
+        raise StoreRefused(*problem)
     if ds.file_meta.TransferSyntaxUID == _DEFLATED:
         return  # offsets are in the inflated stream: parsing it already proved it whole
     if length == 0xFFFFFFFF:  # encapsulated: ends with the sequence delimitation item

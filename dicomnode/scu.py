@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,8 +33,10 @@ PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 MAMMOGRAPHY_CAD_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.50"
+KEY_OBJECT_SELECTION_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"  # IOCM rejection notes
 RESULT_SOP_CLASSES = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE,
-                      COMPREHENSIVE_3D_SR_STORAGE, MAMMOGRAPHY_CAD_SR_STORAGE)
+                      COMPREHENSIVE_3D_SR_STORAGE, MAMMOGRAPHY_CAD_SR_STORAGE,
+                      KEY_OBJECT_SELECTION_STORAGE)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 
@@ -80,16 +83,23 @@ class SendOutcome:
     error: str | None = None
 
 
-def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
+def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask],
+               on_outcome: Callable[[DeliveryTask, SendOutcome], None] | None = None,
                ) -> list[SendOutcome]:
-    """C-STORE each task's file to the destination over one association."""
+    """C-STORE each task's file to the destination over one association. ``on_outcome`` is
+    called with each task's outcome as soon as it is known (the Deliverer records it then, so
+    a node killed mid-group re-sends only what was in flight, not what had arrived)."""
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
     if not assoc.is_established:
         status = "refused" if assoc.is_rejected else "unreachable"
         why = (f"association {status} by {destination.ae_title} at "
                f"{destination.host}:{destination.port}")
-        return [SendOutcome(False, status, why) for _ in tasks]
-    outcomes: list[SendOutcome] = []
+        outcomes = [SendOutcome(False, status, why) for _ in tasks]
+        if on_outcome is not None:
+            for task, outcome in zip(tasks, outcomes, strict=True):
+                on_outcome(task, outcome)
+        return outcomes
+    outcomes = _Outcomes(tasks, on_outcome)
     try:
         for task in tasks:
             if not assoc.is_established:
@@ -116,7 +126,22 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
     finally:
         if assoc.is_established:
             assoc.release()
-    return outcomes
+    return list(outcomes)
+
+
+class _Outcomes(list):
+    """The outcomes of a group in task order, each handed on as it is appended."""
+
+    def __init__(self, tasks: list[DeliveryTask],
+                 on_outcome: Callable[[DeliveryTask, SendOutcome], None] | None) -> None:
+        super().__init__()
+        self.tasks, self.on_outcome = tasks, on_outcome
+
+    def append(self, outcome: SendOutcome) -> None:
+        task = self.tasks[len(self)]
+        super().append(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(task, outcome)
 
 
 class Deliverer:
@@ -147,32 +172,43 @@ class Deliverer:
 
     def _deliver_group(self, name: str, tasks: list[DeliveryTask]) -> None:
         destination = self.destinations.get(name)
+        recorded: set[int] = set()
+
+        def record(task: DeliveryTask, outcome: SendOutcome) -> None:
+            recorded.add(task.id)
+            self._record(name, task, outcome)
+
         if destination is None:
-            outcomes = [SendOutcome(False, "unknown-destination",
-                                    f"{name} is not a configured peer with send_results")
-                        ] * len(tasks)
+            outcome = SendOutcome(False, "unknown-destination",
+                                  f"{name} is not a configured peer with send_results")
         else:
             try:
-                outcomes = send_files(self.ae, destination, tasks)
+                send_files(self.ae, destination, tasks, on_outcome=record)
+                return
             except Exception as exc:  # network errors of any kind: retry later
                 log.exception("event=delivery_error %s", kv(destination=name))
-                outcomes = [SendOutcome(False, "error", str(exc))] * len(tasks)
-        for task, outcome in zip(tasks, outcomes, strict=True):
-            from storage.errors import LeaseLost
+                outcome = SendOutcome(False, "error", str(exc))
+        for task in tasks:
+            if task.id not in recorded:
+                self._record(name, task, outcome)
 
-            try:
-                update = self.store.record_delivery_attempt(
-                    task.id, self.worker_id, ok=outcome.ok, status=outcome.status,
-                    error=outcome.error)
-            except LeaseLost:
-                continue
-            if outcome.ok:
-                self.sent += 1
-                metrics.DELIVERIES.inc(destination=name)
-            else:
-                self.failures += 1
-                metrics.DELIVERY_FAILURES.inc(destination=name, status=outcome.status)
-            log.log(logging.INFO if outcome.ok else logging.WARNING, "event=delivery %s", kv(
-                destination=name, study_uid=task.study_uid, sop_instance_uid=task.sop_instance_uid,
-                status=outcome.status, state=str(update.state), attempts=update.attempts,
-                error=outcome.error or ""))
+    def _record(self, name: str, task: DeliveryTask, outcome: SendOutcome) -> None:
+        """Record one attempt now: a kill after this never sends that delivery again."""
+        from storage.errors import LeaseLost
+
+        try:
+            update = self.store.record_delivery_attempt(
+                task.id, self.worker_id, ok=outcome.ok, status=outcome.status,
+                error=outcome.error)
+        except LeaseLost:
+            return
+        if outcome.ok:
+            self.sent += 1
+            metrics.DELIVERIES.inc(destination=name)
+        else:
+            self.failures += 1
+            metrics.DELIVERY_FAILURES.inc(destination=name, status=outcome.status)
+        log.log(logging.INFO if outcome.ok else logging.WARNING, "event=delivery %s", kv(
+            destination=name, study_uid=task.study_uid, sop_instance_uid=task.sop_instance_uid,
+            status=outcome.status, state=str(update.state), attempts=update.attempts,
+            error=outcome.error or ""))

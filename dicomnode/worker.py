@@ -46,8 +46,44 @@ class JobFailed(DicomnodeError):
     """The study cannot be processed as it is (no usable image, no model): not retried."""
 
 
+# The worker ids made in this process: a lease owner with this process's id that is not
+# among them belonged to a previous process that had the same pid (a restarted container).
+_OWN_IDS: set[str] = set()
+
+
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    """host:pid:nonce. The host and pid let a restarted node tell which leases belonged to
+    workers of its own machine that are gone (see :func:`dead_workers`)."""
+    name = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    _OWN_IDS.add(name)
+    return name
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def dead_workers(owners: set[str]) -> set[str]:
+    """The lease owners known to be dead: workers of this host whose process is gone, or
+    that had this process's pid before (a container restarted with pid 1). Owners on other
+    hosts, with other id formats, or whose pid is alive (maybe reused) are left to their
+    lease expiry: never taken from a worker that may still be sending."""
+    host, me = socket.gethostname(), os.getpid()
+    dead = set()
+    for owner in owners:
+        parts = owner.rsplit(":", 2)
+        if len(parts) != 3 or parts[0] != host or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        if (pid == me and owner not in _OWN_IDS) or (pid != me and not _pid_alive(pid)):
+            dead.add(owner)
+    return dead
 
 
 # -------------------------------------------------------------------------- inference
@@ -135,8 +171,25 @@ class Worker:
     def stop(self) -> None:
         self._stop.set()
 
+    def reclaim_from_dead_workers(self) -> tuple[int, int]:
+        """At start: the jobs and deliveries leased by this machine's workers that are gone
+        (this node before it was killed) are due now, not when their leases run out; a
+        delivery cut off mid-send resumes at once. (jobs, deliveries) released."""
+        dead = dead_workers(self.store.lease_owners())
+        if not dead:
+            return 0, 0
+        jobs, deliveries = self.store.expire_leases(dead)
+        log.warning("event=leases_reclaimed %s", kv(worker=self.id, jobs=jobs,
+                                                     deliveries=deliveries,
+                                                     owners=",".join(sorted(dead))))
+        return jobs, deliveries
+
     def run_forever(self) -> None:
         log.info("event=worker_started %s", kv(worker=self.id))
+        try:
+            self.reclaim_from_dead_workers()
+        except Exception:  # the leases run out in the end anyway
+            log.exception("event=reclaim_failed %s", kv(worker=self.id))
         idle_by_ae = {p.ae_title: p.idle_seconds for p in self.config.peers
                       if p.idle_seconds is not None}
         while not self._stop.is_set():
@@ -211,11 +264,13 @@ class Worker:
         self.store.renew_lease(job.id, self.id, lease_seconds=self.config.worker.lease_seconds)
 
     def process(self, job: Job) -> StageTimes:
+        from dicomnode.results.common import ResultsError
+
         times = StageTimes()
         paths = [i.path for i in self.store.study_instances(job.study_uid)]
         headers, times.skipped = usable_headers(paths)
         for problem in times.skipped:
-            log.warning("event=image_skipped %s", kv(job=job.id, reason=problem))
+            self._left_out(job, times, None, problem)
         if not headers:
             raise JobFailed(f"study {job.study_uid} has no usable breast image"
                             + (f": {times.skipped[0]}" if times.skipped else ""))
@@ -247,8 +302,7 @@ class Worker:
             try:
                 image = read_pixels(header)
             except UnusableImageError as exc:
-                times.skipped.append(str(exc))
-                log.warning("event=image_skipped %s", kv(job=job.id, reason=exc))
+                self._left_out(job, times, header.sop_instance_uids[0], str(exc))
                 continue
             t1 = time.perf_counter()
             analyses.append(analyse_image(image, loaded))
@@ -270,15 +324,95 @@ class Worker:
         t0 = time.perf_counter()
         breasts = combine_breasts(analyses)
         destinations = self._destinations_for(job)
+        with_results: list[ImageAnalysis] = []
+        produced: list[str] = []  # SOP Instance UIDs of this run's results
         for analysis in analyses:
-            for dataset, kind in self._build(analysis, breasts.get(analysis.image.laterality)):
-                self._archive_and_queue(job, dataset, kind, destinations)
+            # One image whose results cannot be built (highdicom refuses its geometry, say)
+            # is left out and recorded; the study's other images keep theirs.
+            try:
+                built = self._build(analysis, breasts.get(analysis.image.laterality))
+            except ResultsError as exc:
+                self._left_out(job, times, analysis.image.sop_instance_uids[0], str(exc))
+                continue
+            for dataset, kind in built:
+                produced.append(self._archive_and_queue(job, dataset, kind, destinations))
+            with_results.append(analysis)
             analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
             self._renew(job)
-        for dataset, kind in self._build_study(job, analyses):  # the study's CAD SR
-            self._archive_and_queue(job, dataset, kind, destinations)
+        if not with_results:
+            raise JobFailed(f"study {job.study_uid}: no image's results could be built: "
+                            f"{times.skipped[-1]}")
+        for dataset, kind in self._build_study(job, with_results):  # the study's CAD SR
+            produced.append(self._archive_and_queue(job, dataset, kind, destinations))
+        self._supersede(job, produced)
         times.results = time.perf_counter() - t0
         return times
+
+    def _supersede(self, job: Job, produced: list[str]) -> None:
+        """Results once per study: what an earlier run of the study sent and this run did
+        not produce again (its study-level objects, made from fewer images; the results of
+        an image since replaced or left out) is superseded. Deliveries not yet started are
+        cancelled; where one may have arrived, an IHE IOCM rejection note ("Rejected for
+        Quality Reasons") follows to the same destinations, so the PACS hides it."""
+        stale = self.store.stale_results(job.study_uid, produced)
+        if not stale:
+            return
+        ids = [s.result.id for s in stale]
+        note_id = None
+        if any(s.reached for s in stale):
+            note_id = self._store_rejection(job, stale)
+        reached = self.store.supersede_results(ids, rejection_id=note_id)
+        if reached and note_id is None:  # one went out while this ran: reject it too
+            note_id = self._store_rejection(job, stale)
+            if note_id is not None:
+                reached = self.store.supersede_results(ids, rejection_id=note_id)
+        log.info("event=results_superseded %s", kv(
+            job=job.id, study_uid=job.study_uid, superseded=len(ids),
+            rejection_sent_to=",".join(reached) or "none"))
+
+    def _store_rejection(self, job: Job, stale) -> int | None:
+        """The rejection note of the stale results, archived; None (logged) when it cannot be
+        built: the results are still superseded and their unsent deliveries cancelled."""
+        import io
+
+        from pydicom import dcmread, dcmwrite
+
+        from dicomnode.results.common import ResultsError
+        from dicomnode.results.rejection import build_rejection_note
+        from storage.records import REJECTION
+
+        try:
+            headers = [dcmread(s.result.path, stop_before_pixels=True) for s in stale]
+            note = build_rejection_note(headers)
+        except (OSError, ResultsError) as exc:
+            log.error("event=rejection_note_failed %s", kv(job=job.id, study_uid=job.study_uid,
+                                                            error=exc))
+            return None
+        buffer = io.BytesIO()
+        dcmwrite(buffer, note, enforce_file_format=True)
+        record = self.store.store_result(
+            encoded=buffer.getvalue(), sop_instance_uid=str(note.SOPInstanceUID),
+            sop_class_uid=str(note.SOPClassUID), study_uid=str(note.StudyInstanceUID),
+            series_uid=str(note.SeriesInstanceUID),
+            transfer_syntax=str(note.file_meta.TransferSyntaxUID), kind=REJECTION,
+            job_id=job.id)
+        return record.id
+
+    def _left_out(self, job: Job, times: StageTimes, sop_instance_uid: str | None,
+                  reason: str) -> None:
+        """An image of the study that gets no results: logged, and kept in the audit trail
+        with the reason (`dicomnode status --audit N --json` shows it)."""
+        if reason not in times.skipped:
+            times.skipped.append(reason)
+        log.warning("event=image_left_out %s", kv(job=job.id, study_uid=job.study_uid,
+                                                   sop_instance_uid=sop_instance_uid,
+                                                   reason=reason))
+        try:
+            self.store.audit("image_left_out", study_uid=job.study_uid,
+                             sop_instance_uid=sop_instance_uid, status="no results",
+                             detail=reason)
+        except Exception:  # the audit trail must never fail the job
+            log.exception("event=audit_failed %s", kv(job=job.id))
 
     def _destinations_for(self, job: Job) -> list[str]:
         """Back to the calling AE when it is a configured peer that takes results; else to
@@ -287,7 +421,7 @@ class Worker:
             return [job.calling_ae]
         return sorted(self.destinations)
 
-    def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> None:
+    def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> str:
         import io
 
         from pydicom import dcmwrite
@@ -304,6 +438,7 @@ class Worker:
         log.info("event=result_stored %s", kv(job=job.id, kind=kind,
                                               sop_instance_uid=dataset.SOPInstanceUID,
                                               destinations=",".join(destinations) or "none"))
+        return str(dataset.SOPInstanceUID)
 
 
 RESULT_KINDS = {

@@ -68,6 +68,13 @@ class InstanceRecord:
     number_of_frames: int | None
 
 
+# A result the node no longer stands by (a later run of its study replaced it) keeps its
+# row, file and deliveries, with its kind prefixed by this: what was sent stays known.
+SUPERSEDED = "superseded:"
+# The kind of an IOCM rejection note the node sent for superseded results: never superseded.
+REJECTION = "rejection"
+
+
 @dataclass(frozen=True)
 class ResultRecord:
     id: int
@@ -81,6 +88,19 @@ class ResultRecord:
     sha256: str
     job_id: int | None
     created_at: datetime
+
+    @property
+    def superseded(self) -> bool:
+        return self.kind.startswith(SUPERSEDED)
+
+
+@dataclass(frozen=True)
+class StaleResult:
+    """A result of an earlier run that the latest run did not produce again, and the
+    destinations it may have reached (delivered, being sent, or tried)."""
+
+    result: ResultRecord
+    reached: tuple[str, ...]
 
 
 @dataclass(frozen=True)

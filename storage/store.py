@@ -35,6 +35,8 @@ from storage.errors import (
 )
 from storage.migrate import check_schema
 from storage.records import (
+    REJECTION,
+    SUPERSEDED,
     UNFINISHED_JOB_STATES,
     AuditRecord,
     DeliveryRecord,
@@ -49,6 +51,7 @@ from storage.records import (
     ResultRecord,
     RetentionReport,
     RetryOutcome,
+    StaleResult,
     StoredInstance,
     StoreOutcome,
 )
@@ -287,17 +290,24 @@ class Store:
 
     def _touch_job(self, s: Session, study_id: int, calling_ae: str | None,
                    now: datetime) -> None:
-        """New data for a study: (re)start its idle timer; a finished study is queued again."""
+        """New data for a study: (re)start its idle timer; a finished study is queued again.
+
+        The attempt count survives new instances: only a job that completed starts afresh.
+        A job queued after a failure keeps its attempts, and one that used them all stays
+        failed until an admin retries it; otherwise a study whose instances keep arriving
+        would run (and fail, and send partial results) without end."""
         s.execute(self._insert(m.Job).values(
             study_id=study_id, state=JobState.RECEIVING, calling_ae=calling_ae, attempts=0,
             rerun=False, last_instance_at=now, created_at=now, updated_at=now,
         ).on_conflict_do_nothing(index_elements=["study_id"]))
-        again = (JobState.QUEUED, JobState.DONE, JobState.FAILED)
+        exhausted = and_(m.Job.state == JobState.FAILED,
+                         m.Job.attempts >= self.job_max_attempts)
+        again = and_(m.Job.state.in_((JobState.QUEUED, JobState.DONE, JobState.FAILED)),
+                     ~exhausted)
         s.execute(update(m.Job).where(m.Job.study_id == study_id).values(
             last_instance_at=now, calling_ae=calling_ae, updated_at=now,
-            state=case((m.Job.state.in_(again), JobState.RECEIVING.value), else_=m.Job.state),
-            attempts=case((m.Job.state.in_((JobState.DONE, JobState.FAILED)), 0),
-                          else_=m.Job.attempts),
+            state=case((again, JobState.RECEIVING.value), else_=m.Job.state),
+            attempts=case((m.Job.state == JobState.DONE, 0), else_=m.Job.attempts),
             rerun=case((m.Job.state == JobState.RUNNING, True), else_=m.Job.rerun),
         ))
 
@@ -357,6 +367,72 @@ class Store:
         return ResultRecord(row.id, row.sop_instance_uid, row.series_uid, row.sop_class_uid,
                             row.transfer_syntax, row.kind, self.archive.absolute(row.path),
                             row.size, row.sha256, row.job_id, row.created_at)
+
+    # -- superseded results ---------------------------------------------------------------
+
+    @staticmethod
+    def _reached(s: Session, result_ids: Sequence[int]) -> dict[int, list[str]]:
+        """Per result, the destinations it may be at: delivered, being sent, or tried (an
+        attempt whose answer was lost may have landed)."""
+        rows = s.execute(select(m.Delivery.result_id, m.Delivery.destination).where(
+            m.Delivery.result_id.in_(list(result_ids)),
+            or_(m.Delivery.state.in_((DeliveryState.DONE, DeliveryState.SENDING)),
+                m.Delivery.attempts > 0)).order_by(m.Delivery.destination)).all()
+        reached: dict[int, list[str]] = {}
+        for result_id, destination in rows:
+            reached.setdefault(result_id, []).append(destination)
+        return reached
+
+    def stale_results(self, study_uid: str, keep: Iterable[str]) -> list[StaleResult]:
+        """The study's results, other than ``keep`` (the SOP Instance UIDs the latest run
+        produced), that are not superseded yet; rejection notes are never stale."""
+        keep = set(keep)
+        with self._tx() as s:
+            rows = s.scalars(select(m.Result).join(m.Study, m.Study.id == m.Result.study_id)
+                             .where(m.Study.study_uid == study_uid,
+                                    m.Result.kind != REJECTION,
+                                    m.Result.kind.not_like(SUPERSEDED + "%"))
+                             .order_by(m.Result.id)).all()
+            stale = [r for r in rows if r.sop_instance_uid not in keep]
+            reached = self._reached(s, [r.id for r in stale]) if stale else {}
+            return [StaleResult(self._result_record(r), tuple(reached.get(r.id, ())))
+                    for r in stale]
+
+    def supersede_results(self, result_ids: Sequence[int], *, rejection_id: int | None = None,
+                          now: datetime | None = None) -> list[str]:
+        """Mark results superseded and cancel their deliveries not done; with a rejection
+        note (a stored result), queue it to every destination they may have reached.
+        Idempotent. Returns those destinations (sorted): a caller that passed no note and
+        gets some back must send one."""
+        now = _at(now)
+        ids = list(result_ids)
+        if not ids:
+            return []
+        with self._tx() as s:
+            rows = s.scalars(select(m.Result).where(m.Result.id.in_(ids))
+                             .with_for_update()).all()
+            for row in rows:
+                if not row.kind.startswith(SUPERSEDED):
+                    row.kind = (SUPERSEDED + row.kind)[:32]
+            # Reached first: a delivery being sent is cancelled too (its sender gets LeaseLost,
+            # and it is never sent again when its lease runs out), but may have landed.
+            destinations = sorted({d for ds in self._reached(s, ids).values() for d in ds})
+            s.execute(update(m.Delivery).where(
+                m.Delivery.result_id.in_(ids),
+                m.Delivery.state.in_((DeliveryState.PENDING, DeliveryState.DEAD,
+                                      DeliveryState.SENDING)),
+            ).values(state=DeliveryState.CANCELLED, lease_owner=None, lease_expires_at=None,
+                     updated_at=now))
+            if rejection_id is not None:
+                if s.get(m.Result, rejection_id) is None:
+                    raise ResultNotFound(f"result {rejection_id} does not exist")
+                for destination in destinations:
+                    s.execute(self._insert(m.Delivery).values(
+                        result_id=rejection_id, destination=destination,
+                        state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
+                        created_at=now, updated_at=now,
+                    ).on_conflict_do_nothing(index_elements=["result_id", "destination"]))
+            return destinations
 
     # -- reading the index ---------------------------------------------------------------
 
@@ -498,9 +574,11 @@ class Store:
         """Mark the job done (or receiving again when instances arrived while it ran)."""
         now = _at(now)
         with self._tx() as s:
+            # A completed run uses up no attempt of the next one (the study grew meanwhile).
             state = s.execute(update(m.Job).where(*self._held(job_id, worker_id)).values(
                 state=case((m.Job.rerun, JobState.RECEIVING.value), else_=JobState.DONE.value),
-                rerun=False, lease_owner=None, lease_expires_at=None, finished_at=now,
+                attempts=case((m.Job.rerun, 0), else_=m.Job.attempts), rerun=False,
+                lease_owner=None, lease_expires_at=None, finished_at=now,
                 updated_at=now, last_error=None,
             ).returning(m.Job.state)).scalar()
             if state is None:
@@ -704,6 +782,34 @@ class Store:
                                  r.sop_class_uid, r.transfer_syntax,
                                  self.archive.absolute(r.path), expires)
                     for d, r, study_uid in rows]
+
+    def lease_owners(self) -> set[str]:
+        """The workers holding a job or a delivery lease now (expired or not)."""
+        with self._tx() as s:
+            jobs = s.scalars(select(m.Job.lease_owner).distinct().where(
+                m.Job.state == JobState.RUNNING, m.Job.lease_owner.is_not(None))).all()
+            deliveries = s.scalars(select(m.Delivery.lease_owner).distinct().where(
+                m.Delivery.state == DeliveryState.SENDING,
+                m.Delivery.lease_owner.is_not(None))).all()
+            return {o for o in (*jobs, *deliveries) if o}
+
+    def expire_leases(self, owners: Iterable[str], *,
+                      now: datetime | None = None) -> tuple[int, int]:
+        """End the leases of workers known to be dead (a restarted node's previous
+        incarnation): their jobs and deliveries are due now instead of when the lease would
+        have run out. The attempts they used stay counted. (jobs, deliveries) released."""
+        names = sorted(set(owners))
+        if not names:
+            return 0, 0
+        past = _at(now) - timedelta(seconds=1)
+        with self._tx() as s:
+            jobs = s.execute(update(m.Job).where(
+                m.Job.state == JobState.RUNNING, m.Job.lease_owner.in_(names))
+                .values(lease_expires_at=past)).rowcount or 0
+            deliveries = s.execute(update(m.Delivery).where(
+                m.Delivery.state == DeliveryState.SENDING, m.Delivery.lease_owner.in_(names))
+                .values(lease_expires_at=past)).rowcount or 0
+        return jobs, deliveries
 
     def record_delivery_attempt(self, delivery_id: int, worker_id: str, *, ok: bool,
                                 status: str | int | None = None, error: str | None = None,
