@@ -4,7 +4,13 @@ names or IDs (callers pass only UIDs and counts)."""
 from __future__ import annotations
 
 import logging
+import re
 import sys
+
+# Libraries whose messages may quote a dataset's values (pydicom's "Invalid value for VR PN:
+# '...'" carries whatever a peer sent, patient names included).
+_QUOTING_LOGGERS = ("pydicom", "highdicom", "pynetdicom", "py.warnings")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"")
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -17,9 +23,23 @@ class KeyValueFormatter(logging.Formatter):
         return base
 
 
+class RedactQuotedValues(logging.Filter):
+    """Replace quoted text in third-party messages (and Python warnings) by '<value>': those
+    quote dataset values, and the node's logs never carry patient data."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(_QUOTING_LOGGERS):
+            record.msg = _QUOTED.sub("'<value>'", record.getMessage())
+            record.args = None
+        return True
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
+    handler.addFilter(RedactQuotedValues())
+    # warnings (pydicom's, for one) go through the handler too, not straight to stderr
+    logging.captureWarnings(True)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
