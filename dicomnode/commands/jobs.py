@@ -77,6 +77,7 @@ def show(ctx: click.Context, job_id: int) -> None:
     """One job: state, timings, lease, error, its study's results and their deliveries."""
     with _store(ctx) as store:
         detail = store.job_detail(job_id)
+        commitments = store.commitments(job_id=job_id)
     j = detail.job
     fields = [
         ("job", str(j.id)), ("study", j.study_uid), ("state", j.state.value),
@@ -103,6 +104,13 @@ def show(ctx: click.Context, job_id: int) -> None:
             [str(d.id), d.destination, d.state.value, str(d.attempts),
              _when(d.next_attempt_at), d.last_status or "-", _short(d.last_error, 40)]
             for d in detail.deliveries]))
+    if commitments:
+        click.echo("\nstorage commitment")
+        click.echo(_table([["DELIVERY", "DESTINATION", "STATE", "REQUESTED", "REPORTED",
+                            "FAILURE", "SOP INSTANCE UID"]] + [
+            [str(c.delivery_id), c.destination, c.state.value, _when(c.requested_at),
+             _when(c.reported_at), c.failure or "-", c.result_sop_instance_uid]
+            for c in commitments]))
 
 
 @jobs.command("retry")
