@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("dicomnode.commands.jobs:jobs", "List, show, retry or cancel inference jobs."),
     "db": ("dicomnode.commands.db:db", "Database schema maintenance."),
     "bench": ("dicomnode.commands.bench:bench", "Benchmarks (model, store, ...)."),
+    "retrieve": ("dicomnode.commands.retrieve:retrieve",
+                 "Fetch the studies a labels CSV names from a PACS into the archive."),
     "train": ("dicomnode.commands.train:train", "Train a model on labelled images."),
     "tune": ("dicomnode.commands.tune:tune", "Random hyperparameter search (paper V-D.6)."),
     "evaluate": ("dicomnode.commands.evaluate:evaluate", "AUC, localisation and a report."),

@@ -379,6 +379,12 @@ class Store:
                                    i.laterality, i.view, i.number_of_frames)
                     for i, series_uid in rows]
 
+    def study_job_id(self, study_uid: str) -> int | None:
+        """The id of the study's job (every received study has one), or None."""
+        with self._tx() as s:
+            return s.scalar(select(m.Job.id).join(m.Study, m.Study.id == m.Job.study_id)
+                            .where(m.Study.study_uid == study_uid))
+
     def study_results(self, study_uid: str) -> list[ResultRecord]:
         with self._tx() as s:
             rows = s.scalars(select(m.Result).join(m.Study, m.Study.id == m.Result.study_id)
