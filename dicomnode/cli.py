@@ -19,6 +19,8 @@ from dicomnode.errors import DicomnodeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dicomnode.commands.synth:synth", "Write synthetic breast screening studies."),
     "inspect": ("dicomnode.commands.inspect:inspect", "Show what loads from DICOM files."),
+    "export": ("dicomnode.commands.export:export",
+               "Write a de-identified training set (images, results, labels)."),
     "import": ("dicomnode.commands.importing:import_",
                "Index DICOM files on disk into the archive, as if received."),
     "serve": ("dicomnode.commands.node:serve", "Receive studies over DICOM into the archive."),
