@@ -231,12 +231,14 @@ class Deidentifier:
             elif elem.VR == "TM":
                 if action is not None and action == "X":
                     del ds[elem.tag]  # times of day are otherwise kept with the dates
-            elif action is None or tag in (PATIENT_ID, PATIENT_NAME):
-                continue  # kept (PatientID/Name get the pseudonym afterwards)
+            elif tag in (PATIENT_ID, PATIENT_NAME):
+                continue  # they get the pseudonym afterwards
             elif _DESCRIPTOR.search(elem.keyword or "") and elem.VR in ("LO", "SH", "ST", "LT",
                                                                         "UT", "UC"):
                 if self._identifies(elem, identifying):
                     del ds[elem.tag]  # Clean Descriptors: identifying text goes
+            elif action is None:
+                continue  # not in the profile's table: kept
             else:
                 self._apply(ds, elem, action)
 

@@ -860,6 +860,28 @@ class Store:
                                    detail=f"transaction {transaction_uid}"))
         return CommitmentReport(transaction_uid, done, bad, len(outcome))
 
+    def resend_uncommitted(self, job_id: int, *, now: datetime | None = None) -> int:
+        """Admin: the delivered results of the job's study whose commitment failed or never
+        got a report are due again now (sent again, then commitment asked again); how many.
+        """
+        now = _at(now)
+        with self._tx() as s:
+            job = self._job_for_update(s, job_id)
+            ids = s.scalars(
+                select(m.Delivery.id)
+                .join(m.Result, m.Result.id == m.Delivery.result_id)
+                .join(m.Commitment, m.Commitment.delivery_id == m.Delivery.id)
+                .where(m.Result.study_id == job.study_id,
+                       m.Commitment.state != CommitmentState.COMMITTED,
+                       m.Delivery.state.in_((DeliveryState.DONE, DeliveryState.DEAD)))).all()
+            if not ids:
+                return 0
+            s.execute(update(m.Delivery).where(m.Delivery.id.in_(ids)).values(
+                state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, updated_at=now))
+            s.add(m.AuditEvent(at=now, event="commitment_resend", count=len(ids),
+                               status="queued", detail=f"job {job_id}"))
+            return len(ids)
+
     def commitments(self, *, job_id: int | None = None, state: CommitmentState | str | None
                     = None, limit: int = 1000) -> list[CommitmentRecord]:
         """Commitment of delivered results, of one job's study or of all, oldest first."""

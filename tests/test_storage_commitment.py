@@ -99,3 +99,16 @@ def test_retention_keeps_sources_until_results_are_committed(store: Store, outco
     assert remaining == ({sop1} if kept else set())
     if kept:
         assert store.study_instances(instance_args(study=1)["study_uid"])
+
+
+def test_resend_uncommitted_makes_deliveries_due_again(store: Store) -> None:
+    job1, d1, sop1 = _delivered(store, 1)
+    job2, d2, sop2 = _delivered(store, 2)
+    store.record_commitment_request([d1, d2], "2.25.6006", requested=True, now=at(6))
+    store.record_commitment_report("2.25.6006", committed=[sop2], failed={sop1: "0x0110"},
+                                   now=at(7))
+    assert store.resend_uncommitted(job2, now=at(8)) == 0  # committed: nothing to do
+    assert store.resend_uncommitted(job1, now=at(8)) == 1
+    [task] = store.claim_due_deliveries("w2", now=at(9))
+    assert (task.id, task.sop_instance_uid) == (d1, sop1)
+    assert any(a.event == "commitment_resend" for a in store.audit_trail())

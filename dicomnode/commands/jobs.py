@@ -1,4 +1,5 @@
-"""`dicomnode jobs list|show ID|retry ID|cancel ID`: the inference queue, for admins."""
+"""`dicomnode jobs list|show ID|retry ID|recommit ID|cancel ID`: the inference queue, for
+admins."""
 
 from __future__ import annotations
 
@@ -126,6 +127,18 @@ def retry(ctx: click.Context, job_id: int) -> None:
     if outcome.deliveries_requeued:
         parts.append(f"{outcome.deliveries_requeued} dead-lettered deliveries due again")
     click.echo("; ".join(parts))
+
+
+@jobs.command("recommit")
+@click.argument("job_id", type=int)
+@click.pass_context
+def recommit(ctx: click.Context, job_id: int) -> None:
+    """Send again the job's results whose storage commitment failed or never got a report,
+    then ask the destination to commit them again (retention waits for them)."""
+    with _store(ctx) as store:
+        count = store.resend_uncommitted(job_id)
+    click.echo(f"{count} results of job {job_id} due to be sent again" if count else
+               f"job {job_id} has no uncommitted results")
 
 
 @jobs.command("cancel")
