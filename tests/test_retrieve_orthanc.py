@@ -94,16 +94,23 @@ def test_retrieve_by_get_and_move_then_train(synth: Path, tmp_path: Path, capsys
         # C-MOVE, by accession number, into a second node (its SCP started by the command).
         accession = str(pydicom.dcmread(images[0], stop_before_pixels=True).AccessionNumber)
         by_accession = tmp_path / "accessions.csv"
-        by_accession.write_text(f"accession_number\n{accession}\n")
+        by_accession.write_text(f"accession_number\n{accession}\nNOSUCHACC\n")
         config_move = write_config(tmp_path / "move.toml", data_dir=tmp_path / "move",
                                    port=node_port, peers=[peer], models={})
         code, out, err = run_cli(["--config", str(config_move), "retrieve", "--labels",
                                   str(by_accession), "--method", "move"], capsys)
-        assert code == 0, out + err
-        assert "retrieved 1" in out and "missing 0" in out
+        assert code == 1, out + err
+        assert "retrieved 1" in out and "missing 1" in out
+        assert "accession NOSUCHACC (line 3): missing" in err
         code, out, err = run_cli(["--config", str(config_move), "retrieve", "--labels",
                                   str(by_accession), "--method", "move"], capsys)
-        assert code == 0 and "already complete, skipped" in out, out + err
+        assert code == 1 and "already complete, skipped" in out, out + err
+        from dicomnode.config import load_config
+        from dicomnode.store import open_store
+
+        with open_store(load_config(config_move)) as store:
+            study = str(pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID)
+            assert len(store.study_instances(study)) == 4
 
     # train on what arrived by C-GET (the absent study's row is the only one not usable)
     code, out, err = run_cli(["--config", str(config), "train", "--labels",
