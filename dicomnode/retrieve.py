@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
@@ -182,7 +181,9 @@ class Retriever:
 
     # -- associations -------------------------------------------------------------------
 
-    def _ae(self) -> AE:
+    def _ae(self, storage_classes: list[str]) -> AE:
+        from dicomnode.scp import TRANSFER_SYNTAXES
+
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = 15
         ae.network_timeout = self.timeout_s
@@ -191,30 +192,22 @@ class Retriever:
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         if self.method == "move":
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        else:
-            from dicomnode.scp import TRANSFER_SYNTAXES
-
+        elif storage_classes:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-            for uid in self._storage_classes():
+            for uid in storage_classes[:126]:  # 128 contexts at most
                 ae.add_requested_context(uid, TRANSFER_SYNTAXES)
         return ae
 
-    def _storage_classes(self) -> list[str]:
-        """Classes the node takes by C-GET (it is the Storage SCP on that association): the
-        breast images first, then others if it archives them; 126 at most (128 contexts)."""
-        classes = sorted(self.breast_classes)
-        if self.policy.other_storage == "store":
-            classes += [c.abstract_syntax for c in StoragePresentationContexts
-                        if c.abstract_syntax not in self.breast_classes]
-        return classes[:126]
-
     @contextmanager
-    def _association(self) -> Iterator[Association]:
-        ae = self._ae()
+    def _association(self, storage_classes: list[str] | None = None
+                     ) -> Iterator[Association]:
+        """An association for C-FIND and C-MOVE, or (``storage_classes``) for a C-GET whose
+        C-STOREs carry those SOP classes, the node in the SCP role for them."""
+        classes = sorted(set(storage_classes or []))
+        ae = self._ae(classes)
         kwargs: dict = {}
-        if self.method == "get":
-            kwargs["ext_neg"] = [build_role(uid, scp_role=True)
-                                 for uid in self._storage_classes()]
+        if classes:
+            kwargs["ext_neg"] = [build_role(uid, scp_role=True) for uid in classes[:126]]
             kwargs["evt_handlers"] = [(evt.EVT_C_STORE, self._handle_store)]
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
                              **kwargs)
@@ -401,8 +394,18 @@ class Retriever:
             before = len(have)
             with self._lock:
                 self._received = 0
-            problem = self._fetch(assoc, study_uid,
-                                  {u: remote[u] for u in wanted - have})
+            missing = {u: remote[u] for u in wanted - have}
+            if self.method == "get":
+                # Its own association, proposing exactly the classes the C-STOREs will carry
+                # (a class not negotiated makes a PACS fail the whole C-GET).
+                try:
+                    with self._association([cls for _, cls in missing.values() if cls]
+                                           ) as get_assoc:
+                        problem = self._fetch(get_assoc, study_uid, missing)
+                except RetrieveError as exc:
+                    problem = str(exc)
+            else:
+                problem = self._fetch(assoc, study_uid, missing)
             have = self._archived(study_uid) & wanted
             with self._lock:
                 fetched = self._received if self.method == "get" else len(have) - before
