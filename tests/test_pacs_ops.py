@@ -22,7 +22,7 @@ def _store_with_activity(data: Path) -> None:
     store = Store(f"sqlite:///{data / 'dicomnode.db'}", data / "archive")
     try:
         deliveries = []
-        for study in (1, 2):
+        for study in (1, 2, 3):
             args = instance_args(study=study)
             store.store_instance(**args)
             job = store.force_ready(args["study_uid"])
@@ -52,13 +52,15 @@ def test_status_and_metrics_show_commitment_retrieve_and_export(tmp_path: Path) 
                           models={"dbt": "none", "ffdm": "none", "s2d": "none"})
     result = CliRunner().invoke(cli, ["--config", str(config), "status"])
     assert result.exit_code == 0, result.output
-    assert "committed 1, failed 1" in result.output
+    assert "pending 1, committed 1, failed 1" in result.output
+    assert "oldest pending" in result.output and "of PACS" in result.output
     assert "not committed" in result.output and "0x0110" in result.output
     assert "last retrieve" in result.output and "missing=1" in result.output
     assert "last export" in result.output and "exported=2" in result.output
     result = CliRunner().invoke(cli, ["--config", str(config), "status", "--json"])
     payload = json.loads(result.output)
-    assert payload["commitments"] == {"committed": 1, "failed": 1}
+    assert payload["commitments"] == {"committed": 1, "failed": 1, "pending": 1}
+    assert payload["oldest_pending_commitment"]
     assert payload["last_retrieve"]["status"] == "problems"
 
     store = Store(f"sqlite:///{data / 'dicomnode.db'}", data / "archive")
@@ -73,6 +75,7 @@ def test_status_and_metrics_show_commitment_retrieve_and_export(tmp_path: Path) 
         store.close()
     assert 'dicomnode_commitments{state="failed"} 1' in text
     assert 'dicomnode_commitments{state="committed"} 1' in text
+    assert 'dicomnode_commitments{state="pending"} 1' in text
     assert 'dicomnode_last_run_studies{activity="retrieve",outcome="missing"} 1' in text
     assert 'dicomnode_last_run_studies{activity="export",outcome="exported"} 2' in text
     assert 'dicomnode_last_run_timestamp_seconds{activity="export"}' in text

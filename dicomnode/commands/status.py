@@ -128,6 +128,7 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
             events = recent_audit(store, audit) if audit else []
             commitments = {str(k): int(v) for k, v in store.commitment_counts().items()}
             uncommitted = store.commitments(state="failed", limit=20)
+            oldest_pending = store.commitments(state="pending", limit=1)
             runs = {a: last_audit(store, a) for a in ("retrieve", "export")}
         finally:
             store.close()
@@ -145,6 +146,8 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
                               "sop_instance_uid": d.result_sop_instance_uid,
                               "status": d.last_status, "error": d.last_error} for d in dead],
             "commitments": commitments,
+            "oldest_pending_commitment": (oldest_pending[0].requested_at.isoformat()
+                                          if oldest_pending else None),
             "commitment_failures": [{"delivery_id": c.delivery_id, "destination": c.destination,
                                      "sop_instance_uid": c.result_sop_instance_uid,
                                      "failure": c.failure} for c in uncommitted],
@@ -191,9 +194,16 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
         rows.append(("commitment", _states(commitments, ("pending", "committed", "failed"))
                      + (" (pending/failed keep their sources from retention)"
                         if set(commitments) - {"committed"} else "")))
+    if oldest_pending:
+        from storage.store import utcnow
+
+        age = (utcnow() - oldest_pending[0].requested_at).total_seconds()
+        rows.append(("oldest pending", f"commitment asked {_ago(age)} ago of "
+                     f"{oldest_pending[0].destination} (no report yet; `jobs recommit` "
+                     "sends again)"))
     for c in uncommitted:
         rows.append(("not committed", f"delivery {c.delivery_id} to {c.destination}: "
-                     f"{c.failure or '-'}"))
+                     f"{c.failure or '-'} (`jobs recommit` sends again)"))
     for activity, record in runs.items():
         rows.append((f"last {activity}", "never" if record is None else
                      f"{_when(record.at)}: {record.status or '-'}; {record.detail or ''}"))
