@@ -35,7 +35,7 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
@@ -175,8 +175,15 @@ class Deidentifier:
         ds.DeidentificationMethodCodeSequence = codes
         ds.LongitudinalTemporalInformationModified = "MODIFIED"
         meta = getattr(ds, "file_meta", None)
-        if meta is not None and "MediaStorageSOPInstanceUID" in meta:
-            meta.MediaStorageSOPInstanceUID = self.uid(str(meta.MediaStorageSOPInstanceUID))
+        if meta is not None:
+            # A new file meta (the old one may name the sending and receiving AEs): only
+            # what says what the file holds; pydicom adds its implementation UID on saving.
+            new_meta = FileMetaDataset()
+            new_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+            new_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID  # already remapped
+            if "TransferSyntaxUID" in meta:
+                new_meta.TransferSyntaxUID = meta.TransferSyntaxUID
+            ds.file_meta = new_meta
 
     @staticmethod
     def _identifying_values(ds: Dataset) -> list[str]:

@@ -24,6 +24,7 @@ from dicomnode.synth import SynthOptions, generate_studies
 from tests.results_support import findings, make_analysis, make_breast
 
 IDENTIFYING_TEXT = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID",
+                    "SourceApplicationEntityTitle",
                     "InstitutionName", "InstitutionAddress", "StationName",
                     "DeviceSerialNumber", "IssuerOfPatientID", "PatientAddress")
 
@@ -82,6 +83,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[
     config.write_text(f'[node]\ndata_dir = "{root / "data"}"\n[storage]\nmin_free_mb = 0\n')
     analysis = make_analysis(synth, findings(synth, "s2d")[0])
     results = make_results(analysis, root / "results")
+    for path in files:  # as the SCP archives them: file meta naming the sender's AE
+        ds = pydicom.dcmread(path)
+        ds.file_meta.SourceApplicationEntityTitle = "HOSPITALPACS01"
+        ds.save_as(path)
     with open_store(load_config(config)) as store:
         for path in files:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
