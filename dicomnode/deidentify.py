@@ -15,9 +15,9 @@ research export needs on top, all keyed by a secret that stays on the node:
 - Dates and date-times: shifted by a per-patient number of days derived from the key
   (Retain Longitudinal Temporal Information with Modified Dates): intervals between a
   patient's studies are kept; times of day are kept. Patient's Birth Date is emptied.
-- Descriptors (the profile's text attributes named ...Description, ...Comments, Protocol
-  Name, ...) are kept when they contain none of the source's identifying values (names,
-  IDs, accession number, dates, institution), else emptied (Clean Descriptors).
+- Descriptors (text attributes named ...Description, ...Comments, ...Label, Protocol Name)
+  are kept without the words that hold one of the source's identifying values (names, IDs,
+  accession number, dates, institution) (Clean Descriptors).
 - Private attributes are removed; SR Content Sequence is cleaned item by item (the rules
   above apply inside it) instead of replaced, so the node's own results stay readable.
 
@@ -113,6 +113,14 @@ def _shift_datetime(value: str, days: int) -> str:
         return ""
     shifted = _shift_date(value[:8], days)
     return shifted + value[8:] if shifted else ""
+
+
+def _clean_text(text: str, identifying: list[str]) -> str:
+    """The text without the words that hold an identifying value (a name, an ID, a date):
+    kept present (a Type 1 or 2 descriptor stays), emptied only if nothing else is left."""
+    words = text.split()
+    kept = [w for w in words if not any(v in w.lower() for v in identifying if " " not in v)]
+    return " ".join(kept)
 
 
 class Deidentifier:
@@ -242,8 +250,9 @@ class Deidentifier:
                 continue  # they get the pseudonym afterwards
             elif _DESCRIPTOR.search(elem.keyword or "") and elem.VR in ("LO", "SH", "ST", "LT",
                                                                         "UT", "UC"):
-                if self._identifies(elem, identifying):
-                    del ds[elem.tag]  # Clean Descriptors: identifying text goes
+                if self._identifies(elem, identifying):  # Clean Descriptors
+                    elem.value = self._map_values(
+                        elem, lambda v: _clean_text(v, identifying))
             elif action is None:
                 continue  # not in the profile's table: kept
             else:

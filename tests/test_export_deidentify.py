@@ -29,6 +29,10 @@ IDENTIFYING_TEXT = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID"
                     "DeviceSerialNumber", "IssuerOfPatientID", "PatientAddress")
 
 
+pytestmark = pytest.mark.slow
+IMAGES = 16
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exc:
         main(args)
@@ -70,8 +74,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[
     source files)."""
     root = tmp_path_factory.mktemp("deid")
     synth = root / "synth"
-    generate_studies(synth, SynthOptions(studies=2, modalities=("s2d",), seed=1))
-    files = sorted(synth.rglob("s2d/*.dcm"))
+    generate_studies(synth, SynthOptions(studies=2, modalities=("dbt", "s2d"), seed=1))
+    files = sorted([*synth.rglob("s2d/*.dcm"), *synth.rglob("dbt/*.dcm")])
+    assert len(files) == IMAGES
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     for path in files:
         ds = pydicom.dcmread(path)
@@ -126,11 +131,12 @@ def test_export_leaves_no_identifying_value(archive, tmp_path: Path, capsys) -> 
                                  "--labels", str(labels)], capsys)
     assert code == 0, err
     files = exported(out)
-    assert len(files) == len(sources) == 8 + 4  # 8 images, SR + SEG + 2 Parametric Maps
+    # 2 studies x 4 views x (DBT + synthetic 2D); SR, SEG and 2 Parametric Maps of one image
+    assert len(files) == len(sources) == IMAGES + 4
     secrets_ = set().union(*(identifying_values(pydicom.dcmread(p)) for p in sources))
     # The node's results name their equipment, the algorithm, by the weights' hash (Device
     # Serial Number), the same at every site: it identifies the model, not the patient.
-    secrets_ -= {str(e.value) for p in sources[8:] for e in pydicom.dcmread(p).iterall()
+    secrets_ -= {str(e.value) for p in sources[IMAGES:] for e in pydicom.dcmread(p).iterall()
                  if e.keyword == "DeviceSerialNumber"}
     assert len(secrets_) > 20  # names, IDs, dates and UIDs were found to look for
     long_ = {s for s in secrets_ if len(s) >= 6}  # short ones would match pixel bytes
@@ -159,7 +165,7 @@ def test_export_leaves_no_identifying_value(archive, tmp_path: Path, capsys) -> 
     assert len({d.PatientID for d in images}) == 1
     assert len({d.StudyInstanceUID for d in images}) == 2
     source_dates = sorted({pydicom.dcmread(p, stop_before_pixels=True).StudyDate
-                           for p in sources[:8]})
+                           for p in sources[:IMAGES]})
     new_dates = sorted({d.StudyDate for d in images})
     days = [(pydicom.valuerep.DA(b) - pydicom.valuerep.DA(a)).days
             for a, b in (source_dates, new_dates)]
@@ -178,7 +184,7 @@ def test_export_leaves_no_identifying_value(archive, tmp_path: Path, capsys) -> 
     # labels: the new UIDs and pseudonym, no file paths
     with (out / "labels.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert len(rows) == 8 and "path" not in rows[0]
+    assert len(rows) == IMAGES and "path" not in rows[0]
     assert {r["sop_instance_uid"] for r in rows} == image_uids
     assert {r["patient_id"] for r in rows} == {images[0].PatientID}
 
