@@ -62,6 +62,11 @@ class StudyKey:
     def text(self) -> str:
         return self.study_uid or f"accession {self.accession_number}"
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        """What makes two rows name the same study: the UID, else the accession number."""
+        return (self.study_uid, "" if self.study_uid else self.accession_number)
+
 
 @dataclass
 class StudyOutcome:
@@ -134,11 +139,44 @@ def read_study_keys(path: str | Path) -> list[StudyKey]:
         if not study and not accession:
             raise RetrieveError(f"{path} line {n}: neither a study UID nor an accession "
                                 "number; fill one in or remove the row")
-        key = (study, "" if study else accession)
-        if key not in seen:
-            seen.add(key)
-            keys.append(StudyKey(key[0], accession, n))
+        key = StudyKey(study, accession, n)
+        if key.identity not in seen:
+            seen.add(key.identity)
+            keys.append(key)
     return keys
+
+
+def write_complete_labels(source: str | Path, report: RetrieveReport,
+                          out: str | Path) -> int:
+    """The rows of ``source`` whose study is complete in the archive now, with the study
+    UID filled in (an accession-keyed row gets one row per study it resolved to), for
+    `dicomnode train`; how many rows were written."""
+    source, out = Path(source), Path(out)
+    done: dict[tuple[str, str], list[str]] = {}
+    for o in report.outcomes:
+        if o.status in ("retrieved", "complete"):
+            done.setdefault(o.key.identity, []).append(o.study_uid)
+    with source.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        rows = list(reader)
+    study_col = next((c for c in STUDY_KEYS if c in columns), None)
+    accession_col = next((c for c in ACCESSION_KEYS if c in columns), None)
+    fields = columns if study_col == "study_uid" else ["study_uid", *columns]
+    written = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for raw in rows:
+            row = {(k or "").strip(): (v or "").strip() for k, v in raw.items()
+                   if not isinstance(v, list)}
+            study = row.get(study_col or "", "")
+            key = StudyKey(study, row.get(accession_col or "", "")).identity
+            for study_uid in done.get(key, []):
+                writer.writerow({**row, "study_uid": study_uid})
+                written += 1
+    return written
 
 
 def retrieve_peer(config: Config, ae_title: str | None) -> PeerConfig:

@@ -15,6 +15,7 @@ from dicomnode.retrieve import (
     StudyOutcome,
     read_study_keys,
     retrieve_peer,
+    write_complete_labels,
 )
 
 
@@ -59,3 +60,17 @@ def test_report_lists_problems_and_writes_csv(tmp_path: Path) -> None:
     report.write_csv(tmp_path / "r.csv")
     lines = (tmp_path / "r.csv").read_text().splitlines()
     assert lines[2].startswith("3,,ACC,missing")
+
+
+def test_labels_of_complete_studies_get_their_study_uid(tmp_path: Path) -> None:
+    path = tmp_path / "l.csv"
+    path.write_text("accession_number,laterality,benign,malignant\nACC1,L,0,1\nACC1,R,0,0\n"
+                    "ACC2,L,1,0\nACC3,L,0,0\n")
+    keys = read_study_keys(path)
+    report = RetrieveReport([StudyOutcome(keys[0], "retrieved", "1.2.1", 4, 4),
+                             StudyOutcome(keys[1], "incomplete", "1.2.2", 4, 3),
+                             StudyOutcome(keys[2], "complete", "1.2.3", 4, 4)])
+    assert write_complete_labels(path, report, tmp_path / "out.csv") == 3
+    lines = (tmp_path / "out.csv").read_text().splitlines()
+    assert lines == ["study_uid,accession_number,laterality,benign,malignant",
+                     "1.2.1,ACC1,L,0,1", "1.2.1,ACC1,R,0,0", "1.2.3,ACC3,L,0,0"]

@@ -67,9 +67,13 @@ def test_retrieve_by_get_and_move_then_train(synth: Path, tmp_path: Path, capsys
         config = write_config(tmp_path / "get.toml", data_dir=tmp_path / "get", port=node_port,
                               peers=[peer], models={})
         report = tmp_path / "get-report.csv"
+        complete = tmp_path / "complete.csv"
         code, out, err = run_cli(["--config", str(config), "retrieve", "--labels", str(labels),
-                                  "--method", "get", "--report", str(report)], capsys)
+                                  "--method", "get", "--report", str(report),
+                                  "--write-labels", str(complete)], capsys)
         assert code == 1, err
+        assert f"{len(rows)} label rows of complete studies" in out
+        assert ABSENT not in complete.read_text()
         assert f"{ABSENT} (line {len(rows) + 2}): missing" in err
         assert "retrieved 4" in out and "missing 1" in out
         statuses = read_report(report)
@@ -112,9 +116,9 @@ def test_retrieve_by_get_and_move_then_train(synth: Path, tmp_path: Path, capsys
             study = str(pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID)
             assert len(store.study_instances(study)) == 4
 
-    # train on what arrived by C-GET (the absent study's row is the only one not usable)
+    # train on what arrived by C-GET, with the labels of the complete studies
     code, out, err = run_cli(["--config", str(config), "train", "--labels",
-                              str(synth / "labels.csv"), "--modality", "s2d", "--out",
+                              str(complete), "--modality", "s2d", "--out",
                               str(tmp_path / "run"), "--epochs", "1", *TINY_ARGS], capsys)
     assert code == 0, err
     run = json.loads((tmp_path / "run" / "run.json").read_text())

@@ -21,15 +21,23 @@ from dicomnode.cli import load_cli_config
               help="C-GET or C-MOVE (default: the peer's retrieve_method).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write one CSV row per study: status, instances wanted/archived, detail.")
+@click.option("--write-labels", "labels_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the rows of --labels whose study is complete in the archive, with "
+                   "study_uid filled in (accession-keyed rows too): the labels for train.")
 @click.pass_context
 def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | None,
-             report_path: str | None) -> None:
+             report_path: str | None, labels_out: str | None) -> None:
     """Fetch studies by C-FIND then C-GET or C-MOVE; studies already complete in the
     archive are skipped, so a stopped run resumes. Exits 1 listing the studies that are
     missing at the PACS or did not arrive complete."""
     from dicomnode.errors import DicomnodeError
     from dicomnode.external import port_open
-    from dicomnode.retrieve import Retriever, read_study_keys, retrieve_peer
+    from dicomnode.retrieve import (
+        Retriever,
+        read_study_keys,
+        retrieve_peer,
+        write_complete_labels,
+    )
     from dicomnode.scp import StorageSCP, policy_from_config
     from dicomnode.store import open_store, storage_errors
 
@@ -75,6 +83,9 @@ def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | No
             store.close()
     if report_path:
         report.write_csv(Path(report_path))
+    if labels_out:
+        rows = write_complete_labels(labels, report, labels_out)
+        click.echo(f"{rows} label rows of complete studies written to {labels_out}")
     click.echo(report.summary().replace("=", " ") + (f"; report in {report_path}"
                                                       if report_path else ""))
     if report.problems:
