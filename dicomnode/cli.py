@@ -19,6 +19,8 @@ from dicomnode.errors import DicomnodeError
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("dicomnode.commands.synth:synth", "Write synthetic breast screening studies."),
     "inspect": ("dicomnode.commands.inspect:inspect", "Show what loads from DICOM files."),
+    "export": ("dicomnode.commands.export:export",
+               "Write a de-identified training set (images, results, labels)."),
     "import": ("dicomnode.commands.importing:import_",
                "Index DICOM files on disk into the archive, as if received."),
     "serve": ("dicomnode.commands.node:serve", "Receive studies over DICOM into the archive."),
@@ -29,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("dicomnode.commands.jobs:jobs", "List, show, retry or cancel inference jobs."),
     "db": ("dicomnode.commands.db:db", "Database schema maintenance."),
     "bench": ("dicomnode.commands.bench:bench", "Benchmarks (model, store, ...)."),
+    "retrieve": ("dicomnode.commands.retrieve:retrieve",
+                 "Fetch the studies a labels CSV names from a PACS into the archive."),
     "train": ("dicomnode.commands.train:train", "Train a model on labelled images."),
     "tune": ("dicomnode.commands.tune:tune", "Random hyperparameter search (paper V-D.6)."),
     "evaluate": ("dicomnode.commands.evaluate:evaluate", "AUC, localisation and a report."),

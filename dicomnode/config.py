@@ -43,6 +43,15 @@ class PeerConfig:
     send_results: bool = True
     # Study complete after this long without a new instance from this peer (else node's).
     idle_seconds: float | None = None
+    # After sending results, ask this peer to commit them (Storage Commitment Push Model);
+    # its N-EVENT-REPORT comes back to the node's SCP, and retention keeps the sources until
+    # every result is committed.
+    storage_commitment: bool = False
+    # `dicomnode retrieve` may fetch studies from this peer (C-FIND, then C-GET or C-MOVE).
+    retrieve: bool = False
+    # How: "get" (C-GET on one association) or "move" (C-MOVE to the node's AE title; the
+    # peer must know the node's AE, host and port).
+    retrieve_method: str = "get"
 
 
 @dataclass
@@ -229,6 +238,10 @@ def validate(config: Config) -> None:
         if getattr(config.model, key) < 0:
             raise ConfigError(f"model.{key}: {getattr(config.model, key)} is negative; use 0 "
                               "(off) or more")
+    for peer in config.peers:
+        if peer.retrieve_method not in ("get", "move"):
+            raise ConfigError(f"peers {peer.ae_title}: retrieve_method "
+                              f"{peer.retrieve_method!r} is not one of get, move")
     if not 0 <= config.node.port <= 65535:
         raise ConfigError(f"node.port: {config.node.port} is not a TCP port "
                           "(1-65535, or 0 for any free port)")

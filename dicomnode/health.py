@@ -88,6 +88,35 @@ def recent_audit(store: Store, count: int) -> list[AuditRecord]:
                         r["detail"]) for r in reversed(rows)]
 
 
+def last_audit(store: Store, event: str) -> AuditRecord | None:
+    """The newest audit event of this kind (e.g. "retrieve", "export"), or None."""
+    from sqlalchemy import select
+
+    from storage import models as m
+    from storage.records import AuditRecord
+
+    with store.engine.connect() as conn:
+        r = conn.execute(select(m.AuditEvent.__table__).where(m.AuditEvent.event == event)
+                         .order_by(m.AuditEvent.at.desc(), m.AuditEvent.id.desc())
+                         .limit(1)).mappings().first()
+    if r is None:
+        return None
+    return AuditRecord(r["at"], r["event"], r["calling_ae"], r["called_ae"], r["peer"],
+                       r["study_uid"], r["sop_instance_uid"], r["count"], r["status"],
+                       r["detail"])
+
+
+def run_outcomes(record: AuditRecord) -> dict[str, int]:
+    """{outcome: studies} of a retrieve/export audit record, whose detail is
+    "outcome=n outcome=n ..." (see dicomnode.retrieve and dicomnode.export)."""
+    out = {}
+    for part in (record.detail or "").split():
+        key, _, value = part.partition("=")
+        if value.isdigit():
+            out[key] = int(value)
+    return out
+
+
 def queue_collector(store: Store) -> Callable[[], None]:
     """A metrics collector that refreshes the queue gauges from the store at scrape time."""
 
@@ -97,6 +126,14 @@ def queue_collector(store: Store) -> Callable[[], None]:
         values.update({("deliveries", state): n for state, n in snap.deliveries.items()})
         metrics.QUEUE_DEPTH.replace(values)
         metrics.OLDEST_QUEUED_SECONDS.set(snap.oldest_queued_seconds or 0.0)
+        metrics.COMMITMENTS.replace({(str(k),): int(v)
+                                     for k, v in store.commitment_counts().items()})
+        for activity in ("retrieve", "export"):
+            record = last_audit(store, activity)
+            if record is not None:
+                metrics.LAST_RUN_TIMESTAMP.set(record.at.timestamp(), activity=activity)
+                for outcome, n in run_outcomes(record).items():
+                    metrics.LAST_RUN_STUDIES.set(n, activity=activity, outcome=outcome)
 
     return collect
 

@@ -240,6 +240,29 @@ DELIVERY_FAILURES = REGISTRY.counter(
     "Failed delivery attempts, by destination and status (refused, unreachable, 0xA700...).",
     ["destination", "status"])
 
+# -- storage commitment (commitment.py) ------------------------------------------------
+COMMITMENT_REQUESTS = REGISTRY.counter(
+    "dicomnode_commitment_requests_total",
+    "Storage Commitment N-ACTIONs sent, by destination and outcome (requested, failed).",
+    ["destination", "outcome"])
+COMMITMENT_REPORTS = REGISTRY.counter(
+    "dicomnode_commitment_reported_instances_total",
+    "Instances settled by N-EVENT-REPORTs received, by reporting AE and outcome.",
+    ["reporter", "outcome"])
+COMMITMENTS = REGISTRY.gauge(
+    "dicomnode_commitments", "Delivered results by storage commitment state (whole store).",
+    ["state"])
+
+# -- retrieve and export (the CLI commands; read from the audit trail at scrape time) ----
+LAST_RUN_TIMESTAMP = REGISTRY.gauge(
+    "dicomnode_last_run_timestamp_seconds",
+    "When `dicomnode retrieve` / `export` last finished (Unix time), by activity.",
+    ["activity"])
+LAST_RUN_STUDIES = REGISTRY.gauge(
+    "dicomnode_last_run_studies",
+    "Studies in the last retrieve / export, by activity and outcome.",
+    ["activity", "outcome"])
+
 # -- queue (read from the database at scrape time) -------------------------------------
 QUEUE_DEPTH = REGISTRY.gauge(
     "dicomnode_queue_depth", "Jobs and deliveries by queue and state (whole store).",

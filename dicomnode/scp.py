@@ -33,7 +33,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from dicomnode import metrics
+from dicomnode import commitment, metrics
 from dicomnode.errors import UnusableImageError
 from dicomnode.logs import kv
 from dicomnode.volume import describe_dataset
@@ -725,6 +725,7 @@ class StorageSCP:
                  hold_seconds: float = HOLD_SECONDS) -> None:
         self.receiver = Receiver(store, policy)
         self.ae = build_ae(policy)
+        commitment.add_scp_context(self.ae)  # destinations report storage commitment here
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self._server = None
@@ -743,7 +744,9 @@ class StorageSCP:
 
         try:
             self._server = self.ae.start_server(
-                (self.host, self.port), block=False, evt_handlers=self.receiver.handlers(),
+                (self.host, self.port), block=False,
+                evt_handlers=[*self.receiver.handlers(),
+                              *commitment.handlers(self.receiver.store)],
                 ssl_context=self.ssl_context)
         except OSError as exc:
             raise DicomnodeError(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
 
-from dicomnode import metrics
+from dicomnode import commitment, metrics
 from dicomnode.logs import kv
 
 if TYPE_CHECKING:
@@ -46,16 +46,16 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    storage_commitment: bool = False  # ask it to commit what it accepted (N-ACTION)
 
 
 def destinations_from_config(config: Config) -> dict[str, Destination]:
     """Result destinations by AE title: the configured peers that accept results."""
-    return {p.ae_title: Destination(p.ae_title, p.host, p.port)
-            for p in config.peers if p.send_results}
+    return {p.ae_title: destination_for(p) for p in config.peers if p.send_results}
 
 
 def destination_for(peer: PeerConfig) -> Destination:
-    return Destination(peer.ae_title, peer.host, peer.port)
+    return Destination(peer.ae_title, peer.host, peer.port, peer.storage_commitment)
 
 
 def build_scu(ae_title: str) -> AE:
@@ -64,8 +64,9 @@ def build_scu(ae_title: str) -> AE:
     ae.network_timeout = 60
     ae.dimse_timeout = 120
     ae.maximum_pdu_size = 0
-    # pynetdicom allows 128 requested contexts: the result classes come first so they always
-    # fit, then the common storage classes.
+    # pynetdicom allows 128 requested contexts: storage commitment and the result classes
+    # come first so they always fit, then the common storage classes.
+    commitment.add_scu_context(ae)
     for uid in RESULT_SOP_CLASSES:
         ae.add_requested_context(uid, [EXPLICIT_LE, IMPLICIT_LE])
     for context in StoragePresentationContexts:
@@ -85,11 +86,16 @@ class SendOutcome:
 
 def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask],
                on_outcome: Callable[[DeliveryTask, SendOutcome], None] | None = None,
-               ) -> list[SendOutcome]:
-    """C-STORE each task's file to the destination over one association. ``on_outcome`` is
-    called with each task's outcome as soon as it is known (the Deliverer records it then, so
-    a node killed mid-group re-sends only what was in flight, not what had arrived)."""
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+               store: Store | None = None) -> list[SendOutcome]:
+    """C-STORE each task's file to the destination over one association; then, where the
+    destination is configured for it and a ``store`` records it, request storage commitment
+    of the instances it accepted (its report may come on this association too).
+    ``on_outcome`` is called with each task's outcome as soon as it is known (the Deliverer
+    records it then, so a node killed mid-group re-sends only what was in flight, not what
+    had arrived)."""
+    handlers = commitment.handlers(store) if store is not None else []
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+                         evt_handlers=handlers)
     if not assoc.is_established:
         status = "refused" if assoc.is_rejected else "unreachable"
         why = (f"association {status} by {destination.ae_title} at "
@@ -123,6 +129,10 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask],
             else:
                 comment = str(getattr(rsp, "ErrorComment", "") or "")
                 outcomes.append(SendOutcome(False, f"0x{status:04X}", comment or None))
+        accepted = [t for t, o in zip(tasks, outcomes, strict=True) if o.ok]
+        if destination.storage_commitment and store is not None and accepted \
+                and assoc.is_established:
+            commitment.request_commitment(assoc, store, destination.ae_title, accepted)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -183,7 +193,7 @@ class Deliverer:
                                   f"{name} is not a configured peer with send_results")
         else:
             try:
-                send_files(self.ae, destination, tasks, on_outcome=record)
+                send_files(self.ae, destination, tasks, on_outcome=record, store=self.store)
                 return
             except Exception as exc:  # network errors of any kind: retry later
                 log.exception("event=delivery_error %s", kv(destination=name))

@@ -200,3 +200,20 @@ class AuditEvent(Base):
     count: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[str | None] = mapped_column(String(32))
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class Commitment(Base):
+    """Storage Commitment (Push Model) of one delivered result: requested by N-ACTION after
+    the C-STORE, settled by the destination's N-EVENT-REPORT. See
+    :class:`storage.records.CommitmentState`. A delivery sent again gets a new transaction."""
+
+    __tablename__ = "commitments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(ForeignKey("deliveries.id"), unique=True)
+    transaction_uid: Mapped[str] = mapped_column(UID, index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    requested_at: Mapped[datetime]
+    reported_at: Mapped[datetime | None]
+    # Why it is not committed: the N-ACTION status, or the report's Failure Reason.
+    failure: Mapped[str | None] = mapped_column(String(64))

@@ -42,6 +42,37 @@ class DeliveryState(StrEnum):
     CANCELLED = "cancelled"
 
 
+class CommitmentState(StrEnum):
+    """Storage commitment of a delivered result (requested only where the destination is
+    configured for it). Anything but COMMITTED keeps the study from retention."""
+
+    PENDING = "pending"        # N-ACTION accepted; waiting for the N-EVENT-REPORT
+    COMMITTED = "committed"    # the destination reported it holds the instance
+    FAILED = "failed"          # reported failed, or the N-ACTION itself failed
+
+
+@dataclass(frozen=True)
+class CommitmentRecord:
+    delivery_id: int
+    result_sop_instance_uid: str
+    destination: str
+    transaction_uid: str
+    state: CommitmentState
+    requested_at: datetime
+    reported_at: datetime | None
+    failure: str | None
+
+
+@dataclass(frozen=True)
+class CommitmentReport:
+    """What one N-EVENT-REPORT changed."""
+
+    transaction_uid: str
+    committed: int
+    failed: int
+    unknown: int               # SOP instances the report names that the transaction lacks
+
+
 @dataclass(frozen=True)
 class StoredInstance:
     outcome: StoreOutcome

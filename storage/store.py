@@ -39,6 +39,9 @@ from storage.records import (
     SUPERSEDED,
     UNFINISHED_JOB_STATES,
     AuditRecord,
+    CommitmentRecord,
+    CommitmentReport,
+    CommitmentState,
     DeliveryRecord,
     DeliveryState,
     DeliveryTask,
@@ -451,6 +454,12 @@ class Store:
                                    i.sha256, i.calling_ae, i.received_at, i.modality,
                                    i.laterality, i.view, i.number_of_frames)
                     for i, series_uid in rows]
+
+    def study_job_id(self, study_uid: str) -> int | None:
+        """The id of the study's job (every received study has one), or None."""
+        with self._tx() as s:
+            return s.scalar(select(m.Job.id).join(m.Study, m.Study.id == m.Job.study_id)
+                            .where(m.Study.study_uid == study_uid))
 
     def study_results(self, study_uid: str) -> list[ResultRecord]:
         with self._tx() as s:
@@ -892,6 +901,117 @@ class Store:
                                d.delivered_at)
                 for d, sop in s.execute(query).all()]
 
+    # -- storage commitment --------------------------------------------------------------
+
+    def record_commitment_request(self, delivery_ids: Sequence[int], transaction_uid: str, *,
+                                  requested: bool, failure: str | None = None,
+                                  now: datetime | None = None) -> None:
+        """Storage commitment was asked for these deliveries' results in one N-ACTION
+        (``requested``: the destination accepted it; else ``failure`` says why not). A
+        delivery asked again (sent again) starts over with the new transaction."""
+        validate_uid(transaction_uid, "Transaction UID")
+        now = _at(now)
+        state = CommitmentState.PENDING if requested else CommitmentState.FAILED
+        failure = None if requested else (failure or "request failed")[:64]
+        with self._tx() as s:
+            for delivery_id in delivery_ids:
+                values = dict(transaction_uid=transaction_uid, state=state, requested_at=now,
+                              reported_at=None, failure=failure)
+                s.execute(self._insert(m.Commitment).values(delivery_id=delivery_id, **values)
+                          .on_conflict_do_update(index_elements=["delivery_id"], set_=values))
+            s.add(m.AuditEvent(at=now, event="commitment_request", count=len(delivery_ids),
+                               status="requested" if requested else "failed",
+                               detail=f"transaction {transaction_uid}"
+                               + (f": {failure}" if failure else "")))
+
+    def record_commitment_report(self, transaction_uid: str, *, committed: Iterable[str],
+                                 failed: Mapping[str, str], reporter_ae: str | None = None,
+                                 now: datetime | None = None) -> CommitmentReport:
+        """An N-EVENT-REPORT for ``transaction_uid``: the SOP Instance UIDs the destination
+        committed, and those it failed with their Failure Reason. A report from an AE other
+        than the delivery's destination, or for SOP instances outside the transaction,
+        changes nothing (counted as unknown)."""
+        now = _at(now)
+        outcome = {**{uid: None for uid in committed}, **dict(failed)}
+        done = bad = 0
+        with self._tx() as s:
+            rows = s.execute(
+                select(m.Commitment, m.Delivery.destination, m.Result.sop_instance_uid,
+                       m.Study.study_uid)
+                .join(m.Delivery, m.Delivery.id == m.Commitment.delivery_id)
+                .join(m.Result, m.Result.id == m.Delivery.result_id)
+                .join(m.Study, m.Study.id == m.Result.study_id)
+                .where(m.Commitment.transaction_uid == transaction_uid)
+                .with_for_update(of=m.Commitment)).all()
+            for c, destination, sop_uid, study_uid in rows:
+                if sop_uid not in outcome:
+                    continue
+                if reporter_ae is not None and destination[:16] != reporter_ae:
+                    continue
+                reason = outcome.pop(sop_uid)
+                c.reported_at = now
+                if reason is None:
+                    c.state, c.failure = CommitmentState.COMMITTED, None
+                    done += 1
+                else:
+                    c.state, c.failure = CommitmentState.FAILED, str(reason)[:64]
+                    bad += 1
+                s.add(m.AuditEvent(at=now, event="commitment", calling_ae=reporter_ae,
+                                   called_ae=destination[:16], study_uid=study_uid,
+                                   sop_instance_uid=sop_uid,
+                                   status=str(c.state), detail=c.failure))
+            if outcome:
+                s.add(m.AuditEvent(at=now, event="commitment_unknown", calling_ae=reporter_ae,
+                                   count=len(outcome), status="ignored",
+                                   detail=f"transaction {transaction_uid}"))
+        return CommitmentReport(transaction_uid, done, bad, len(outcome))
+
+    def resend_uncommitted(self, job_id: int, *, now: datetime | None = None) -> int:
+        """Admin: the delivered results of the job's study whose commitment failed or never
+        got a report are due again now (sent again, then commitment asked again); how many.
+        """
+        now = _at(now)
+        with self._tx() as s:
+            job = self._job_for_update(s, job_id)
+            ids = s.scalars(
+                select(m.Delivery.id)
+                .join(m.Result, m.Result.id == m.Delivery.result_id)
+                .join(m.Commitment, m.Commitment.delivery_id == m.Delivery.id)
+                .where(m.Result.study_id == job.study_id,
+                       m.Commitment.state != CommitmentState.COMMITTED,
+                       m.Delivery.state.in_((DeliveryState.DONE, DeliveryState.DEAD)))).all()
+            if not ids:
+                return 0
+            s.execute(update(m.Delivery).where(m.Delivery.id.in_(ids)).values(
+                state=DeliveryState.PENDING, attempts=0, next_attempt_at=now, updated_at=now))
+            s.add(m.AuditEvent(at=now, event="commitment_resend", count=len(ids),
+                               status="queued", detail=f"job {job_id}"))
+            return len(ids)
+
+    def commitments(self, *, job_id: int | None = None, state: CommitmentState | str | None
+                    = None, limit: int = 1000) -> list[CommitmentRecord]:
+        """Commitment of delivered results, of one job's study or of all, oldest first."""
+        query = (select(m.Commitment, m.Delivery.destination, m.Result.sop_instance_uid)
+                 .join(m.Delivery, m.Delivery.id == m.Commitment.delivery_id)
+                 .join(m.Result, m.Result.id == m.Delivery.result_id)
+                 .order_by(m.Commitment.id).limit(limit))
+        if job_id is not None:
+            query = query.where(m.Result.study_id == select(m.Job.study_id)
+                                .where(m.Job.id == job_id).scalar_subquery())
+        if state is not None:
+            query = query.where(m.Commitment.state == CommitmentState(state))
+        with self._tx() as s:
+            return [CommitmentRecord(c.delivery_id, sop, dest, c.transaction_uid,
+                                     CommitmentState(c.state), c.requested_at, c.reported_at,
+                                     c.failure)
+                    for c, dest, sop in s.execute(query).all()]
+
+    def commitment_counts(self) -> dict[str, int]:
+        """{state: n} of storage commitments, for status displays and metrics."""
+        with self._tx() as s:
+            return dict(s.execute(select(m.Commitment.state, func.count())
+                                  .group_by(m.Commitment.state)).all())
+
     # -- audit ---------------------------------------------------------------------------
 
     def audit(self, event: str, *, calling_ae: str | None = None, called_ae: str | None = None,
@@ -924,8 +1044,9 @@ class Store:
     def apply_retention(self, max_age: timedelta, *,
                         now: datetime | None = None) -> RetentionReport:
         """Delete studies (instances, results, their rows) last received before
-        ``now - max_age``, except those whose job is unfinished or whose deliveries are
-        pending. Rows go first, files after the commit: a crash leaves unindexed files,
+        ``now - max_age``, except those whose job is unfinished, whose deliveries are
+        pending, or whose delivered results are not committed (where commitment was
+        requested). Rows go first, files after the commit: a crash leaves unindexed files,
         never an index entry without its file."""
         now = _at(now)
         cutoff = now - max_age
@@ -934,10 +1055,17 @@ class Store:
                            .join(m.Delivery, m.Delivery.result_id == m.Result.id)
                            .where(m.Delivery.state.in_((DeliveryState.PENDING,
                                                         DeliveryState.SENDING))))
+        # Where storage commitment was requested, a source stays until every result of its
+        # study is committed (a failed commitment needs an admin: the PACS may not hold it).
+        uncommitted = (select(m.Result.study_id)
+                       .join(m.Delivery, m.Delivery.result_id == m.Result.id)
+                       .join(m.Commitment, m.Commitment.delivery_id == m.Delivery.id)
+                       .where(m.Commitment.state != CommitmentState.COMMITTED))
         with self._tx() as s:
             study_ids = s.scalars(select(m.Study.id).where(
                 m.Study.last_received_at < cutoff, m.Study.id.not_in(busy_jobs),
-                m.Study.id.not_in(busy_deliveries)).with_for_update()).all()
+                m.Study.id.not_in(busy_deliveries),
+                m.Study.id.not_in(uncommitted)).with_for_update()).all()
             if not study_ids:
                 return RetentionReport(0, 0, 0, 0)
             instance_paths = s.scalars(select(m.Instance.path)
@@ -945,6 +1073,8 @@ class Store:
             result_paths = s.scalars(select(m.Result.path)
                                      .where(m.Result.study_id.in_(study_ids))).all()
             result_ids = select(m.Result.id).where(m.Result.study_id.in_(study_ids))
+            s.execute(delete(m.Commitment).where(m.Commitment.delivery_id.in_(
+                select(m.Delivery.id).where(m.Delivery.result_id.in_(result_ids)))))
             s.execute(delete(m.Delivery).where(m.Delivery.result_id.in_(result_ids)))
             s.execute(delete(m.Result).where(m.Result.study_id.in_(study_ids)))
             s.execute(delete(m.Instance).where(m.Instance.study_id.in_(study_ids)))

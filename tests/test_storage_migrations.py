@@ -46,4 +46,4 @@ def test_migrations_ship_inside_the_package() -> None:
     assert (migrate.MIGRATIONS_DIR / "env.py").is_file()
     assert (migrate.MIGRATIONS_DIR / "script.py.mako").is_file()
     assert migrate.MIGRATIONS_DIR.parent.name == "storage"
-    assert migrate.known_revisions() == {"0001"}
+    assert migrate.known_revisions() == {"0001", "0002"}

@@ -1,4 +1,5 @@
-"""`dicomnode jobs list|show ID|retry ID|cancel ID`: the inference queue, for admins."""
+"""`dicomnode jobs list|show ID|retry ID|recommit ID|cancel ID`: the inference queue, for
+admins."""
 
 from __future__ import annotations
 
@@ -77,6 +78,7 @@ def show(ctx: click.Context, job_id: int) -> None:
     """One job: state, timings, lease, error, its study's results and their deliveries."""
     with _store(ctx) as store:
         detail = store.job_detail(job_id)
+        commitments = store.commitments(job_id=job_id)
     j = detail.job
     fields = [
         ("job", str(j.id)), ("study", j.study_uid), ("state", j.state.value),
@@ -103,6 +105,13 @@ def show(ctx: click.Context, job_id: int) -> None:
             [str(d.id), d.destination, d.state.value, str(d.attempts),
              _when(d.next_attempt_at), d.last_status or "-", _short(d.last_error, 40)]
             for d in detail.deliveries]))
+    if commitments:
+        click.echo("\nstorage commitment")
+        click.echo(_table([["DELIVERY", "DESTINATION", "STATE", "REQUESTED", "REPORTED",
+                            "FAILURE", "SOP INSTANCE UID"]] + [
+            [str(c.delivery_id), c.destination, c.state.value, _when(c.requested_at),
+             _when(c.reported_at), c.failure or "-", c.result_sop_instance_uid]
+            for c in commitments]))
 
 
 @jobs.command("retry")
@@ -118,6 +127,18 @@ def retry(ctx: click.Context, job_id: int) -> None:
     if outcome.deliveries_requeued:
         parts.append(f"{outcome.deliveries_requeued} dead-lettered deliveries due again")
     click.echo("; ".join(parts))
+
+
+@jobs.command("recommit")
+@click.argument("job_id", type=int)
+@click.pass_context
+def recommit(ctx: click.Context, job_id: int) -> None:
+    """Send again the job's results whose storage commitment failed or never got a report,
+    then ask the destination to commit them again (retention waits for them)."""
+    with _store(ctx) as store:
+        count = store.resend_uncommitted(job_id)
+    click.echo(f"{count} results of job {job_id} due to be sent again" if count else
+               f"job {job_id} has no uncommitted results")
 
 
 @jobs.command("cancel")

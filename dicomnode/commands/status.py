@@ -110,6 +110,7 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
     model and device."""
     from dicomnode.health import (
         disk_free_bytes,
+        last_audit,
         queue_snapshot,
         read_status_files,
         recent_audit,
@@ -125,6 +126,10 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
             snap = queue_snapshot(store)
             dead = store.list_deliveries(state="dead", limit=20)
             events = recent_audit(store, audit) if audit else []
+            commitments = {str(k): int(v) for k, v in store.commitment_counts().items()}
+            uncommitted = store.commitments(state="failed", limit=20)
+            oldest_pending = store.commitments(state="pending", limit=1)
+            runs = {a: last_audit(store, a) for a in ("retrieve", "export")}
         finally:
             store.close()
     free = disk_free_bytes(archive_dir(config))
@@ -140,6 +145,15 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
             "dead_letters": [{"id": d.id, "destination": d.destination,
                               "sop_instance_uid": d.result_sop_instance_uid,
                               "status": d.last_status, "error": d.last_error} for d in dead],
+            "commitments": commitments,
+            "oldest_pending_commitment": (oldest_pending[0].requested_at.isoformat()
+                                          if oldest_pending else None),
+            "commitment_failures": [{"delivery_id": c.delivery_id, "destination": c.destination,
+                                     "sop_instance_uid": c.result_sop_instance_uid,
+                                     "failure": c.failure} for c in uncommitted],
+            **{f"last_{a}": None if r is None else {"at": r.at.isoformat(), "status": r.status,
+                                                     "studies": r.count, "detail": r.detail}
+               for a, r in runs.items()},
             "disk_free_bytes": free, "min_free_mb": config.storage.min_free_mb,
             "model": model_lines, "device": device,
             "audit": [{**asdict(e), "at": e.at.isoformat()} for e in events],
@@ -176,6 +190,23 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
                      f"{d.last_status or '-'} {(d.last_error or '')[:80]}"))
     if dead:
         rows.append(("", "resend with `dicomnode jobs retry JOB_ID` (`jobs show` names them)"))
+    if commitments:
+        rows.append(("commitment", _states(commitments, ("pending", "committed", "failed"))
+                     + (" (pending/failed keep their sources from retention)"
+                        if set(commitments) - {"committed"} else "")))
+    if oldest_pending:
+        from storage.store import utcnow
+
+        age = (utcnow() - oldest_pending[0].requested_at).total_seconds()
+        rows.append(("oldest pending", f"commitment asked {_ago(age)} ago of "
+                     f"{oldest_pending[0].destination} (no report yet; `jobs recommit` "
+                     "sends again)"))
+    for c in uncommitted:
+        rows.append(("not committed", f"delivery {c.delivery_id} to {c.destination}: "
+                     f"{c.failure or '-'} (`jobs recommit` sends again)"))
+    for activity, record in runs.items():
+        rows.append((f"last {activity}", "never" if record is None else
+                     f"{_when(record.at)}: {record.status or '-'}; {record.detail or ''}"))
     low = free is not None and free < config.storage.min_free_mb * 2**20
     rows.append(("disk", ("-" if free is None else f"{free / 2**30:.1f} GiB free")
                  + f" in {archive_dir(config)} (watermark {config.storage.min_free_mb} MB)"
