@@ -1,9 +1,10 @@
 """Sending results back: C-STORE SCU driven by the storage delivery queue.
 
 Each round claims the due deliveries, groups them by destination and sends each group on
-its own thread over one association, so one slow or dead destination never holds up the
-others. Failures go back to the queue, which backs off with jitter and dead-letters after
-the configured number of attempts (`dicomnode jobs retry` sends them again).
+its own thread over one association (or, for a peer with ``dicomweb_url``, one STOW-RS
+request), so one slow or dead destination never holds up the others. Failures go back to
+the queue, which backs off with jitter and dead-letters after the configured number of
+attempts (`dicomnode jobs retry` sends them again).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
 
 from dicomnode import metrics
+from dicomnode.dicomweb.client import StowError, StowTarget, post_instances
 from dicomnode.logs import kv
 
 if TYPE_CHECKING:
@@ -43,16 +45,21 @@ class Destination:
     ae_title: str
     host: str
     port: int
+    # STOW-RS instead of C-STORE when set (the peer's dicomweb_url and credentials)
+    stow: StowTarget | None = None
 
 
 def destinations_from_config(config: Config) -> dict[str, Destination]:
     """Result destinations by AE title: the configured peers that accept results."""
-    return {p.ae_title: Destination(p.ae_title, p.host, p.port)
-            for p in config.peers if p.send_results}
+    return {p.ae_title: destination_for(p) for p in config.peers if p.send_results}
 
 
 def destination_for(peer: PeerConfig) -> Destination:
-    return Destination(peer.ae_title, peer.host, peer.port)
+    stow = None
+    if peer.dicomweb_url:
+        stow = StowTarget(peer.dicomweb_url, token=peer.token, ca=peer.dicomweb_ca,
+                          cert=peer.dicomweb_cert, key=peer.dicomweb_key)
+    return Destination(peer.ae_title, peer.host, peer.port, stow)
 
 
 def build_scu(ae_title: str) -> AE:
@@ -119,6 +126,33 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
     return outcomes
 
 
+def send_stow(target: StowTarget, tasks: list[DeliveryTask]) -> list[SendOutcome]:
+    """STOW-RS the tasks' files to the destination in one request (they may span studies:
+    POST /studies, each instance carries its own Study Instance UID)."""
+    missing = [t for t in tasks if not t.path.is_file()]
+    present = [t for t in tasks if t not in missing]
+    outcomes = {t.id: SendOutcome(False, "unreadable", f"{t.path}: missing") for t in missing}
+    if present:
+        try:
+            rsp = post_instances(target, [t.path for t in present])
+        except StowError as exc:
+            rsp = None
+            outcomes.update({t.id: SendOutcome(False, "unreachable", str(exc)) for t in present})
+        if rsp is not None:
+            for task in present:
+                outcomes[task.id] = _stow_outcome(rsp, task.sop_instance_uid)
+    return [outcomes[t.id] for t in tasks]
+
+
+def _stow_outcome(rsp, sop_instance_uid: str) -> SendOutcome:
+    if sop_instance_uid in rsp.failed:
+        return SendOutcome(False, f"0x{rsp.failed[sop_instance_uid]:04X}",
+                           f"STOW-RS HTTP {rsp.status}: failed ({rsp.error or 'no reason'})")
+    if rsp.status == 200 or (rsp.status == 202 and sop_instance_uid in rsp.stored):
+        return SendOutcome(True, f"http-{rsp.status}")
+    return SendOutcome(False, f"http-{rsp.status}", rsp.error or f"STOW-RS HTTP {rsp.status}")
+
+
 class Deliverer:
     """Sends due deliveries; call :meth:`run_once` from a worker loop."""
 
@@ -153,7 +187,8 @@ class Deliverer:
                         ] * len(tasks)
         else:
             try:
-                outcomes = send_files(self.ae, destination, tasks)
+                outcomes = (send_stow(destination.stow, tasks) if destination.stow is not None
+                            else send_files(self.ae, destination, tasks))
             except Exception as exc:  # network errors of any kind: retry later
                 log.exception("event=delivery_error %s", kv(destination=name))
                 outcomes = [SendOutcome(False, "error", str(exc))] * len(tasks)

@@ -152,6 +152,9 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
             if p.listen:
                 parts.append(f"{p.associations_open} associations open, "
                              f"{p.instances_received} instances received")
+            if p.stow_listen:
+                parts.append(f"STOW-RS {p.stow_listen}: {p.stow_requests} requests, "
+                             f"{p.stow_instances_received} instances stored")
             if p.role != "serve":
                 parts.append(f"{p.jobs_done} jobs done, {p.jobs_failed} failed, "
                              f"{p.deliveries_sent} results sent")
