@@ -147,13 +147,19 @@ def test_multipart_reader_streams_parts_across_small_chunks() -> None:
         return body[pos - n:pos]
 
     reader = MultipartReader(read, "bnd", chunk=7)
-    got = []
+    got, held = [], []
     while (headers := reader.next_part()) is not None:
         assert headers == {"content-type": "application/dicom"}
         out = bytearray()
-        assert reader.copy_body(out.extend)
+
+        def write(view: memoryview, out: bytearray = out) -> None:
+            held.append(len(reader._buf))  # what the reader holds while it streams
+            out.extend(view)
+        assert reader.copy_body(write)
         got.append(bytes(out))
     assert got == parts and reader.closed and not reader.truncated
+    # streaming: never more than one read chunk plus a delimiter's length in memory
+    assert max(held) <= 7 + len(b"\r\n--bnd")
 
 
 def test_multipart_reader_reports_a_truncated_part() -> None:

@@ -12,7 +12,7 @@ import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20  # bytes per read: whole chunks, so each costs one find and one write
 MAX_HEADER_BYTES = 16384
 
 
@@ -51,8 +51,7 @@ class BodyReader:
         if self.remaining <= 0:
             self.complete = True
             return b""
-        data = self.raw.read1(min(n, self.remaining)) if hasattr(self.raw, "read1") \
-            else self.raw.read(min(n, self.remaining))
+        data = self.raw.read(min(n, self.remaining))  # blocks for n bytes (or the end)
         self.remaining -= len(data)
         if self.remaining == 0:
             self.complete = True
@@ -72,8 +71,7 @@ class BodyReader:
                     pass  # trailers
                 self.complete = True
                 return b""
-        data = self.raw.read1(min(n, self._chunk_left)) if hasattr(self.raw, "read1") \
-            else self.raw.read(min(n, self._chunk_left))
+        data = self.raw.read(min(n, self._chunk_left))
         self._chunk_left -= len(data)
         if self._chunk_left == 0 and data:
             self.raw.readline(16)  # the CRLF after the chunk

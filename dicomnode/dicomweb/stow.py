@@ -28,6 +28,7 @@ import ssl
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -167,32 +168,55 @@ class StowReceiver:
 
     def receive(self, reader: MultipartReader, calling_ae: str, study_uid: str | None,
                 request_id: int) -> StowResult:
+        """Receive and archive every part. A part is archived (checked, fsynced, indexed) on
+        a second thread while the next one arrives: the disk flush of one DBT overlaps the
+        network transfer of the next. At most two parts are on disk in the incoming area."""
         result = StowResult()
-        try:
-            while (headers := reader.next_part()) is not None:
-                result.parts.append(self._receive_part(reader, headers, calling_ae, study_uid,
-                                                       request_id))
-            if reader.truncated and not result.parts:
-                result.error = (400, "body ended before its first part")
-        except BodyTooLarge as exc:
-            result.error = (413, str(exc))
-        except MalformedBody as exc:
-            result.error = (400, str(exc))
-        finally:
-            with self._lock:
-                self._studies.pop(request_id, None)
+        archiving: Future[PartResult] | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="stow-archive") as pool:
+            try:
+                while (headers := reader.next_part()) is not None:
+                    path, complete = self._receive_body(reader)
+                    if archiving is not None:
+                        result.parts.append(archiving.result())
+                    archiving = pool.submit(self._archive_part, path, complete,
+                                            headers.get("content-type", "application/dicom"),
+                                            calling_ae, study_uid, request_id)
+                if archiving is not None:
+                    result.parts.append(archiving.result())
+                    archiving = None
+                if reader.truncated and not result.parts:
+                    result.error = (400, "body ended before its first part")
+            except BodyTooLarge as exc:
+                result.error = (413, str(exc))
+            except MalformedBody as exc:
+                result.error = (400, str(exc))
+            finally:
+                if archiving is not None:
+                    result.parts.append(archiving.result())
+                with self._lock:
+                    self._studies.pop(request_id, None)
         return result
 
-    def _receive_part(self, reader: MultipartReader, headers: dict[str, str], calling_ae: str,
-                      study_uid: str | None, request_id: int) -> PartResult:
-        content_type = headers.get("content-type", "application/dicom")
+    def _receive_body(self, reader: MultipartReader) -> tuple[Path, bool]:
+        """The part's content, written to a temporary file as it arrives; whether it was
+        complete (False: the body ended inside it)."""
         fd, name = tempfile.mkstemp(prefix="part-", dir=self.incoming)
         path = Path(name)
         try:
             with open(fd, "wb", buffering=0) as fh:
                 complete = reader.copy_body(_write_all(fh))
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return path, complete
+
+    def _archive_part(self, path: Path, complete: bool, content_type: str, calling_ae: str,
+                      study_uid: str | None, request_id: int) -> PartResult:
+        try:
             media = content_type.split(";", 1)[0].strip().lower()
             if media != "application/dicom":
+                metrics.STOW_INSTANCES.inc(result=f"0x{CANNOT_UNDERSTAND:04X}")
                 return PartResult("", "", CANNOT_UNDERSTAND,
                                   f"part of type {media} (only application/dicom is accepted)")
             return self._store_file(path, complete, calling_ae, study_uid, request_id)
