@@ -14,6 +14,7 @@ from pathlib import Path
 
 CHUNK = 4 << 20  # bytes per read: whole chunks, so each costs one find and one write
 MAX_HEADER_BYTES = 16384
+MAX_BOUNDARY = 200
 
 
 class MalformedBody(ValueError):
@@ -85,8 +86,10 @@ class MultipartReader:
     """
 
     def __init__(self, read: Callable[[int], bytes], boundary: str, *, chunk: int = CHUNK) -> None:
-        if not boundary or len(boundary) > 70:
-            raise MalformedBody("multipart boundary missing or longer than 70 characters")
+        # RFC 2046 allows 70 characters; Orthanc sends 73 (two UUIDs): accept what is sent
+        if not boundary or len(boundary) > MAX_BOUNDARY:
+            raise MalformedBody(f"multipart boundary missing or longer than {MAX_BOUNDARY} "
+                                "characters")
         self._read = read
         self._chunk = chunk
         self._buf = bytearray()
