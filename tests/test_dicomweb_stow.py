@@ -155,11 +155,11 @@ def test_multipart_reader_streams_parts_across_small_chunks() -> None:
         def write(view: memoryview, out: bytearray = out) -> None:
             held.append(len(reader._buf))  # what the reader holds while it streams
             out.extend(view)
-        assert reader.copy_body(write)
+        assert reader.copy_body(write, write_min=16)
         got.append(bytes(out))
     assert got == parts and reader.closed and not reader.truncated
-    # streaming: never more than one read chunk plus a delimiter's length in memory
-    assert max(held) <= 7 + len(b"\r\n--bnd")
+    # streaming: never more than a write piece, a read and a delimiter's length in memory
+    assert max(held) <= 16 + 7 + len(b"\r\n--bnd")
 
 
 def test_multipart_reader_reports_a_truncated_part() -> None:
@@ -203,6 +203,33 @@ def test_stow_study_is_archived_byte_for_byte_as_the_peer(node: Node, study: Pat
     # re-sent: stored once (duplicate), still a success
     status, response, _ = post(node.stow.port, body_of(files[:2]), path=f"/studies/{study_uid}")
     assert status == 200 and len(node.store.study_instances(study_uid)) == 12
+
+
+def test_study_is_held_while_its_request_streams(node: Node, study: Path) -> None:
+    """As for an open association: a study is not complete while a request that brought
+    it is still receiving (its next part may be a DBT on the wire)."""
+    import socket
+    import time
+
+    files = image_files(study)[:2]
+    body = body_of(files)
+    first_end = body.index(b"\r\n--b0undary", 10) + 200  # into the second part
+    head = (f"POST /studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            'Content-Type: multipart/related; type="application/dicom"; boundary=b0undary\r\n'
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", node.stow.port), timeout=60) as s:
+        s.sendall(head + body[:first_end])
+        deadline = time.monotonic() + 30
+        while not node.store.list_jobs() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.store.list_jobs(), "the first part was not stored"
+        time.sleep(3.0)
+        assert node.store.mark_ready(idle_seconds=2.0) == []  # held: still receiving
+        s.sendall(body[first_end:])
+        answer = s.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200")
+    time.sleep(2.5)
+    assert len(node.store.mark_ready(idle_seconds=2.0)) == 1  # complete once idle
 
 
 def test_chunked_body_is_accepted(node: Node, study: Path) -> None:

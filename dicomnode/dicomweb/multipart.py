@@ -12,7 +12,8 @@ import secrets
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-CHUNK = 4 << 20  # bytes per read: whole chunks, so each costs one find and one write
+CHUNK = 4 << 20  # most bytes per read (a read returns what has arrived, at least a byte)
+WRITE_MIN = 1 << 20  # content is written in pieces of at least this (or a part's end)
 MAX_HEADER_BYTES = 16384
 MAX_BOUNDARY = 200
 
@@ -52,7 +53,7 @@ class BodyReader:
         if self.remaining <= 0:
             self.complete = True
             return b""
-        data = self.raw.read(min(n, self.remaining))  # blocks for n bytes (or the end)
+        data = self.raw.read1(min(n, self.remaining))  # what has arrived, without waiting
         self.remaining -= len(data)
         if self.remaining == 0:
             self.complete = True
@@ -72,7 +73,7 @@ class BodyReader:
                     pass  # trailers
                 self.complete = True
                 return b""
-        data = self.raw.read(min(n, self._chunk_left))
+        data = self.raw.read1(min(n, self._chunk_left))
         self._chunk_left -= len(data)
         if self._chunk_left == 0 and data:
             self.raw.readline(16)  # the CRLF after the chunk
@@ -173,22 +174,25 @@ class MultipartReader:
             headers[name.strip().lower()] = value.strip()
         return headers
 
-    def copy_body(self, write: Callable[[memoryview], object]) -> bool:
+    def copy_body(self, write: Callable[[memoryview], object], *,
+                  write_min: int = WRITE_MIN) -> bool:
         separator = self._separator
         keep = len(separator) - 1
+        searched = 0  # the buffer before this holds no separator start
         while True:
-            i = self._buf.find(separator)
+            i = self._buf.find(separator, searched)
             if i >= 0:
                 with memoryview(self._buf) as view:
                     write(view[:i])
                 del self._buf[:i + len(separator)]
                 self._after_delimiter()
                 return not self.truncated
-            if len(self._buf) > keep:
-                n = len(self._buf) - keep
+            searched = max(0, len(self._buf) - keep)
+            if searched >= write_min:  # write whole pieces: few, large writes
                 with memoryview(self._buf) as view:
-                    write(view[:n])
-                del self._buf[:n]
+                    write(view[:searched])
+                del self._buf[:searched]
+                searched = 0
             if not self._fill():
                 self.truncated = True
                 self.closed = True
