@@ -126,22 +126,40 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
     return outcomes
 
 
-def send_stow(target: StowTarget, tasks: list[DeliveryTask]) -> list[SendOutcome]:
-    """STOW-RS the tasks' files to the destination in one request (they may span studies:
-    POST /studies, each instance carries its own Study Instance UID)."""
-    missing = [t for t in tasks if not t.path.is_file()]
-    present = [t for t in tasks if t not in missing]
-    outcomes = {t.id: SendOutcome(False, "unreadable", f"{t.path}: missing") for t in missing}
-    if present:
+# Largest STOW-RS request body the sender builds: results of a full-size DBT (float maps of
+# about 1 GB) go in several requests, each answered well within the delivery lease.
+STOW_REQUEST_BYTES = 512 * 2**20
+
+
+def send_stow(target: StowTarget, tasks: list[DeliveryTask], *,
+              max_request_bytes: int = STOW_REQUEST_BYTES) -> list[SendOutcome]:
+    """STOW-RS the tasks' files to the destination, as few requests as the size cap allows
+    (they may span studies: POST /studies, each instance carries its own Study UID)."""
+    outcomes: dict[int, SendOutcome] = {}
+    batch: list[DeliveryTask] = []
+    batch_bytes = 0
+    for task in tasks:
         try:
-            rsp = post_instances(target, [t.path for t in present])
-        except StowError as exc:
-            rsp = None
-            outcomes.update({t.id: SendOutcome(False, "unreachable", str(exc)) for t in present})
-        if rsp is not None:
-            for task in present:
-                outcomes[task.id] = _stow_outcome(rsp, task.sop_instance_uid)
+            size = task.path.stat().st_size
+        except OSError as exc:
+            outcomes[task.id] = SendOutcome(False, "unreadable", f"{task.path}: {exc}")
+            continue
+        if batch and batch_bytes + size > max_request_bytes:
+            outcomes.update(_stow_batch(target, batch))
+            batch, batch_bytes = [], 0
+        batch.append(task)
+        batch_bytes += size
+    if batch:
+        outcomes.update(_stow_batch(target, batch))
     return [outcomes[t.id] for t in tasks]
+
+
+def _stow_batch(target: StowTarget, tasks: list[DeliveryTask]) -> dict[int, SendOutcome]:
+    try:
+        rsp = post_instances(target, [t.path for t in tasks])
+    except StowError as exc:
+        return {t.id: SendOutcome(False, "unreachable", str(exc)) for t in tasks}
+    return {t.id: _stow_outcome(rsp, t.sop_instance_uid) for t in tasks}
 
 
 def _stow_outcome(rsp, sop_instance_uid: str) -> SendOutcome:

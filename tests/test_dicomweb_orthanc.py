@@ -104,6 +104,7 @@ def test_orthanc_stow_in_results_stow_out(tmp_path: Path, dicomweb_plugin: Path)
     assert 'dicomnode_stow_requests_total{status="200"} 1' in scrape
     assert 'dicomnode_stow_requests_total{status="401"} 1' in scrape
     assert 'dicomnode_stow_instances_total{result="stored"} 4' in scrape
+    assert status["stow"]["up"]
     process = status["processes"][0]
     assert process["stow_listen"] == f"http://127.0.0.1:{stow_port}"
     assert process["stow_requests"] == 1  # refused ones are not received requests

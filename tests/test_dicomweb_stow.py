@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +50,7 @@ def image_files(study: Path) -> list[Path]:
 class Node:
     """Store + C-STORE SCP + STOW-RS endpoint sharing one policy, as `dicomnode serve`."""
 
-    def __init__(self, root: Path, *, max_body_mb: int = 4096,
+    def __init__(self, root: Path, *, max_body_mb: int = 4096, max_requests: int = 8,
                  ssl_context: ssl.SSLContext | None = None,
                  common_names: dict[str, str] | None = None) -> None:
         self.store = Store(f"sqlite:///{root / 'db.sqlite'}", root / "archive")
@@ -58,7 +60,8 @@ class Node:
         self.scp.start()
         auth = StowAuth({hash_token(TOKEN): "PACS"}, common_names or {})
         self.stow = StowServer(self.store, policy, root, "127.0.0.1:0", auth=auth,
-                               max_body_mb=max_body_mb, ssl_context=ssl_context,
+                               max_body_mb=max_body_mb, max_requests=max_requests,
+                               ssl_context=ssl_context,
                                hold_seconds=0.2)
         self.stow.start()
 
@@ -208,9 +211,6 @@ def test_stow_study_is_archived_byte_for_byte_as_the_peer(node: Node, study: Pat
 def test_study_is_held_while_its_request_streams(node: Node, study: Path) -> None:
     """As for an open association: a study is not complete while a request that brought
     it is still receiving (its next part may be a DBT on the wire)."""
-    import socket
-    import time
-
     files = image_files(study)[:2]
     body = body_of(files)
     first_end = body.index(b"\r\n--b0undary", 10) + 200  # into the second part
@@ -230,6 +230,25 @@ def test_study_is_held_while_its_request_streams(node: Node, study: Path) -> Non
     assert answer.startswith(b"HTTP/1.1 200")
     time.sleep(2.5)
     assert len(node.store.mark_ready(idle_seconds=2.0)) == 1  # complete once idle
+
+
+def test_requests_over_max_requests_are_503(tmp_path: Path, study: Path) -> None:
+    node = Node(tmp_path / "node", max_requests=1)
+    try:
+        body = body_of(image_files(study)[:1])
+        head = (f"POST /studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                'Content-Type: multipart/related; type="application/dicom"; boundary=b0undary'
+                f"\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", node.stow.port), timeout=60) as slow:
+            slow.sendall(head + body[:100])  # holds the one slot
+            time.sleep(0.5)
+            status, _, headers = post(node.stow.port, body)
+            assert status == 503 and headers["Retry-After"]
+            slow.sendall(body[100:])
+            assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+        good_stow_still_works(node, study)
+    finally:
+        node.close()
 
 
 def test_chunked_body_is_accepted(node: Node, study: Path) -> None:
@@ -265,8 +284,6 @@ def test_no_or_wrong_token_is_401(node: Node, study: Path, token: str | None) ->
 
 
 def test_expect_100_continue_refusal_comes_before_the_body(node: Node) -> None:
-    import socket
-
     with socket.create_connection(("127.0.0.1", node.stow.port), timeout=10) as s:
         s.sendall(b"POST /studies HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n"
                   b'Content-Type: multipart/related; type="application/dicom"; boundary=b\r\n'
@@ -478,6 +495,32 @@ def test_deliveries_go_out_by_stow_rs_with_retries(tmp_path: Path, study: Path) 
         assert len(receiver.store.study_instances(uid)) == 2
     finally:
         sender.close()
+        receiver.close()
+
+
+def test_stow_sender_splits_requests_by_size(tmp_path: Path, study: Path) -> None:
+    from datetime import datetime
+
+    from dicomnode.scu import send_stow
+    from storage.records import DeliveryTask
+
+    receiver = Node(tmp_path / "receiver")
+    try:
+        files = image_files(study)[:3]
+        tasks = []
+        for i, path in enumerate(files):
+            ds = dcmread(path, stop_before_pixels=True)
+            tasks.append(DeliveryTask(i, "WEB", 1, str(ds.StudyInstanceUID),
+                                      str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                      str(ds.file_meta.TransferSyntaxUID), path, datetime.now()))
+        tasks.append(DeliveryTask(9, "WEB", 1, "", "1.2.3", "", "", tmp_path / "gone.dcm",
+                                  datetime.now()))
+        target = StowTarget(f"http://127.0.0.1:{receiver.stow.port}", token=TOKEN)
+        outcomes = send_stow(target, tasks, max_request_bytes=1)  # one request per file
+        assert [o.ok for o in outcomes] == [True, True, True, False]
+        assert outcomes[-1].status == "unreadable"
+        assert receiver.stow.receiver.requests == 3
+    finally:
         receiver.close()
 
 

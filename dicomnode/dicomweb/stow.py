@@ -279,6 +279,10 @@ class StowReceiver:
         return PartResult(str(ds.SOPClassUID), str(ds.SOPInstanceUID), None, outcome, study,
                           size)
 
+    def count_request(self) -> None:
+        with self._lock:
+            self.requests += 1
+
     def hold_open_studies(self) -> None:
         """Restart the idle timers of the studies of requests still being received (as the
         SCP does for open associations): a study is not complete while its body streams."""
@@ -329,14 +333,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # Expect: 100-continue: refuse before the client sends a body we would not take
     def handle_expect_100(self) -> bool:
-        self._expecting = True
+        self._expecting = True  # the client holds its body until 100 Continue
         if self._precheck() is None:
             return False
+        self._expecting = False
         return super().handle_expect_100()
 
     def handle_one_request(self) -> None:
         self._expecting = False
         self._checked = None
+        self._body_started = False
         super().handle_one_request()
 
     def do_GET(self) -> None:  # noqa: N802
@@ -355,6 +361,7 @@ class _Handler(BaseHTTPRequestHandler):
                          retry_after="5")
             return
         request_id = id(self) ^ threading.get_ident()
+        self._body_started = True
         try:
             reader = MultipartReader(body.read, boundary)
             result = self.server.receiver.receive(reader, calling_ae, study_uid, request_id)
@@ -371,8 +378,7 @@ class _Handler(BaseHTTPRequestHandler):
         metrics.STOW_REQUESTS.inc(status=str(status))
         metrics.STOW_BYTES.inc(body.received)
         metrics.STOW_SECONDS.observe(elapsed)
-        with self.server.receiver._lock:
-            self.server.receiver.requests += 1
+        self.server.receiver.count_request()
         detail = result.error[1] if result.error else (
             "; ".join(sorted({f"0x{p.failure:04X} {p.outcome}" for p in result.failed}))[:500]
             or None)
@@ -469,7 +475,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
         # the body of a refused request is not read: the connection cannot be reused
         self.close_connection = True
-        if self._checked is None and not self._expecting:
+        if not self._body_started and not self._expecting:
             self._drain()
         payload = json.dumps({"status": status, "error": reason}).encode()
         self._send(status, payload, "application/json", headers)
