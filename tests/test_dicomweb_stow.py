@@ -320,6 +320,24 @@ def test_truncated_part_is_refused_and_the_whole_ones_stored(node: Node, study: 
     good_stow_still_works(node, study)
 
 
+def test_client_that_hangs_up_mid_part_leaves_nothing_behind(node: Node, study: Path) -> None:
+    files = image_files(study)[:2]
+    body = body_of(files)
+    head = (f"POST /studies HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            'Content-Type: multipart/related; type="application/dicom"; boundary=b0undary\r\n'
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", node.stow.port), timeout=60) as s:
+        s.sendall(head + body[:len(body) - 5000])  # gone before the second part's end
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not any(
+            e.event == "stow" for e in node.store.audit_trail()):
+        time.sleep(0.1)
+    stow = [e for e in node.store.audit_trail() if e.event == "stow"]
+    assert (stow[-1].count, stow[-1].status) == (1, "202")  # the whole first part is kept
+    assert not list(node.stow.receiver.incoming.iterdir())
+    good_stow_still_works(node, study)
+
+
 def test_missing_close_delimiter_fails_the_last_part(node: Node, study: Path) -> None:
     files = image_files(study)[:1]
     body = body_of(files)

@@ -191,6 +191,13 @@ class StowReceiver:
                 result.error = (413, str(exc))
             except MalformedBody as exc:
                 result.error = (400, str(exc))
+            except TimeoutError:
+                result.error = (408, f"no body bytes for {READ_TIMEOUT_S:.0f} s")
+            except ConnectionError as exc:
+                result.error = (400, f"connection lost: {exc}")
+            except OSError as exc:  # a part could not be written (disk full, permissions)
+                log.exception("event=stow_write_failed")
+                result.error = (503, f"cannot write the part: {exc.strerror or exc}")
             finally:
                 if archiving is not None:
                     result.parts.append(archiving.result())
@@ -367,13 +374,16 @@ class _Handler(BaseHTTPRequestHandler):
             result = self.server.receiver.receive(reader, calling_ae, study_uid, request_id)
         except MalformedBody as exc:
             result = StowResult(error=(400, str(exc)))
+        except Exception:  # a bug must not take the endpoint down: answer, log, go on
+            log.exception("event=stow_error %s", kv(calling_ae=calling_ae))
+            result = StowResult(error=(500, "internal error while receiving"))
         finally:
             self.server.slots.release()
         if result.error is not None or not body.complete:
             self.close_connection = True  # what is left of the body is not read
         status = result.http_status
         payload = json.dumps(result.response().to_json_dict()).encode()
-        self._send(status, payload, DICOM_JSON)
+        # counted, logged and audited before the answer: whoever reads the answer sees them
         elapsed = time.perf_counter() - started
         metrics.STOW_REQUESTS.inc(status=str(status))
         metrics.STOW_BYTES.inc(body.received)
@@ -388,6 +398,7 @@ class _Handler(BaseHTTPRequestHandler):
             ms=round(1000 * elapsed, 1), detail=detail or ""))
         self.server.receiver.audit("stow", calling_ae, self.client_address[0],
                                    count=len(result.stored), status=str(status), detail=detail)
+        self._send(status, payload, DICOM_JSON)
 
     def _precheck(self) -> tuple[str, str | None, str, BodyReader] | None:
         """Path, authentication, media type and size: the answer to a request refused
