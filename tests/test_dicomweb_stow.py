@@ -338,6 +338,18 @@ def test_client_that_hangs_up_mid_part_leaves_nothing_behind(node: Node, study: 
     good_stow_still_works(node, study)
 
 
+def test_only_stale_part_files_are_swept(node: Node) -> None:
+    import os
+
+    incoming = node.stow.receiver.incoming
+    old, fresh = incoming / "part-old", incoming / "part-fresh"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert node.stow.receiver.sweep() == 1
+    assert not old.exists() and fresh.exists()  # may be another process's request
+
+
 def test_missing_close_delimiter_fails_the_last_part(node: Node, study: Path) -> None:
     files = image_files(study)[:1]
     body = body_of(files)

@@ -71,6 +71,7 @@ READ_TIMEOUT_S = 120.0  # a client that sends nothing for this long is dropped
 # A request refused before its body (auth, media type) still has its body read and dropped
 # up to this size, so that the client, still sending, gets to read the answer.
 DRAIN_BYTES = 16 * 2**20
+STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live request
 
 
 def hash_token(token: str) -> str:
@@ -158,13 +159,26 @@ class StowReceiver:
         self.policy = policy
         self.incoming = Path(data_dir) / INCOMING_DIR
         self.incoming.mkdir(parents=True, exist_ok=True)
-        for stale in self.incoming.glob("part-*"):  # left by a killed process
-            stale.unlink(missing_ok=True)
+        self.sweep()
         self._lock = threading.Lock()
         self._studies: dict[int, set[str]] = {}  # open request -> studies it stored to
         self.requests = 0
         self.instances_received = 0
         self.bytes_received = 0
+
+    def sweep(self, older_than_s: float = STALE_PART_S) -> int:
+        """Remove parts a killed process left behind; not younger ones, which may be another
+        process's on a shared data directory. Returns how many."""
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for stale in self.incoming.glob("part-*"):
+            try:
+                if stale.stat().st_mtime < cutoff:
+                    stale.unlink()
+                    removed += 1
+            except OSError:
+                pass
+        return removed
 
     def receive(self, reader: MultipartReader, calling_ae: str, study_uid: str | None,
                 request_id: int) -> StowResult:
