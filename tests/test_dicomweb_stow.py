@@ -583,3 +583,16 @@ token = "outbound"
         validate(no_auth)
     with pytest.raises(ConfigError, match="token_sha256"):
         validate(Config(peers=[PeerConfig("X", token_sha256="abc")]))
+
+
+@pytest.mark.dcmtk
+def test_bench_stow_reports_the_ratio(study: Path, tmp_path: Path) -> None:
+    """The benchmark's machinery on the small study (the figure itself is from full size)."""
+    from dicomnode.bench.stow import run_stow_bench
+
+    files = sorted(study.glob("*/dbt/*.dcm"))
+    report = run_stow_bench(files, 1, tmp_path)
+    assert [r["name"] for r in report.rows] == ["C-STORE", "STOW-RS"]
+    assert report.ratios[0].name == "STOW-RS / C-STORE throughput"
+    assert report.ratios[0].value > 0
+    assert not list(tmp_path.iterdir())  # archives removed
