@@ -30,6 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Node, queue, deliveries, disk, model and device at a glance."),
     "jobs": ("dicomnode.commands.jobs:jobs", "List, show, retry or cancel inference jobs."),
     "db": ("dicomnode.commands.db:db", "Database schema maintenance."),
+    "dicomweb": ("dicomnode.commands.dicomweb:dicomweb",
+                 "DICOMweb helpers: hash a bearer token, STOW-RS files to a server."),
     "bench": ("dicomnode.commands.bench:bench", "Benchmarks (model, store, ...)."),
     "retrieve": ("dicomnode.commands.retrieve:retrieve",
                  "Fetch the studies a labels CSV names from a PACS into the archive."),

@@ -52,6 +52,19 @@ class PeerConfig:
     # How: "get" (C-GET on one association) or "move" (C-MOVE to the node's AE title; the
     # peer must know the node's AE, host and port).
     retrieve_method: str = "get"
+    # DICOMweb in (STOW-RS to [dicomweb] listen): a request whose bearer token hashes to this
+    # (sha256, hex; `dicomnode dicomweb hash-token`) or whose TLS client certificate has this
+    # Common Name is this peer's: its instances carry ae_title as their calling AE.
+    token_sha256: str = ""
+    tls_common_name: str = ""
+    # DICOMweb out: results go by STOW-RS to this base URL (e.g. "https://pacs/dicom-web")
+    # instead of C-STORE to host:port, with this bearer token (empty: none), trusting this
+    # CA file for https (empty: the system's), with this client certificate and key (mTLS).
+    dicomweb_url: str = ""
+    token: str = ""
+    dicomweb_ca: str = ""
+    dicomweb_cert: str = ""
+    dicomweb_key: str = ""
 
 
 @dataclass
@@ -122,6 +135,20 @@ class HTTPConfig:
 
 
 @dataclass
+class DicomwebConfig:
+    # STOW-RS receiver (POST /studies, POST /studies/{study}). Off when empty; "host:port"
+    # (":port" or "port": loopback). Every request must authenticate: a bearer token of a
+    # peer (token_sha256) or, with [dicomweb.tls] require_client_cert, a client certificate
+    # whose Common Name is a peer's tls_common_name.
+    listen: str = ""
+    # A request body larger than this is refused with 413.
+    max_body_mb: int = 4096
+    # Requests served at once; more get 503 with Retry-After.
+    max_requests: int = 8
+    tls: TLSConfig | None = None
+
+
+@dataclass
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     peers: list[PeerConfig] = field(default_factory=list)
@@ -132,6 +159,7 @@ class Config:
     worker: WorkerConfig = field(default_factory=WorkerConfig)
     results: ResultsConfig = field(default_factory=ResultsConfig)
     http: HTTPConfig = field(default_factory=HTTPConfig)
+    dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)
 
     @property
     def data_path(self) -> Path:
@@ -247,6 +275,30 @@ def validate(config: Config) -> None:
                           "(1-65535, or 0 for any free port)")
     if not 1 <= len(config.node.ae_title) <= 16:
         raise ConfigError("node.ae_title: an AE title has 1 to 16 characters")
+    _validate_dicomweb(config)
+
+
+def _validate_dicomweb(config: Config) -> None:
+    import re
+
+    if config.dicomweb.max_body_mb < 1 or config.dicomweb.max_requests < 1:
+        raise ConfigError("dicomweb.max_body_mb and dicomweb.max_requests must be at least 1")
+    for i, peer in enumerate(config.peers):
+        where = f"peers[{i}] ({peer.ae_title})"
+        if peer.token_sha256 and not re.fullmatch(r"[0-9a-f]{64}", peer.token_sha256.lower()):
+            raise ConfigError(f"{where}.token_sha256: expected 64 hex digits (the sha256 of "
+                              "the token: `dicomnode dicomweb hash-token`)")
+        if peer.dicomweb_url and not peer.dicomweb_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.dicomweb_url: {peer.dicomweb_url!r} is not an http:// "
+                              "or https:// URL")
+        if bool(peer.dicomweb_cert) != bool(peer.dicomweb_key):
+            raise ConfigError(f"{where}: dicomweb_cert and dicomweb_key go together")
+    if config.dicomweb.listen:
+        tls = config.dicomweb.tls
+        mtls = tls is not None and tls.require_client_cert
+        if not any(p.token_sha256 for p in config.peers) and not mtls:
+            raise ConfigError("[dicomweb] listen is set but nothing can authenticate: give a "
+                              "peer token_sha256, or [dicomweb.tls] with require_client_cert")
 
 
 def load_config(path: str | os.PathLike | None = None,

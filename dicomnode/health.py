@@ -169,6 +169,10 @@ class ProcessStatus:
     jobs_failed: int = 0
     deliveries_sent: int = 0
     delivery_failures: int = 0
+    stow_listen: str = ""  # URL of the STOW-RS endpoint, "" when off
+    stow_requests: int = 0
+    stow_instances_received: int = 0
+    stow_bytes_received: int = 0
     device: str = ""
     models_loaded: dict[str, str] = field(default_factory=dict)  # modality -> device
 

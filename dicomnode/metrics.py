@@ -215,6 +215,18 @@ ASSOCIATIONS_OPEN = REGISTRY.gauge(
 STORE_SECONDS = REGISTRY.histogram(
     "dicomnode_store_seconds", "Time to check, write (fsync) and index one instance.")
 
+# -- STOW-RS receiving (dicomweb/stow.py); its stored instances also count above ----------
+STOW_REQUESTS = REGISTRY.counter(
+    "dicomnode_stow_requests_total", "STOW-RS requests answered, by HTTP status.", ["status"])
+STOW_INSTANCES = REGISTRY.counter(
+    "dicomnode_stow_instances_total",
+    "STOW-RS parts, by result: storage's outcome (stored, duplicate, ...) or the Failure "
+    "Reason (0x0122, 0xC000, ...).", ["result"])
+STOW_BYTES = REGISTRY.counter(
+    "dicomnode_stow_received_bytes_total", "Bytes of STOW-RS request bodies read.")
+STOW_SECONDS = REGISTRY.histogram(
+    "dicomnode_stow_seconds", "Time to receive, write (fsync) and index one STOW-RS request.")
+
 # -- inference (worker.py) ------------------------------------------------------------
 JOB_STAGE_SECONDS = REGISTRY.histogram(
     "dicomnode_job_stage_seconds",

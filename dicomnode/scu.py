@@ -1,9 +1,10 @@
 """Sending results back: C-STORE SCU driven by the storage delivery queue.
 
 Each round claims the due deliveries, groups them by destination and sends each group on
-its own thread over one association, so one slow or dead destination never holds up the
-others. Failures go back to the queue, which backs off with jitter and dead-letters after
-the configured number of attempts (`dicomnode jobs retry` sends them again).
+its own thread over one association (or, for a peer with ``dicomweb_url``, one STOW-RS
+request), so one slow or dead destination never holds up the others. Failures go back to
+the queue, which backs off with jitter and dead-letters after the configured number of
+attempts (`dicomnode jobs retry` sends them again).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydicom import dcmread
 from pynetdicom import AE, StoragePresentationContexts
 
 from dicomnode import commitment, metrics
+from dicomnode.dicomweb.client import StowError, StowTarget, post_instances
 from dicomnode.logs import kv
 
 if TYPE_CHECKING:
@@ -47,6 +49,8 @@ class Destination:
     host: str
     port: int
     storage_commitment: bool = False  # ask it to commit what it accepted (N-ACTION)
+    # STOW-RS instead of C-STORE when set (the peer's dicomweb_url and credentials)
+    stow: StowTarget | None = None
 
 
 def destinations_from_config(config: Config) -> dict[str, Destination]:
@@ -55,7 +59,12 @@ def destinations_from_config(config: Config) -> dict[str, Destination]:
 
 
 def destination_for(peer: PeerConfig) -> Destination:
-    return Destination(peer.ae_title, peer.host, peer.port, peer.storage_commitment)
+    stow = None
+    if peer.dicomweb_url:
+        stow = StowTarget(peer.dicomweb_url, token=peer.token, ca=peer.dicomweb_ca,
+                          cert=peer.dicomweb_cert, key=peer.dicomweb_key)
+    return Destination(peer.ae_title, peer.host, peer.port,
+                       storage_commitment=peer.storage_commitment, stow=stow)
 
 
 def build_scu(ae_title: str) -> AE:
@@ -154,6 +163,51 @@ class _Outcomes(list):
             self.on_outcome(task, outcome)
 
 
+# Largest STOW-RS request body the sender builds: results of a full-size DBT (float maps of
+# about 1 GB) go in several requests, each answered well within the delivery lease.
+STOW_REQUEST_BYTES = 512 * 2**20
+
+
+def send_stow(target: StowTarget, tasks: list[DeliveryTask], *,
+              max_request_bytes: int = STOW_REQUEST_BYTES) -> list[SendOutcome]:
+    """STOW-RS the tasks' files to the destination, as few requests as the size cap allows
+    (they may span studies: POST /studies, each instance carries its own Study UID)."""
+    outcomes: dict[int, SendOutcome] = {}
+    batch: list[DeliveryTask] = []
+    batch_bytes = 0
+    for task in tasks:
+        try:
+            size = task.path.stat().st_size
+        except OSError as exc:
+            outcomes[task.id] = SendOutcome(False, "unreadable", f"{task.path}: {exc}")
+            continue
+        if batch and batch_bytes + size > max_request_bytes:
+            outcomes.update(_stow_batch(target, batch))
+            batch, batch_bytes = [], 0
+        batch.append(task)
+        batch_bytes += size
+    if batch:
+        outcomes.update(_stow_batch(target, batch))
+    return [outcomes[t.id] for t in tasks]
+
+
+def _stow_batch(target: StowTarget, tasks: list[DeliveryTask]) -> dict[int, SendOutcome]:
+    try:
+        rsp = post_instances(target, [t.path for t in tasks])
+    except StowError as exc:
+        return {t.id: SendOutcome(False, "unreachable", str(exc)) for t in tasks}
+    return {t.id: _stow_outcome(rsp, t.sop_instance_uid) for t in tasks}
+
+
+def _stow_outcome(rsp, sop_instance_uid: str) -> SendOutcome:
+    if sop_instance_uid in rsp.failed:
+        return SendOutcome(False, f"0x{rsp.failed[sop_instance_uid]:04X}",
+                           f"STOW-RS HTTP {rsp.status}: failed ({rsp.error or 'no reason'})")
+    if rsp.status == 200 or (rsp.status == 202 and sop_instance_uid in rsp.stored):
+        return SendOutcome(True, f"http-{rsp.status}")
+    return SendOutcome(False, f"http-{rsp.status}", rsp.error or f"STOW-RS HTTP {rsp.status}")
+
+
 class Deliverer:
     """Sends due deliveries; call :meth:`run_once` from a worker loop."""
 
@@ -193,7 +247,13 @@ class Deliverer:
                                   f"{name} is not a configured peer with send_results")
         else:
             try:
-                send_files(self.ae, destination, tasks, on_outcome=record, store=self.store)
+                if destination.stow is not None:
+                    for task, sent in zip(tasks, send_stow(destination.stow, tasks),
+                                          strict=True):
+                        record(task, sent)
+                else:
+                    send_files(self.ae, destination, tasks, on_outcome=record,
+                               store=self.store)
                 return
             except Exception as exc:  # network errors of any kind: retry later
                 log.exception("event=delivery_error %s", kv(destination=name))

@@ -117,6 +117,26 @@ def bench_scp(input_dir: str | None, runs: int, seed: int, workdir: str | None,
     emit(run_scp_bench(files, runs, Path(workdir) if workdir else None, seed), json_path)
 
 
+@bench.command("stow")
+@click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
+              default=None, help="Send the DICOM files in this folder (default: one synthetic "
+              "full-size 4-view DBT study).")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the temporary archives go (default: system temp).")
+@json_option
+def bench_stow(input_dir: str | None, runs: int, seed: int, workdir: str | None,
+               json_path: str | None) -> None:
+    """Receive throughput: STOW-RS against C-STORE into the same node, same files, same run."""
+    from pathlib import Path
+
+    from dicomnode.bench.stow import run_stow_bench
+
+    files = sorted(p for p in Path(input_dir).rglob("*.dcm")) if input_dir else None
+    emit(run_stow_bench(files, runs, Path(workdir) if workdir else None, seed), json_path)
+
+
 @bench.command("e2e")
 @click.option("--input", "input_dir", type=click.Path(exists=True, file_okay=False),
               default=None, help="Send the DBT files in this folder (default: one synthetic "

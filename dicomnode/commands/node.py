@@ -45,7 +45,18 @@ def _start_scp(config, store):
     return scp
 
 
-def _ready_checks(config, store, scp) -> dict[str, tuple[bool, str]]:
+def _start_stow(config, store):
+    """The STOW-RS endpoint ([dicomweb] listen), with the SCP's receiving policy."""
+    from dicomnode.dicomweb.stow import StowServer
+    from dicomnode.scp import hold_interval, policy_from_config
+
+    stow = StowServer.from_config(config, store, policy_from_config(config),
+                                  hold_seconds=hold_interval(config))
+    stow.start()
+    return stow
+
+
+def _ready_checks(config, store, scp, stow=None) -> dict[str, tuple[bool, str]]:
     """/health/ready: database answers, SCP listens (serve/run), disk above the watermark."""
     from dicomnode.health import disk_free_bytes
     from dicomnode.store import archive_dir
@@ -63,10 +74,16 @@ def _ready_checks(config, store, scp) -> dict[str, tuple[bool, str]]:
         ok = free is None or free >= watermark
         checks["disk"] = (ok, f"{(free or 0) // 2**20} MB free, watermark "
                               f"{config.storage.min_free_mb} MB")
+    if stow is not None:
+        checks["stow"] = (stow.listening, stow.url)
     return checks
 
 
-def _fill_status(status, config, scp, worker) -> None:
+def _fill_status(status, config, scp, worker, stow=None) -> None:
+    if stow is not None:
+        status.stow_requests = stow.receiver.requests
+        status.stow_instances_received = stow.receiver.instances_received
+        status.stow_bytes_received = stow.receiver.bytes_received
     if scp is not None:
         receiver = scp.receiver
         status.associations_open = receiver.open_associations
@@ -95,7 +112,7 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
     _stop_on_signals(stop)
     with storage_errors():
         store = open_store(config)
-    scp = worker = worker_thread = http = status_writer = None
+    scp = worker = worker_thread = http = status_writer = stow = None
     collectors = []
     try:
         if receive:
@@ -107,6 +124,9 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
             def associations() -> None:
                 metrics.ASSOCIATIONS_OPEN.set(receiver.open_associations)
             collectors.append(associations)
+            if config.dicomweb.listen:
+                stow = _start_stow(config, store)
+                click.echo(f"STOW-RS on {stow.url}/studies", err=True)
         if infer:
             from dicomnode.worker import Worker
 
@@ -117,9 +137,10 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
         role = "run" if receive and infer else ("serve" if receive else "worker")
         status = new_process_status(
             role, ae_title=config.node.ae_title, http=config.http.listen,
-            listen=f"{config.node.host}:{scp.port}" if scp is not None else "")
+            listen=f"{config.node.host}:{scp.port}" if scp is not None else "",
+            stow_listen=stow.url if stow is not None else "")
         status_writer = StatusWriter(config.data_path, status,
-                                     lambda st: _fill_status(st, config, scp, worker))
+                                     lambda st: _fill_status(st, config, scp, worker, stow))
         status_writer.start()
         collectors.append(queue_collector(store))
         for collect in collectors:
@@ -128,10 +149,11 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
             from dicomnode.http import HealthServer
 
             def current_status() -> dict:
-                _fill_status(status, config, scp, worker)
+                _fill_status(status, config, scp, worker, stow)
                 return asdict(status)
 
-            http = HealthServer(config.http.listen, lambda: _ready_checks(config, store, scp),
+            http = HealthServer(config.http.listen,
+                                lambda: _ready_checks(config, store, scp, stow),
                                 status=current_status)
             http.start()
             click.echo(f"health and metrics on {http.url}", err=True)
@@ -144,6 +166,8 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
         if worker is not None:
             worker.stop()
             worker_thread.join(timeout=60)
+        if stow is not None:
+            stow.stop()
         if scp is not None:
             scp.stop()
         if status_writer is not None:

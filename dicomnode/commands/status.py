@@ -55,6 +55,29 @@ def _echo_node(config) -> tuple[bool, str]:
                 f"{'ok' if ok else 'failed'} in {ms:.0f} ms")
 
 
+def _probe_stow(config) -> tuple[bool, str] | None:
+    """Whether the STOW-RS endpoint ([dicomweb] listen) accepts connections; None when off."""
+    import socket
+
+    from dicomnode.errors import ConfigError
+    from dicomnode.http import parse_listen
+
+    if not config.dicomweb.listen:
+        return None
+    try:
+        host, port = parse_listen(config.dicomweb.listen)
+    except ConfigError as exc:
+        return False, str(exc)
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    scheme = "https" if config.dicomweb.tls is not None else "http"
+    try:
+        with socket.create_connection((host, port), timeout=3):
+            pass
+    except OSError as exc:
+        return False, f"nothing listens on {host}:{port} ({exc.strerror or exc})"
+    return True, f"{scheme}://{host}:{port}/studies accepts connections"
+
+
 def _model_lines(config, processes) -> tuple[list[str], str]:
     from dicomnode.models import ModelUnavailable, checkpoint_path
 
@@ -119,6 +142,7 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
 
     config = load_cli_config(ctx)
     up, node_detail = _echo_node(config)
+    stow = _probe_stow(config)
     processes = read_status_files(config.data_path)
     with storage_errors():
         store = open_store(config)
@@ -137,6 +161,7 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
     if as_json:
         click.echo(json.dumps({
             "node": {"up": up, "detail": node_detail},
+            "stow": None if stow is None else {"up": stow[0], "detail": stow[1]},
             "processes": [asdict(p) for p in processes],
             "associations_open": sum(p.associations_open for p in processes),
             "jobs": snap.jobs, "deliveries": snap.deliveries,
@@ -160,12 +185,17 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
         }, default=str))
         return
     rows = [("node", ("up: " if up else "DOWN: ") + node_detail)]
+    if stow is not None:
+        rows.append(("stow-rs", ("up: " if stow[0] else "DOWN: ") + stow[1]))
     if processes:
         for p in processes:
             parts = [f"{p.role} pid {p.pid} on {p.host}", f"updated {_ago(p.age_s)} ago"]
             if p.listen:
                 parts.append(f"{p.associations_open} associations open, "
                              f"{p.instances_received} instances received")
+            if p.stow_listen:
+                parts.append(f"STOW-RS {p.stow_listen}: {p.stow_requests} requests, "
+                             f"{p.stow_instances_received} instances stored")
             if p.role != "serve":
                 parts.append(f"{p.jobs_done} jobs done, {p.jobs_failed} failed, "
                              f"{p.deliveries_sent} results sent")
