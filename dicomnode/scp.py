@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import itertools
 import logging
 import mmap
@@ -128,33 +129,101 @@ class StoreRefused(Exception):
 @dataclass(frozen=True)
 class AllowedPeer:
     ae_title: str
-    host: str  # an IP address or host name; "*" accepts the AE title from any address
+    # "*" (this AE title from any address), an IP address, a CIDR range ("10.1.2.0/24") or a
+    # host name (resolved to all its addresses).
+    host: str
+
+
+# How long a peer host name's resolved addresses are trusted before it is resolved again.
+RESOLVE_SECONDS = 60.0
+
+
+class _AddressBook:
+    """Host names resolved to every address they have (IPv4 and IPv6), cached a short while
+    so that a C-STORE does not wait on DNS; a name that does not resolve matches nothing."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, frozenset]] = {}
+        self._lock = threading.Lock()
+
+    def networks(self, host: str) -> frozenset:
+        network = _as_network(host)
+        if network is not None:
+            return frozenset([network])
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        import socket
+
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            found = frozenset(ipaddress.ip_network(info[4][0].split("%")[0])
+                              for info in infos)
+        except (OSError, ValueError) as exc:
+            log.warning("event=peer_host_unresolved %s", kv(host=host, error=exc))
+            found = frozenset()
+        with self._lock:
+            self._cache[host] = (now + RESOLVE_SECONDS, found)
+        return found
+
+
+def _as_network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """An IP literal or CIDR range as a network (a literal is a /32 or /128); else None."""
+    try:
+        return ipaddress.ip_network(host.strip("[]"), strict=False)
+    except ValueError:
+        return None
+
+
+def _as_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # ::ffff:10.0.0.1 on a dual-stack socket is 10.0.0.1
+    return ip
 
 
 @dataclass
 class ReceiverPolicy:
-    """What the SCP accepts. Built from the configuration by :func:`policy_from_config`."""
+    """What the SCP accepts. Built from the configuration by :func:`policy_from_config`.
+
+    A peer is admitted when its calling AE title is one of ``allowed_peers`` AND its source
+    address matches that entry's host. No entry, no admission, unless ``accept_any_peer``
+    (the admin's explicit opt-in to any calling AE from any address)."""
 
     ae_title: str
-    allowed_peers: list[AllowedPeer] = field(default_factory=list)  # empty: anyone
+    allowed_peers: list[AllowedPeer] = field(default_factory=list)
     other_storage: str = "reject"  # "reject" (0x0122) or "store" (archived, not processed)
     max_associations: int = 16
     patient_key_salt: bytes = b""
+    accept_any_peer: bool = False
+    _addresses: _AddressBook = field(default_factory=_AddressBook, repr=False, compare=False)
 
     def peer_allowed(self, calling_ae: str, address: str) -> bool:
-        if not self.allowed_peers:
+        if self.accept_any_peer:
             return True
-        return any(p.ae_title == calling_ae and p.host in ("*", address, _resolve(p.host))
+        return any(p.ae_title == calling_ae and self._host_matches(p.host, address)
                    for p in self.allowed_peers)
 
+    def address_known(self, address: str) -> bool:
+        """Whether ``address`` is one a configured peer may connect from (whatever its AE
+        title): such connections get their own share of the pending-connection slots."""
+        if self.accept_any_peer:
+            return False
+        return any(p.host != "*" and self._host_matches(p.host, address)
+                   for p in self.allowed_peers)
 
-def _resolve(host: str) -> str:
-    import socket
-
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
+    def _host_matches(self, host: str, address: str) -> bool:
+        if host == "*":
+            return True
+        ip = _as_address(address)
+        if ip is None:
+            return False
+        return any(ip in network for network in self._addresses.networks(host))
 
 
 def node_secret(data_dir: Path) -> bytes:
@@ -177,6 +246,7 @@ def policy_from_config(config: Config) -> ReceiverPolicy:
         other_storage=config.node.other_storage,
         max_associations=config.node.max_associations,
         patient_key_salt=node_secret(config.data_path),
+        accept_any_peer=config.node.accept_any_peer,
     )
 
 

@@ -39,9 +39,12 @@ def _start_scp(config, store):
     scp = StorageSCP(store, policy_from_config(config), config.node.host, config.node.port,
                      ssl_context_from_config(config), hold_seconds=hold_interval(config))
     scp.start()
-    if not config.peers:
-        log.warning("event=no_peers_configured detail=\"accepting any calling AE; results are "
-                    "archived but not sent until [[peers]] are configured\"")
+    if config.node.accept_any_peer:
+        log.warning("event=any_peer_accepted detail=\"[node] accept_any_peer = true: any calling "
+                    "AE from any address may store here\"")
+    elif not config.peers:
+        log.warning("event=no_peers_configured detail=\"every association is refused until "
+                    "[[peers]] are configured (or [node] accept_any_peer = true)\"")
     return scp
 
 
