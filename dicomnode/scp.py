@@ -38,6 +38,7 @@ from dicomnode import metrics
 from dicomnode.errors import UnusableImageError
 from dicomnode.logs import kv
 from dicomnode.volume import describe_dataset
+from dicomnode.wire_guard import WireLimits, start_guarded_server, sweep_incoming
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
@@ -248,6 +249,16 @@ def policy_from_config(config: Config) -> ReceiverPolicy:
         patient_key_salt=node_secret(config.data_path),
         accept_any_peer=config.node.accept_any_peer,
     )
+
+
+def limits_from_config(config: Config) -> WireLimits:
+    node = config.node
+    return WireLimits(
+        request_seconds=node.association_request_seconds,
+        max_pending=node.max_pending_connections,
+        max_pending_per_address=node.max_pending_per_address,
+        max_request_pdu=node.max_request_pdu_bytes, max_pdu=node.max_pdu_bytes,
+        idle_seconds=node.association_idle_seconds)
 
 
 def hold_interval(config: Config) -> float:
@@ -583,6 +594,23 @@ class Receiver:
             self._admitted.pop(id(event.assoc), None)
             self._studies.pop(id(event.assoc), None)
 
+    def association_ended(self, assoc) -> None:
+        """The association's thread has ended: whatever events fired or not (pynetdicom ends
+        some associations without EVT_ABORTED, e.g. when its reader thread fails), its slot,
+        its studies and its place in open_associations are released."""
+        with self._lock:
+            self._admitted.pop(id(assoc), None)
+            self._studies.pop(id(assoc), None)
+            count = self._counts.pop(id(assoc), None)
+        if count is None:
+            return  # closed through handle_closed, or never accepted
+        metrics.ASSOCIATIONS.inc(outcome="aborted")
+        log.warning("event=association_closed %s", kv(
+            calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address,
+            instances=count, outcome="aborted", detail="ended without a close event"))
+        self._audit("association", assoc.requestor.ae_title.strip(), self.policy.ae_title,
+                    assoc.requestor.address, count=count, status="aborted")
+
     def handle_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejections (those of handle_requested never get here): its
         backstop association limit, or a failed user identity negotiation."""
@@ -714,14 +742,19 @@ class Receiver:
         ]
 
 
-def build_ae(policy: ReceiverPolicy) -> AE:
+def build_ae(policy: ReceiverPolicy, limits: WireLimits | None = None) -> AE:
+    limits = limits or WireLimits()
     ae = AE(ae_title=policy.ae_title)
     # The limit is enforced by Receiver.handle_requested; pynetdicom's is only a backstop.
     ae.maximum_associations = 2 * policy.max_associations + 32
-    ae.maximum_pdu_size = 0  # no limit: peers may send large PDUs (fewer round trips)
+    # Announced to peers and enforced on every PDU before it is read (wire_guard): large
+    # enough that a DBT costs few round trips, bounded so no PDU can claim gigabytes.
+    ae.maximum_pdu_size = limits.max_pdu
     ae.require_called_aet = True
-    ae.network_timeout = 120
-    ae.dimse_timeout = 120
+    ae.acse_timeout = limits.request_seconds
+    # An association without a PDU for this long is aborted and its slot freed.
+    ae.network_timeout = limits.idle_seconds
+    ae.dimse_timeout = limits.idle_seconds
     ae.add_supported_context(Verification)
     # All storage classes are negotiated, so a non-breast C-STORE gets a proper 0x0122
     # status from the handler instead of a bare presentation-context refusal.
@@ -756,9 +789,14 @@ class StorageSCP:
 
     def __init__(self, store: Store, policy: ReceiverPolicy, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None,
-                 hold_seconds: float = HOLD_SECONDS) -> None:
+                 hold_seconds: float = HOLD_SECONDS, limits: WireLimits | None = None,
+                 incoming_dir: Path | None = None) -> None:
         self.receiver = Receiver(store, policy)
-        self.ae = build_ae(policy)
+        self.limits = limits or WireLimits()
+        self.ae = build_ae(policy, self.limits)
+        # Datasets being received: beside the archive (data_dir/incoming), so storage
+        # takes them over by a rename, and never in $TMPDIR.
+        self.incoming_dir = incoming_dir or Path(store.archive.root).parent / "incoming"
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self._server = None
@@ -769,16 +807,20 @@ class StorageSCP:
     def start(self) -> None:
         from dicomnode.errors import DicomnodeError
 
-        # pynetdicom then writes each incoming dataset to a temporary file as its PDUs
-        # arrive (in $TMPDIR): the write overlaps the network transfer, memory stays flat
-        # however large the DBT, and storage takes the file over by a rename when $TMPDIR is
-        # on the archive's file system (else it copies).
+        # pynetdicom then writes each incoming dataset to a temporary file (in incoming_dir)
+        # as its PDUs arrive: the write overlaps the network transfer, memory stays flat
+        # however large the DBT, and storage takes the file over by a rename when
+        # incoming_dir is on the archive's file system (else it copies).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        sweep_incoming(self.incoming_dir)
 
         try:
-            self._server = self.ae.start_server(
-                (self.host, self.port), block=False, evt_handlers=self.receiver.handlers(),
-                ssl_context=self.ssl_context)
+            self._server = start_guarded_server(
+                self.ae, (self.host, self.port), evt_handlers=self.receiver.handlers(),
+                ssl_context=self.ssl_context, limits=self.limits,
+                known_address=self.receiver.policy.address_known,
+                incoming_dir=self.incoming_dir,
+                on_association_end=self.receiver.association_ended)
         except OSError as exc:
             raise DicomnodeError(
                 f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "

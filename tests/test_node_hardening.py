@@ -19,16 +19,20 @@ import os
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
+from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
+from tests.ops_support import rss_mb
 from tests.peers import free_port, node_process, wait_for, write_config
 
 NODE_AE = "DICOMNODE"
@@ -130,6 +134,198 @@ def test_no_peers_refuses_everyone_unless_any_peer_is_opted_in(tmp_path: Path) -
         assert echo(node.port, calling="ANYONE", source="127.0.0.2") == "ok"
     finally:
         node.close()
+
+
+# ------------------------------------------------------- 2, 3: a hostile network
+
+
+def _serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **node_env: str):
+    """`dicomnode serve` (the receiving half of `run`) as the campaign ran it:
+    max_associations = 4; [node] settings given as environment variables."""
+    for key, value in {"MAX_ASSOCIATIONS": "4", **node_env}.items():
+        monkeypatch.setenv(f"DICOMNODE_NODE_{key}", value)
+    port = free_port()
+    config = write_config(tmp_path / "node.toml", data_dir=tmp_path / "data", port=port,
+                          peers=[PACS], models=NO_MODELS, idle_seconds=5)
+    return node_process(config, "serve", log_path=tmp_path / "node.log", port=port), port
+
+
+def _connect(port: int, source: str, first_bytes: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10,
+                                    source_address=(source, 0))
+    if first_bytes:
+        sock.sendall(first_bytes)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    """True once the node has closed this connection (EOF or reset), without blocking."""
+    sock.settimeout(0.01)
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+@needs_aliases
+@pytest.mark.slow
+def test_hostile_connections_cannot_lock_out_the_configured_peer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    node, port = _serve(tmp_path, monkeypatch, ASSOCIATION_REQUEST_SECONDS="3",
+                        ASSOCIATION_IDLE_SECONDS="3")
+    hostile: list[socket.socket] = []
+    idle = []
+    with node:
+        try:
+            # 45 connections from two unknown addresses: a 4 GB A-ASSOCIATE-RQ header, half a
+            # header, or nothing at all, and then silence.
+            kinds = [HUGE_RQ_HEADER, bytes.fromhex("010000"), b""]
+            for i in range(45):
+                try:
+                    hostile.append(_connect(port, ("127.0.0.2", "127.0.0.3")[i % 2],
+                                            kinds[i % 3]))
+                except OSError:
+                    pass  # refused at once: fine
+            time.sleep(0.5)
+            # The configured peer is served at once, while they are still connected.
+            assert echo(port, timeout=10) == "ok", "the allowed peer was locked out"
+            # Every hostile connection is closed within the request deadline (3 s) + slack.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not all(map(_closed_by_peer, hostile)):
+                time.sleep(0.2)
+            still_open = sum(not _closed_by_peer(s) for s in hostile)
+            assert still_open == 0, f"{still_open} of {len(hostile)} left open after 10 s"
+
+            # Idle associations of the allowed AE: the 5th is busy, then they are dropped
+            # after association_idle_seconds and the peer gets in again.
+            for _ in range(4):
+                ae = AE(ae_title="PACS")
+                ae.add_requested_context(Verification)
+                assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+                assert assoc.is_established
+                idle.append(assoc)
+            assert echo(port) == "rejected"  # busy: max_associations = 4
+            wait_for(lambda: echo(port) == "ok", 15, "an idle slot freed")
+            wait_for(lambda: not any(a.is_established for a in idle), 10,
+                     "idle associations aborted by the node")
+        finally:
+            for sock in hostile:
+                sock.close()
+            for assoc in idle:
+                if assoc.is_established:
+                    assoc.abort()
+    print(f"\nhostile: {len(hostile)} connections accepted then closed; allowed peer served")
+
+
+@pytest.mark.slow
+def test_a_4gb_pdu_is_refused_before_it_is_read(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    node, port = _serve(tmp_path, monkeypatch)
+    with node as proc:
+        time.sleep(1.0)
+        before = rss_mb(proc.pid)
+        sock = _connect(port, "127.0.0.1", HUGE_RQ_HEADER[:6])
+        zeros, streamed = bytes(2**20), 0
+        sock.settimeout(10)
+        try:
+            while streamed < 200 * 2**20:  # at most 200 MB, or until the node closes
+                sock.sendall(zeros)
+                streamed += len(zeros)
+        except OSError:
+            pass
+        time.sleep(1.0)
+        after = rss_mb(proc.pid)
+        sock.close()
+    growth = after - before
+    print(f"\n4 GB PDU: streamed {streamed / 2**20:.0f} MB before the node closed, node RSS "
+          f"{before:.0f} -> {after:.0f} MB ({growth:+.0f} MB)")
+    assert streamed < 64 * 2**20, "the node kept reading a PDU that announced 4 GB"
+    assert growth < 32, f"node memory grew {growth:.0f} MB"
+
+
+def test_a_pdu_above_the_negotiated_maximum_aborts_the_association(tmp_path: Path) -> None:
+    node = Node(tmp_path, policy([AllowedPeer("PACS", "127.0.0.1")]))
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        assert assoc.acceptor.maximum_length > 0  # the node announces a bound
+        raw = assoc.dul.socket.socket
+        raw.sendall(bytes.fromhex("0400ffffffff"))  # P-DATA-TF announcing 4 GB
+        streamed, zeros = 0, bytes(2**20)
+        try:
+            while streamed < 100 * 2**20:
+                raw.sendall(zeros)
+                streamed += len(zeros)
+        except OSError:
+            pass
+        wait_for(lambda: not assoc.is_established, 10, "association ended")
+        assert streamed < 64 * 2**20
+        wait_for(lambda: node.scp.receiver.open_associations == 0, 10, "gauge back to 0")
+        assert echo(node.port) == "ok"
+    finally:
+        node.close()
+
+
+# ------------------------------------------------- 4: a C-STORE-RQ it cannot decode
+
+
+@pytest.fixture(scope="module")
+def s2d_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth")
+    generate_studies(out, SynthOptions(studies=1, size="small", seed=29))
+    return sorted(out.glob("*/s2d/*.dcm"))[0]
+
+
+def test_c_store_without_affected_sop_instance_uid(
+        tmp_path: Path, s2d_image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    systmp = tmp_path / "systmp"  # $TMPDIR for this test: nothing may land here
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    ds = dcmread(s2d_image)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = ""
+    bad = tmp_path / "no-uid.dcm"
+    ds.save_as(bad)
+    node = Node(tmp_path / "node", policy([AllowedPeer("PACS", "127.0.0.1")]))
+    try:
+        outcomes = []
+        for _ in range(6):
+            ae = AE(ae_title="PACS")
+            ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+            ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+            assert assoc.is_established
+            rsp = assoc.send_c_store(bad)
+            status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+            if status is None:  # no response: the node must have aborted the association
+                wait_for(lambda a=assoc: a.is_aborted, 5, "the association aborted")
+            # a failure status, or the association aborted: never a silent success
+            outcomes.append("aborted" if status is None and assoc.is_aborted else status)
+            if assoc.is_established:
+                assoc.release()
+        assert all(o == "aborted" or (o is not None and o != 0) for o in outcomes), outcomes
+        wait_for(lambda: node.scp.receiver.open_associations == 0, 10,
+                 "associations_open back to 0")
+        leftovers = [p.name for p in systmp.iterdir()]
+        assert leftovers == [], f"temporary files left in $TMPDIR: {leftovers}"
+        incoming = tmp_path / "node" / "incoming"
+        assert not incoming.exists() or list(incoming.iterdir()) == []
+        # and the node goes on storing what is well formed
+        good = AE(ae_title="PACS")
+        good.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+        assoc = good.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert assoc.send_c_store(s2d_image).Status == 0
+        assoc.release()
+        assert [p.name for p in systmp.iterdir()] == []
+    finally:
+        node.close()
+    print(f"\nno Affected SOP Instance UID, 6 attempts: {outcomes}")
 
 
 # ------------------------------------------------------------------- 8: signals

@@ -61,12 +61,15 @@ def _start_scp(config, store):
     from dicomnode.scp import (
         StorageSCP,
         hold_interval,
+        limits_from_config,
         policy_from_config,
         ssl_context_from_config,
     )
 
     scp = StorageSCP(store, policy_from_config(config), config.node.host, config.node.port,
-                     ssl_context_from_config(config), hold_seconds=hold_interval(config))
+                     ssl_context_from_config(config), hold_seconds=hold_interval(config),
+                     limits=limits_from_config(config),
+                     incoming_dir=config.data_path / "incoming")
     scp.start()
     if config.node.accept_any_peer:
         log.warning("event=any_peer_accepted detail=\"[node] accept_any_peer = true: any calling "
