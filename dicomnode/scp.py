@@ -690,6 +690,8 @@ class Receiver:
     def _store(self, event: evt.Event, calling: str) -> tuple[str, Dataset, int]:
         if not self.policy.peer_allowed(calling, event.assoc.requestor.address):
             raise StoreRefused(NOT_AUTHORISED, f"{calling} may not store here")
+        if not str(event.request.AffectedSOPInstanceUID or "").strip():  # PS3.7 9.3.1.1
+            raise StoreRefused(CANNOT_UNDERSTAND, "C-STORE-RQ without Affected SOP Instance UID")
         encoded = EncodedInstance.from_c_store(event)
         try:
             outcome, ds = archive_instance(

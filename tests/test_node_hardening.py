@@ -328,6 +328,54 @@ def test_c_store_without_affected_sop_instance_uid(
     print(f"\nno Affected SOP Instance UID, 6 attempts: {outcomes}")
 
 
+def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
+        tmp_path: Path, s2d_image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from io import BytesIO
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.pdu import P_DATA_TF
+
+    systmp = tmp_path / "systmp"
+    systmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(systmp))
+    ds = dcmread(s2d_image)
+    node = Node(tmp_path / "node", policy([AllowedPeer("PACS", "127.0.0.1")]))
+    try:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(ds.SOPClassUID, [ds.file_meta.TransferSyntaxUID])
+        assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert assoc.is_established
+        request = C_STORE()
+        request.MessageID, request.Priority = 1, 2
+        request.AffectedSOPClassUID = ds.SOPClassUID
+        request.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        body = BytesIO()
+        ds.save_as(body, enforce_file_format=False)
+        request.DataSet = BytesIO(body.getvalue()[132:])  # not the preamble: a dataset
+        message = C_STORE_RQ()
+        message.primitive_to_message(request)
+        context_id = assoc.accepted_contexts[0].context_id
+        pdus = list(message.encode_msg(context_id, 16384))
+        assert len(pdus) > 4
+        raw = assoc.dul.socket.socket
+        for primitive in pdus[:3]:  # the command and the dataset's first fragments only
+            pdu = P_DATA_TF()
+            pdu.from_primitive(primitive)
+            raw.sendall(pdu.encode())
+        incoming = tmp_path / "node" / "incoming"
+        wait_for(lambda: any(systmp.iterdir()) or (incoming.exists()
+                                                   and any(incoming.iterdir())),
+                 10, "the node writing the dataset")
+        raw.shutdown(socket.SHUT_RDWR)  # the sender dies mid-dataset
+        raw.close()
+        wait_for(lambda: node.scp.receiver.open_associations == 0, 10, "association ended")
+        wait_for(lambda: not any(systmp.iterdir()) and not any(incoming.iterdir()), 10,
+                 "partial dataset removed")
+    finally:
+        node.close()
+
+
 # ------------------------------------------------------------------- 8: signals
 
 
