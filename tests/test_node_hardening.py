@@ -34,6 +34,8 @@ from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.ops_support import rss_mb
 from tests.peers import free_port, node_process, wait_for, write_config
+from tests.test_node_tls import _client as tls_client
+from tests.test_node_tls import pki  # noqa: F401  (fixture)
 
 NODE_AE = "DICOMNODE"
 NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
@@ -79,7 +81,7 @@ def echo(port: int, *, calling: str = "PACS", source: str = "127.0.0.1",
          timeout: float = 10) -> str:
     """C-ECHO from ``source``: "ok", "rejected", "aborted" or "failed"."""
     ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = timeout
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(Verification)
     assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE, bind_address=(source, 0))
     if assoc.is_rejected:
@@ -374,6 +376,43 @@ def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
                  "partial dataset removed")
     finally:
         node.close()
+
+
+@pytest.mark.slow
+def test_a_stalled_tls_handshake_neither_blocks_the_listener_nor_stays_open(
+        tmp_path: Path, pki: Path) -> None:  # noqa: F811  (the fixture imported above)
+    from dicomnode.config import Config, TLSConfig
+    from dicomnode.scp import ssl_context_from_config
+
+    config = Config()
+    config.node.tls = TLSConfig(cert=str(pki / "node.crt"), key=str(pki / "node.key"),
+                                ca=str(pki / "ca.crt"), require_client_cert=True)
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "archive")
+    scp = StorageSCP(store, policy([AllowedPeer("PACS", "127.0.0.1")]), "127.0.0.1", 0,
+                     ssl_context_from_config(config))
+    scp.start()
+    silent = []
+    try:
+        silent = [_connect(scp.port, "127.0.0.1", b"") for _ in range(3)]  # no ClientHello
+        time.sleep(0.5)
+        ae = AE(ae_title="PACS")
+        ae.acse_timeout = ae.network_timeout = 10
+        ae.connection_timeout = 5  # bounds the client's TLS handshake too
+        ae.add_requested_context(Verification)
+        good = ae.associate("127.0.0.1", scp.port, ae_title=NODE_AE,
+                            tls_args=(tls_client(pki, True), "localhost"))
+        assert good.is_established, "a stalled handshake blocked the listener"
+        assert good.send_c_echo().Status == 0
+        good.release()
+        deadline = time.monotonic() + 20  # the default request deadline (10 s) + slack
+        while time.monotonic() < deadline and not all(map(_closed_by_peer, silent)):
+            time.sleep(0.2)
+        assert all(map(_closed_by_peer, silent)), "silent TLS connections left open"
+    finally:
+        for sock in silent:
+            sock.close()
+        scp.stop()
+        store.close()
 
 
 # ------------------------------------------------------------------- 8: signals
