@@ -87,7 +87,8 @@ class _RateLimitedLog:
     def warning(self, reason: str, **fields: object) -> None:
         now = time.monotonic()
         with self._lock:
-            if now - self._last.get(reason, -self.interval) < self.interval:
+            last = self._last.get(reason)
+            if last is not None and now - last < self.interval:
                 self._suppressed[reason] += 1
                 return
             self._last[reason] = now

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import Verification
 from dicomnode.config import load_config
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wire_guard import WireLimits
 from storage import Store
 from tests.ops_support import rss_mb
 from tests.peers import free_port, node_process, wait_for, write_config
@@ -222,6 +223,30 @@ def test_hostile_connections_cannot_lock_out_the_configured_peer(
                 if assoc.is_established:
                     assoc.abort()
     print(f"\nhostile: {len(hostile)} connections accepted then closed; allowed peer served")
+
+
+@needs_aliases
+def test_pending_connections_are_capped_per_address_and_for_unknown_addresses(
+        tmp_path: Path) -> None:
+    limits = WireLimits(request_seconds=5, max_pending=4, max_pending_per_address=2)
+    node = Node(tmp_path, policy([AllowedPeer("PACS", "127.0.0.1")]), limits=limits)
+    sockets: list[socket.socket] = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3",
+                       "127.0.0.4"):
+            sockets.append(_connect(node.port, source, b""))
+            time.sleep(0.1)
+        time.sleep(0.5)
+        closed = [_closed_by_peer(s) for s in sockets]
+        # the third from 127.0.0.2 (per address), then the fifth unknown one (pool of 4)
+        assert closed == [False, False, True, False, False, True], closed
+        assert node.scp._server.pending_connections == 4
+        # the configured peer's address has its own pool: served at once
+        assert echo(node.port) == "ok"
+    finally:
+        for sock in sockets:
+            sock.close()
+        node.close()
 
 
 @pytest.mark.slow
