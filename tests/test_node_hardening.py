@@ -31,7 +31,6 @@ from pynetdicom.sop_class import Verification
 from dicomnode.config import load_config
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
 from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wire_guard import WireLimits
 from storage import Store
 from tests.ops_support import rss_mb
 from tests.peers import free_port, node_process, wait_for, write_config
@@ -228,6 +227,8 @@ def test_hostile_connections_cannot_lock_out_the_configured_peer(
 @needs_aliases
 def test_pending_connections_are_capped_per_address_and_for_unknown_addresses(
         tmp_path: Path) -> None:
+    from dicomnode.wire_guard import WireLimits
+
     limits = WireLimits(request_seconds=5, max_pending=4, max_pending_per_address=2)
     node = Node(tmp_path, policy([AllowedPeer("PACS", "127.0.0.1")]), limits=limits)
     sockets: list[socket.socket] = []
