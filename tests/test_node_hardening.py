@@ -356,6 +356,24 @@ def test_c_store_without_affected_sop_instance_uid(
     print(f"\nno Affected SOP Instance UID, 6 attempts: {outcomes}")
 
 
+def test_c_store_with_an_empty_affected_sop_instance_uid_gets_c000(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from dicomnode.scp import Receiver
+
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "archive")
+    try:
+        receiver = Receiver(store, policy([AllowedPeer("PACS", "127.0.0.1")]))
+        requestor = SimpleNamespace(ae_title="PACS", address="127.0.0.1")
+        event = SimpleNamespace(assoc=SimpleNamespace(requestor=requestor),
+                                request=SimpleNamespace(AffectedSOPInstanceUID=""))
+        status = receiver.handle_store(event)
+        assert status.Status == 0xC000
+        assert "Affected SOP Instance UID" in status.ErrorComment
+    finally:
+        store.close()
+
+
 def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
         tmp_path: Path, s2d_image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from io import BytesIO
