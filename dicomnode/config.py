@@ -33,6 +33,24 @@ class NodeConfig:
     # (archived and acknowledged, never processed).
     other_storage: str = "reject"
     tls: TLSConfig | None = None
+    # Who may associate: by default only the [[peers]] (calling AE title AND source address);
+    # true admits any calling AE from any address (a test bench, never a hospital network).
+    accept_any_peer: bool = False
+    # A connection must deliver its complete A-ASSOCIATE-RQ (and finish its TLS handshake)
+    # within this many seconds of being accepted, else it is closed.
+    association_request_seconds: float = 10.0
+    # Connections accepted but not yet associated: at most this many from addresses that are
+    # not a configured peer's (configured peers' addresses have as many again of their own),
+    # and at most max_pending_per_address from any one such address; more are closed at once.
+    max_pending_connections: int = 32
+    max_pending_per_address: int = 4
+    # Largest A-ASSOCIATE-RQ PDU read (bytes); a larger one closes the connection unread.
+    max_request_pdu_bytes: int = 262144
+    # Maximum PDU length the node announces and accepts once associated (bytes); a PDU
+    # announcing more aborts the association before it is read.
+    max_pdu_bytes: int = 4194304
+    # An association with no PDU for this long is aborted (frees its max_associations slot).
+    association_idle_seconds: float = 60.0
 
 
 @dataclass
@@ -276,6 +294,7 @@ def validate(config: Config) -> None:
     if not 1 <= len(config.node.ae_title) <= 16:
         raise ConfigError("node.ae_title: an AE title has 1 to 16 characters")
     _validate_dicomweb(config)
+    _validate_network_limits(config)
 
 
 def _validate_dicomweb(config: Config) -> None:
@@ -299,6 +318,30 @@ def _validate_dicomweb(config: Config) -> None:
         if not any(p.token_sha256 for p in config.peers) and not mtls:
             raise ConfigError("[dicomweb] listen is set but nothing can authenticate: give a "
                               "peer token_sha256, or [dicomweb.tls] with require_client_cert")
+
+
+def _validate_network_limits(config: Config) -> None:
+    import ipaddress
+
+    node = config.node
+    for key in ("association_request_seconds", "association_idle_seconds", "max_associations",
+                "max_pending_connections", "max_pending_per_address"):
+        if getattr(node, key) <= 0:
+            raise ConfigError(f"node.{key}: {getattr(node, key)} must be above 0")
+    if not 4096 <= node.max_request_pdu_bytes <= 2**24:
+        raise ConfigError(f"node.max_request_pdu_bytes: {node.max_request_pdu_bytes} is not "
+                          "between 4096 and 16777216")
+    if not 16384 <= node.max_pdu_bytes <= 2**28:
+        raise ConfigError(f"node.max_pdu_bytes: {node.max_pdu_bytes} is not between 16384 and "
+                          "268435456")
+    for i, peer in enumerate(config.peers):
+        if "/" in peer.host:
+            try:
+                ipaddress.ip_network(peer.host, strict=False)
+            except ValueError:
+                raise ConfigError(f"peers[{i}].host: {peer.host!r} is not a CIDR range (e.g. "
+                                  "10.1.2.0/24); use an address, a range, a host name or "
+                                  "\"*\"") from None
 
 
 def load_config(path: str | os.PathLike | None = None,

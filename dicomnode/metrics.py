@@ -208,6 +208,12 @@ STORE_REFUSALS = REGISTRY.counter(
 ASSOCIATION_REFUSALS = REGISTRY.counter(
     "dicomnode_association_refusals_total",
     "Associations rejected, by reason (called_ae, calling_ae, busy, other).", ["reason"])
+CONNECTIONS_REFUSED = REGISTRY.counter(
+    "dicomnode_connections_refused_total",
+    "Connections closed or associations aborted by the wire guard, by reason "
+    "(pending_limit, pending_per_address, request_timeout, request_too_large, "
+    "not_association_request, tls_handshake, closed, pdu_too_large, malformed_dimse).",
+    ["reason"])
 ASSOCIATIONS = REGISTRY.counter(
     "dicomnode_associations_total", "Associations accepted and closed, by outcome.", ["outcome"])
 ASSOCIATIONS_OPEN = REGISTRY.gauge(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import ipaddress
 import itertools
 import logging
 import mmap
@@ -37,6 +38,7 @@ from dicomnode import commitment, metrics
 from dicomnode.errors import UnusableImageError
 from dicomnode.logs import kv
 from dicomnode.volume import describe_dataset
+from dicomnode.wire_guard import WireLimits, start_guarded_server, sweep_incoming
 from dicomnode.wirecheck import (
     frame_of_reference_problem,
     pixel_encoding_problem,
@@ -135,33 +137,101 @@ class StoreRefused(Exception):
 @dataclass(frozen=True)
 class AllowedPeer:
     ae_title: str
-    host: str  # an IP address or host name; "*" accepts the AE title from any address
+    # "*" (this AE title from any address), an IP address, a CIDR range ("10.1.2.0/24") or a
+    # host name (resolved to all its addresses).
+    host: str
+
+
+# How long a peer host name's resolved addresses are trusted before it is resolved again.
+RESOLVE_SECONDS = 60.0
+
+
+class _AddressBook:
+    """Host names resolved to every address they have (IPv4 and IPv6), cached a short while
+    so that a C-STORE does not wait on DNS; a name that does not resolve matches nothing."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[float, frozenset]] = {}
+        self._lock = threading.Lock()
+
+    def networks(self, host: str) -> frozenset:
+        network = _as_network(host)
+        if network is not None:
+            return frozenset([network])
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(host)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        import socket
+
+        try:
+            infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+            found = frozenset(ipaddress.ip_network(info[4][0].split("%")[0])
+                              for info in infos)
+        except (OSError, ValueError) as exc:
+            log.warning("event=peer_host_unresolved %s", kv(host=host, error=exc))
+            found = frozenset()
+        with self._lock:
+            self._cache[host] = (now + RESOLVE_SECONDS, found)
+        return found
+
+
+def _as_network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    """An IP literal or CIDR range as a network (a literal is a /32 or /128); else None."""
+    try:
+        return ipaddress.ip_network(host.strip("[]"), strict=False)
+    except ValueError:
+        return None
+
+
+def _as_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped  # ::ffff:10.0.0.1 on a dual-stack socket is 10.0.0.1
+    return ip
 
 
 @dataclass
 class ReceiverPolicy:
-    """What the SCP accepts. Built from the configuration by :func:`policy_from_config`."""
+    """What the SCP accepts. Built from the configuration by :func:`policy_from_config`.
+
+    A peer is admitted when its calling AE title is one of ``allowed_peers`` AND its source
+    address matches that entry's host. No entry, no admission, unless ``accept_any_peer``
+    (the admin's explicit opt-in to any calling AE from any address)."""
 
     ae_title: str
-    allowed_peers: list[AllowedPeer] = field(default_factory=list)  # empty: anyone
+    allowed_peers: list[AllowedPeer] = field(default_factory=list)
     other_storage: str = "reject"  # "reject" (0x0122) or "store" (archived, not processed)
     max_associations: int = 16
     patient_key_salt: bytes = b""
+    accept_any_peer: bool = False
+    _addresses: _AddressBook = field(default_factory=_AddressBook, repr=False, compare=False)
 
     def peer_allowed(self, calling_ae: str, address: str) -> bool:
-        if not self.allowed_peers:
+        if self.accept_any_peer:
             return True
-        return any(p.ae_title == calling_ae and p.host in ("*", address, _resolve(p.host))
+        return any(p.ae_title == calling_ae and self._host_matches(p.host, address)
                    for p in self.allowed_peers)
 
+    def address_known(self, address: str) -> bool:
+        """Whether ``address`` is one a configured peer may connect from (whatever its AE
+        title): such connections get their own share of the pending-connection slots."""
+        if self.accept_any_peer:
+            return False
+        return any(p.host != "*" and self._host_matches(p.host, address)
+                   for p in self.allowed_peers)
 
-def _resolve(host: str) -> str:
-    import socket
-
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
+    def _host_matches(self, host: str, address: str) -> bool:
+        if host == "*":
+            return True
+        ip = _as_address(address)
+        if ip is None:
+            return False
+        return any(ip in network for network in self._addresses.networks(host))
 
 
 def node_secret(data_dir: Path) -> bytes:
@@ -184,7 +254,18 @@ def policy_from_config(config: Config) -> ReceiverPolicy:
         other_storage=config.node.other_storage,
         max_associations=config.node.max_associations,
         patient_key_salt=node_secret(config.data_path),
+        accept_any_peer=config.node.accept_any_peer,
     )
+
+
+def limits_from_config(config: Config) -> WireLimits:
+    node = config.node
+    return WireLimits(
+        request_seconds=node.association_request_seconds,
+        max_pending=node.max_pending_connections,
+        max_pending_per_address=node.max_pending_per_address,
+        max_request_pdu=node.max_request_pdu_bytes, max_pdu=node.max_pdu_bytes,
+        idle_seconds=node.association_idle_seconds)
 
 
 def hold_interval(config: Config) -> float:
@@ -549,6 +630,23 @@ class Receiver:
             self._admitted.pop(id(event.assoc), None)
             self._studies.pop(id(event.assoc), None)
 
+    def association_ended(self, assoc) -> None:
+        """The association's thread has ended: whatever events fired or not (pynetdicom ends
+        some associations without EVT_ABORTED, e.g. when its reader thread fails), its slot,
+        its studies and its place in open_associations are released."""
+        with self._lock:
+            self._admitted.pop(id(assoc), None)
+            self._studies.pop(id(assoc), None)
+            count = self._counts.pop(id(assoc), None)
+        if count is None:
+            return  # closed through handle_closed, or never accepted
+        metrics.ASSOCIATIONS.inc(outcome="aborted")
+        log.warning("event=association_closed %s", kv(
+            calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address,
+            instances=count, outcome="aborted", detail="ended without a close event"))
+        self._audit("association", assoc.requestor.ae_title.strip(), self.policy.ae_title,
+                    assoc.requestor.address, count=count, status="aborted")
+
     def handle_rejected(self, event: evt.Event) -> None:
         """pynetdicom's own rejections (those of handle_requested never get here): its
         backstop association limit, or a failed user identity negotiation."""
@@ -628,6 +726,8 @@ class Receiver:
     def _store(self, event: evt.Event, calling: str) -> tuple[str, Dataset, int]:
         if not self.policy.peer_allowed(calling, event.assoc.requestor.address):
             raise StoreRefused(NOT_AUTHORISED, f"{calling} may not store here")
+        if not str(event.request.AffectedSOPInstanceUID or "").strip():  # PS3.7 9.3.1.1
+            raise StoreRefused(CANNOT_UNDERSTAND, "C-STORE-RQ without Affected SOP Instance UID")
         encoded = EncodedInstance.from_c_store(event)
         try:
             outcome, ds = archive_instance(
@@ -680,14 +780,19 @@ class Receiver:
         ]
 
 
-def build_ae(policy: ReceiverPolicy) -> AE:
+def build_ae(policy: ReceiverPolicy, limits: WireLimits | None = None) -> AE:
+    limits = limits or WireLimits()
     ae = AE(ae_title=policy.ae_title)
     # The limit is enforced by Receiver.handle_requested; pynetdicom's is only a backstop.
     ae.maximum_associations = 2 * policy.max_associations + 32
-    ae.maximum_pdu_size = 0  # no limit: peers may send large PDUs (fewer round trips)
+    # Announced to peers and enforced on every PDU before it is read (wire_guard): large
+    # enough that a DBT costs few round trips, bounded so no PDU can claim gigabytes.
+    ae.maximum_pdu_size = limits.max_pdu
     ae.require_called_aet = True
-    ae.network_timeout = 120
-    ae.dimse_timeout = 120
+    ae.acse_timeout = limits.request_seconds
+    # An association without a PDU for this long is aborted and its slot freed.
+    ae.network_timeout = limits.idle_seconds
+    ae.dimse_timeout = limits.idle_seconds
     ae.add_supported_context(Verification)
     # All storage classes are negotiated, so a non-breast C-STORE gets a proper 0x0122
     # status from the handler instead of a bare presentation-context refusal.
@@ -722,10 +827,15 @@ class StorageSCP:
 
     def __init__(self, store: Store, policy: ReceiverPolicy, host: str, port: int,
                  ssl_context: ssl.SSLContext | None = None,
-                 hold_seconds: float = HOLD_SECONDS) -> None:
+                 hold_seconds: float = HOLD_SECONDS, limits: WireLimits | None = None,
+                 incoming_dir: Path | None = None) -> None:
         self.receiver = Receiver(store, policy)
-        self.ae = build_ae(policy)
+        self.limits = limits or WireLimits()
+        self.ae = build_ae(policy, self.limits)
         commitment.add_scp_context(self.ae)  # destinations report storage commitment here
+        # Datasets being received: beside the archive (data_dir/incoming), so storage
+        # takes them over by a rename, and never in $TMPDIR.
+        self.incoming_dir = incoming_dir or Path(store.archive.root).parent / "incoming"
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self._server = None
@@ -736,18 +846,22 @@ class StorageSCP:
     def start(self) -> None:
         from dicomnode.errors import DicomnodeError
 
-        # pynetdicom then writes each incoming dataset to a temporary file as its PDUs
-        # arrive (in $TMPDIR): the write overlaps the network transfer, memory stays flat
-        # however large the DBT, and storage takes the file over by a rename when $TMPDIR is
-        # on the archive's file system (else it copies).
+        # pynetdicom then writes each incoming dataset to a temporary file (in incoming_dir)
+        # as its PDUs arrive: the write overlaps the network transfer, memory stays flat
+        # however large the DBT, and storage takes the file over by a rename when
+        # incoming_dir is on the archive's file system (else it copies).
         _config.STORE_RECV_CHUNKED_DATASET = True
+        sweep_incoming(self.incoming_dir)
 
         try:
-            self._server = self.ae.start_server(
-                (self.host, self.port), block=False,
+            self._server = start_guarded_server(
+                self.ae, (self.host, self.port),
                 evt_handlers=[*self.receiver.handlers(),
                               *commitment.handlers(self.receiver.store)],
-                ssl_context=self.ssl_context)
+                ssl_context=self.ssl_context, limits=self.limits,
+                known_address=self.receiver.policy.address_known,
+                incoming_dir=self.incoming_dir,
+                on_association_end=self.receiver.association_ended)
         except OSError as exc:
             raise DicomnodeError(
                 f"cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); "

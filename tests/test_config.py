@@ -52,6 +52,11 @@ def test_config_from_dicomnode_config_variable(tmp_path: Path) -> None:
         ("", {"DICOMNODE_NODE_MAX_ASSOCIATIONS": "many"}, "DICOMNODE_NODE_MAX_ASSOCIATIONS"),
         ('[model]\ntest_time_augmentations = -1\n', {}, "model.test_time_augmentations"),
         ("", {"DICOMNODE_MODEL_AUGMENT_PX": "-3"}, "model.augment_px: -3 is negative"),
+        ('[[peers]]\nae_title = "PACS"\nhost = "10.0.0.0/33"\n', {}, "peers[0].host"),
+        ("", {"DICOMNODE_NODE_ASSOCIATION_REQUEST_SECONDS": "0"},
+         "node.association_request_seconds"),
+        ("", {"DICOMNODE_NODE_MAX_PDU_BYTES": "1000"}, "node.max_pdu_bytes"),
+        ("", {"DICOMNODE_NODE_ACCEPT_ANY_PEER": "maybe"}, "DICOMNODE_NODE_ACCEPT_ANY_PEER"),
     ],
 )
 def test_bad_configuration_is_named(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
@@ -98,3 +103,17 @@ def test_example_deploy_config_loads() -> None:
     config = load_config(example, environ={})
     assert config.peers[0].ae_title == "PACS"
     assert config.storage.min_free_mb == 1024
+    assert config.node.accept_any_peer is False  # only the [[peers]] may send
+
+
+def test_network_limits_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text('[node]\naccept_any_peer = true\nassociation_request_seconds = 3\n'
+                    'max_pending_connections = 8\n[[peers]]\nae_title = "PACS"\n'
+                    'host = "10.1.2.0/24"\n')
+    config = load_config(path, environ={"DICOMNODE_NODE_ASSOCIATION_IDLE_SECONDS": "15"})
+    assert config.node.accept_any_peer is True
+    assert config.node.association_request_seconds == 3.0
+    assert config.node.max_pending_connections == 8
+    assert config.node.association_idle_seconds == 15.0
+    assert config.peers[0].host == "10.1.2.0/24"

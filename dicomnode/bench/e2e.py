@@ -63,7 +63,7 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
                         PeerConfig("RESULTS", "127.0.0.1", dest_port)]
         config.worker.poll_seconds = 0.05
         store = Store(config.database_url, tmp / "archive")
-        scp = StorageSCP(store, ReceiverPolicy("DICOMNODE"), "127.0.0.1", 0)
+        scp = StorageSCP(store, ReceiverPolicy("DICOMNODE", accept_any_peer=True), "127.0.0.1", 0)
         scp.start()
         worker = Worker(config, store, name="bench")
         thread = threading.Thread(target=worker.run_forever, daemon=True)

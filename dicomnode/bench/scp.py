@@ -91,7 +91,7 @@ def _send_to_fresh_node(files: list[Path], root: Path) -> float:
     from storage import Store
 
     store = Store(f"sqlite:///{root / 'bench.db'}", root / "archive")
-    scp = StorageSCP(store, ReceiverPolicy("DICOMNODE"), "127.0.0.1", 0)
+    scp = StorageSCP(store, ReceiverPolicy("DICOMNODE", accept_any_peer=True), "127.0.0.1", 0)
     scp.start()
     try:
         return _send(files, scp.port, "DICOMNODE")

@@ -29,12 +29,13 @@ class _Node:
 
     def __init__(self, root: Path) -> None:
         from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token
-        from dicomnode.scp import ReceiverPolicy, StorageSCP
+        from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
         from storage import Store
 
         self.root = root
         self.store = Store(f"sqlite:///{root / 'bench.db'}", root / "archive")
-        policy = ReceiverPolicy("DICOMNODE")
+        # storescu calls as BENCH from loopback; STOW-RS requests are BENCH's by their token
+        policy = ReceiverPolicy("DICOMNODE", [AllowedPeer("BENCH", "127.0.0.1")])
         self.scp = StorageSCP(self.store, policy, "127.0.0.1", 0)
         self.stow = StowServer(self.store, policy, root, "127.0.0.1:0",
                                auth=StowAuth({hash_token(_TOKEN): "BENCH"}))

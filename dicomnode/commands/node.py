@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+import time
 
 import click
 
@@ -19,29 +21,62 @@ def _port_option(f):
                         help="Listen on this port (overrides [node] port).")(f)
 
 
-def _stop_on_signals(stop: threading.Event) -> None:
-    def handler(signum, _frame) -> None:
-        log.info("event=signal %s", kv(signal=signal.Signals(signum).name))
-        stop.set()
+class StopRequest:
+    """SIGTERM/SIGINT recorded without a lock: the handler only appends to a list (atomic
+    under the GIL) and the main thread polls it, so a signal landing while another's handler
+    runs cannot deadlock the process (Event.set() in a handler could: its lock is not
+    re-entrant). A second signal, once shutdown has begun, exits at once."""
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    POLL_SECONDS = 0.2
+
+    def __init__(self) -> None:
+        self.signals: list[int] = []
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum: int, _frame) -> None:
+        if self.signals:
+            # Only os.write here: logging takes locks the interrupted code may hold.
+            name = signal.Signals(signum).name
+            os.write(2, f"ts={time.strftime('%Y-%m-%dT%H:%M:%S')} level=warning "
+                        f"logger={log.name} event=forced_exit signal={name} "
+                        f"first={signal.Signals(self.signals[0]).name} detail=\"second "
+                        f"signal: exiting now without a clean shutdown\"\n".encode())
+            os._exit(128 + signum)
+        self.signals.append(signum)
+
+    @property
+    def requested(self) -> bool:
+        return bool(self.signals)
+
+    def wait(self) -> None:
+        while not self.signals:
+            time.sleep(self.POLL_SECONDS)
+        log.info("event=signal %s", kv(signal=signal.Signals(self.signals[0]).name))
 
 
 def _start_scp(config, store):
     from dicomnode.scp import (
         StorageSCP,
         hold_interval,
+        limits_from_config,
         policy_from_config,
         ssl_context_from_config,
     )
 
     scp = StorageSCP(store, policy_from_config(config), config.node.host, config.node.port,
-                     ssl_context_from_config(config), hold_seconds=hold_interval(config))
+                     ssl_context_from_config(config), hold_seconds=hold_interval(config),
+                     limits=limits_from_config(config),
+                     incoming_dir=config.data_path / "incoming")
     scp.start()
-    if not config.peers:
-        log.warning("event=no_peers_configured detail=\"accepting any calling AE; results are "
-                    "archived but not sent until [[peers]] are configured\"")
+    if config.node.accept_any_peer:
+        log.warning("event=any_peer_accepted detail=\"[node] accept_any_peer = true: any calling "
+                    "AE from any address may store here\"")
+    elif not config.peers:
+        log.warning("event=no_peers_configured detail=\"every association is refused until "
+                    "[[peers]] are configured (or [node] accept_any_peer = true)\"")
     return scp
 
 
@@ -108,8 +143,8 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
     config = load_cli_config(ctx)
     if port is not None:
         config.node.port = port
-    stop = threading.Event()
-    _stop_on_signals(stop)
+    stop = StopRequest()
+    stop.install()
     with storage_errors():
         store = open_store(config)
     scp = worker = worker_thread = http = status_writer = stow = None
