@@ -315,7 +315,8 @@ class Worker:
         for analysis in analyses:
             for dataset, kind in self._build(analysis, breasts.get(analysis.image.laterality)):
                 self._archive_and_queue(job, dataset, kind, destinations)
-            analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
+            if analysis.image.modality != "dbt":  # the CAD SR marks DBT regions from the map
+                analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
             self._renew(job)
         for dataset, kind in self._build_study(job, analyses):  # the study's CAD SR
             self._archive_and_queue(job, dataset, kind, destinations)

@@ -323,6 +323,13 @@ def test_rejects_no_images_and_mixed_studies(tmp_path_factory) -> None:
         build_cad_sr([analyses[0], other[0]], OPTIONS)
 
 
+def test_a_missing_saliency_map_is_an_error_not_an_empty_report(tmp_path_factory) -> None:
+    analyses = _dbt_analyses(tmp_path_factory, "enhanced")
+    analyses[0] = replace(analyses[0], saliency=analyses[0].saliency[:0])
+    with pytest.raises(ResultsError, match="saliency"):
+        build_cad_sr(analyses, OPTIONS)
+
+
 @pytest.mark.parametrize("points,required", [((0.5, 0.5), 1), ((0.3, 0.5), 1), ((), 1),
                                              ((0.5, 0.25), 3), ((1.0,), 1)])
 def test_operating_points_must_be_decreasing_thresholds(points, required) -> None:

@@ -83,6 +83,9 @@ def flagged_regions(analysis: ImageAnalysis, class_index: int, threshold: float
     """The regions of one class at or above `threshold`, most salient first."""
     saliency = np.asarray(analysis.saliency[:, class_index], dtype=np.float32)  # (D, h, w)
     depth, h, w = saliency.shape
+    if depth != analysis.image.shape[0]:  # e.g. freed after the per-image results
+        raise ValueError(f"the saliency map has {depth} slices, the image "
+                         f"{analysis.image.shape[0]}: flagged regions need the whole map")
     boxes = _cell_boxes(analysis, h, w)
     cell_area = boxes[..., 2] * boxes[..., 3]
     on_source = cell_area > 0
