@@ -145,6 +145,13 @@ class ResultsConfig:
     max_array_mb: int = 2048
     # A Mammography CAD SR (TID 4000) per study with DBT images, marks on the DBT slices.
     cad_sr: bool = True
+    # Its operating points: thresholds on the malignant saliency, the most specific
+    # (highest) first. A region whose peak reaches the n-th is marked at operating point n;
+    # the last is the floor: nothing below it is marked.
+    cad_operating_points: list[float] = field(default_factory=lambda: [0.5, 0.35, 0.25])
+    # Marks at this operating point or a more specific one are "Presentation Required"
+    # (a workstation draws them); the others "Presentation Optional".
+    cad_presentation_required: int = 1
 
 
 @dataclass
@@ -244,6 +251,12 @@ def _build(cls: type, table: dict, where: str) -> object:
 def _field_value(hint: object, value: object, where: str) -> object:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is list and args and args[0] in (float, int, str):  # an array of values
+        if isinstance(value, str):  # environment: comma-separated
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected an array, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected an array of tables")
@@ -266,7 +279,20 @@ def _apply_environment(config: Config, environ: typing.Mapping[str, str]) -> Non
         for f in dataclasses.fields(obj):
             var = f"DICOMNODE_{section.name}_{f.name}".upper()
             if var in environ and not dataclasses.is_dataclass(hints[f.name]):
-                setattr(obj, f.name, _coerce(environ[var], hints[f.name], var))
+                setattr(obj, f.name, _field_value(hints[f.name], environ[var], var))
+
+
+def check_cad_operating_points(points: tuple[float, ...] | list[float], required: int) -> None:
+    """Raise ValueError unless the CAD operating points are thresholds in (0, 1), strictly
+    decreasing (most specific first), and `required` is one of them (1-based)."""
+    values = list(points)
+    if not values or not all(0.0 < v < 1.0 for v in values) \
+            or any(a <= b for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"CAD operating points must be saliency thresholds in (0, 1), the "
+                         f"most specific (highest) first, got {values!r}")
+    if not 1 <= required <= len(values):
+        raise ValueError(f"the operating point marks are Presentation Required at must be "
+                         f"1 to {len(values)}, got {required!r}")
 
 
 def validate(config: Config) -> None:
@@ -280,6 +306,12 @@ def validate(config: Config) -> None:
     if config.results.segmentation not in ("binary", "fractional"):
         raise ConfigError(f"results.segmentation: {config.results.segmentation!r} is not one "
                           "of binary, fractional")
+    try:
+        check_cad_operating_points(config.results.cad_operating_points,
+                                   config.results.cad_presentation_required)
+    except ValueError as exc:
+        raise ConfigError(f"results.cad_operating_points / cad_presentation_required: {exc}; "
+                          "fix them") from None
     for key in ("test_time_augmentations", "augment_px"):
         if getattr(config.model, key) < 0:
             raise ConfigError(f"model.{key}: {getattr(config.model, key)} is negative; use 0 "

@@ -337,7 +337,8 @@ class Worker:
             for dataset, kind in built:
                 produced.append(self._archive_and_queue(job, dataset, kind, destinations))
             with_results.append(analysis)
-            analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
+            if analysis.image.modality != "dbt":  # the CAD SR marks DBT regions from the map
+                analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
             self._renew(job)
         if not with_results:
             raise JobFailed(f"study {job.study_uid}: no image's results could be built: "
@@ -455,7 +456,9 @@ def result_options(config: Config):
     results = config.results
     return ResultOptions(
         thresholds=(results.benign_operating_point, results.malignant_operating_point),
-        seg_type=results.segmentation, max_array_bytes=results.max_array_mb * 2**20)
+        seg_type=results.segmentation, max_array_bytes=results.max_array_mb * 2**20,
+        cad_operating_points=tuple(results.cad_operating_points),
+        cad_presentation_required=results.cad_presentation_required)
 
 
 def _default_result_builder(config: Config) -> Callable:
@@ -486,7 +489,7 @@ def _default_study_result_builder(config: Config) -> Callable:
         if not config.results.cad_sr or not dbt:
             return []
         try:
-            ds = build_cad_sr(dbt, options)
+            ds = build_cad_sr(dbt, options, breasts=combine_breasts(analyses))
         except ResultsError as exc:
             log.error("event=cad_sr_failed %s", kv(job=job.id, study_uid=job.study_uid,
                                                     error=exc))

@@ -117,3 +117,32 @@ def test_network_limits_from_file_and_environment(tmp_path: Path) -> None:
     assert config.node.max_pending_connections == 8
     assert config.node.association_idle_seconds == 15.0
     assert config.peers[0].host == "10.1.2.0/24"
+
+
+def test_cad_operating_points_from_file_and_environment(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[results]\ncad_operating_points = [0.6, 0.4]\n"
+                    "cad_presentation_required = 2\n")
+    config = load_config(path, environ={})
+    assert config.results.cad_operating_points == [0.6, 0.4]
+    assert config.results.cad_presentation_required == 2
+    config = load_config(path, environ={"DICOMNODE_RESULTS_CAD_OPERATING_POINTS": "0.7, 0.3"})
+    assert config.results.cad_operating_points == [0.7, 0.3]
+    from dicomnode.worker import result_options
+
+    options = result_options(config)
+    assert options.cad_operating_points == (0.7, 0.3) and options.cad_presentation_required == 2
+
+
+@pytest.mark.parametrize("text", [
+    "cad_operating_points = [0.25, 0.5]",  # the most specific must come first
+    "cad_operating_points = []",
+    "cad_operating_points = [1.5]",
+    'cad_operating_points = ["high"]',
+    "cad_presentation_required = 4",  # only three operating points by default
+])
+def test_bad_cad_operating_points_are_named(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text(f"[results]\n{text}\n")
+    with pytest.raises(ConfigError, match="cad_"):
+        load_config(path, environ={})

@@ -199,3 +199,150 @@ def test_a_node_side_failure_names_the_step_and_stops_the_node(tmp_path: Path) -
     assert "sent 4/4" in proc.stdout
     port = _node_port(out)
     assert port is not None and not port_open(port), "the node is still listening"
+
+
+def _approx_equal(a: object, b: object, rel: float = 1e-5) -> bool:
+    """Equal JSON trees, numbers within `rel` (a rerun may differ in the last float bits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_approx_equal(a[k], b[k], rel) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_approx_equal(x, y, rel) for x, y in zip(a, b,
+                                                                                  strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == pytest.approx(b, rel=rel, abs=1e-6)
+    return a == b
+
+
+# the one dciodvfy warning the SRs keep (docs/viewer.md says why): the project's private
+# coding scheme, declared in the Coding Scheme Identification Sequence
+PRIVATE_SCHEME_WARNING = ("Warning - Unrecognized defined term <99DCMNODE> for value 1 of "
+                          "attribute <Coding Scheme Designator>")
+
+
+@pytest.mark.slow
+@pytest.mark.dicom3tools
+@pytest.mark.pixelmed
+def test_demo_results_mark_only_what_the_model_flags(tmp_path: Path) -> None:
+    """The study `make demo` shows (seed 1: a normal left breast, a malignant and a benign
+    mass on the right) with the built-in weights: no CAD mark and no finding-coded TID 1500
+    group where the saliency stays below the operating points; the CAD summary agrees with
+    its impressions; the malignant breast's marks lie on its malignant mass; every SR passes
+    dciodvfy and PixelMed; a rerun of the same work gives the same content, same UIDs."""
+    import io
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    from dicomnode.config import load_config
+    from dicomnode.models import ModelRegistry
+    from dicomnode.results.findings import flagged_regions
+    from dicomnode.results.validate import dciodvfy_output, sr_validator_errors
+    from dicomnode.volume import load_image
+    from dicomnode.worker import (
+        _default_result_builder,
+        _default_study_result_builder,
+        analyse_image,
+        combine_breasts,
+        result_options,
+    )
+    from tests.result_checks import (
+        CAD_SR,
+        WITH_FINDINGS,
+        WITHOUT_FINDINGS,
+        cad_marks,
+        cad_summary,
+        dciodvfy_complaints,
+        evidence_uids,
+        finding_groups,
+    )
+
+    out = tmp_path / "demo-out"
+    proc = _demo("--out", str(out), "--timeout", "400")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    config = load_config(out / "node" / "node.toml", environ={})
+    options = result_options(config)
+    floor = options.cad_operating_points[-1]
+    with (out / "study" / "labels.csv").open(newline="") as fh:
+        labels = {row["sop_instance_uid"]: row for row in csv.DictReader(fh)}
+    truth = json.loads((out / "study" / "findings.json").read_text())
+    received = {p: dcmread(p) for p in sorted((out / "received").glob("*.dcm"))}
+    srs = {next(u for u in evidence_uids(ds) if u in labels): (p, ds)
+           for p, ds in received.items() if str(ds.SOPClassUID) == SR}
+    ((cad_path, cad),) = [(p, ds) for p, ds in received.items()
+                          if str(ds.SOPClassUID) == CAD_SR]
+    assert len(srs) == 12
+
+    # Rerun the same work in this process: the node's archived sources, weights, config.
+    archived = [p for p in (out / "node" / "data" / "archive").rglob("*.dcm")
+                if str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) in labels]
+    registry = ModelRegistry(config.model)
+    analyses = [analyse_image(image, registry.get(image.modality))
+                for image in (load_image(p) for p in sorted(archived))]
+    assert len(analyses) == 12
+    by_uid = {a.image.sop_instance_uids[0]: a for a in analyses}
+
+    # The summary code agrees with the impressions.
+    summary_code, impressions = cad_summary(cad)
+    assert summary_code == (WITH_FINDINGS if impressions else WITHOUT_FINDINGS)
+    marks = cad_marks(cad)
+
+    # Nothing marked or finding-coded where the saliency stays below the operating points.
+    peak = {(uid, c): float(a.saliency[:, c].max()) for uid, a in by_uid.items() for c in (0, 1)}
+    for uid, (_, sr) in srs.items():
+        groups = finding_groups(sr)
+        for c in (0, 1):
+            if peak[(uid, c)] < options.thresholds[c]:
+                assert not [g for g in groups if g[0] == c], (labels[uid], groups)
+            else:  # one group per flagged region
+                regions = flagged_regions(by_uid[uid], c, options.thresholds[c])
+                assert len([g for g in groups if g[0] == c]) == len(regions) >= 1
+    for uid in by_uid:
+        if labels[uid]["modality"] == "dbt" and peak[(uid, 1)] < floor:
+            assert not [m for m in marks if m.sop_instance_uid == uid], labels[uid]
+    # seed 1: the normal left breast stays below the floor, so it has no mark, no finding
+    left = [u for u in by_uid if labels[u]["laterality"] == "L"]
+    assert all(labels[u]["malignant"] == labels[u]["benign"] == "0" for u in left)
+    assert all(peak[(u, 1)] < floor for u in left if labels[u]["modality"] == "dbt")
+    assert not [m for m in marks if m.sop_instance_uid in left]
+    assert not [g for u in left for g in finding_groups(srs[u][1])]
+
+    # The malignant breast is marked, each mark on its malignant mass (in plane and depth).
+    right = [m for m in marks if labels[m.sop_instance_uid]["laterality"] == "R"]
+    assert right and impressions and summary_code == WITH_FINDINGS
+    for mark in right:
+        image = by_uid[mark.sop_instance_uid].image
+        positions = np.asarray(image.slice_positions, dtype=float)
+        between = float(np.linalg.norm(positions[1] - positions[0]))
+        frame = image.frame_numbers.index(mark.frame) if mark.frame is not None else 0
+        masses = [f for f in truth if f["sop_instance_uid"] == mark.sop_instance_uid
+                  and f["malignant"]]
+        assert any(np.hypot(mark.row - f["row"], mark.col - f["col"]) <= f["radius_px"]
+                   and abs(frame - f["frame"]) * between
+                   <= f["radius_px"] * image.pixel_spacing[0] for f in masses), (mark, masses)
+
+    # Every SR and the CAD SR: dciodvfy without errors or warnings (but the explained one),
+    # PixelMed's DicomSRValidator without errors.
+    paths = [p for p, _ in srs.values()] + [cad_path]
+    for path in paths:
+        assert dciodvfy_complaints(dciodvfy_output(path)) == [], path
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        for path, errors in zip(paths, pool.map(sr_validator_errors, paths), strict=True):
+            assert errors == [], path
+
+    # The same content under the same UIDs when the same work runs again.
+    build, build_study = _default_result_builder(config), _default_study_result_builder(config)
+    breasts = combine_breasts(analyses)
+    rebuilt = [ds for a in analyses for ds, _ in build(a, breasts.get(a.image.laterality))]
+    job = SimpleNamespace(id=0, study_uid=cad.StudyInstanceUID)
+    rebuilt += [ds for ds, _ in build_study(job, analyses)]
+    sent = {str(ds.SOPInstanceUID): ds for ds in received.values()}
+    assert {str(ds.SOPInstanceUID) for ds in rebuilt} == set(sent)
+    for ds in rebuilt:
+        if str(ds.SOPClassUID) in (SR, CAD_SR):
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            buffer.seek(0)
+            again = [item.to_json_dict() for item in dcmread(buffer).ContentSequence]
+            before = [item.to_json_dict() for item in sent[str(ds.SOPInstanceUID)].ContentSequence]
+            assert _approx_equal(again, before), ds.SeriesDescription

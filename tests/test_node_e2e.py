@@ -11,11 +11,17 @@ from pydicom import dcmread
 
 from dicomnode.config import Config
 from dicomnode.models import ModelRegistry
+from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
-from dicomnode.results.validate import dciodvfy_errors, dsrdump_errors, sr_validator_errors
+from dicomnode.results.validate import (
+    dciodvfy_errors,
+    dciodvfy_output,
+    dsrdump_errors,
+    sr_validator_errors,
+)
 from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
-from dicomnode.worker import analyse_image
+from dicomnode.worker import analyse_image, result_options
 from tests.conftest import dcmtk
 from tests.peers import (
     free_port,
@@ -25,6 +31,15 @@ from tests.peers import (
     storescp,
     wait_for,
     write_config,
+)
+from tests.result_checks import (
+    WITH_FINDINGS,
+    WITHOUT_FINDINGS,
+    cad_marks,
+    cad_summary,
+    dciodvfy_complaints,
+    evidence_uids,
+    finding_groups,
 )
 
 MODALITIES = ("dbt", "ffdm", "s2d")
@@ -109,6 +124,8 @@ def test_storescu_to_node_to_storescp(tmp_path: Path, study: list[Path],
     assert from_dbt(cad_path)
     assert dciodvfy_errors(cad_path) == [] and dsrdump_errors(cad_path) == []
     assert sr_validator_errors(cad_path) == []
+    for path in [*by_class[SR], cad_path]:  # no warning either, but the explained one
+        assert dciodvfy_complaints(dciodvfy_output(path)) == [], path
 
     # The SR's probabilities are the model's for that image.
     config_model = Config().model
@@ -126,6 +143,35 @@ def test_storescu_to_node_to_storescp(tmp_path: Path, study: list[Path],
     got = read_sr_summary(sr).probabilities["final"]
     assert got["malignant"] == pytest.approx(expected.final.malignant, abs=1e-5)
     assert got["benign"] == pytest.approx(expected.final.benign, abs=1e-5)
+
+    # What the results claim is what the model flags: no CAD mark on a DBT image and no
+    # finding-coded TID 1500 group on an image whose saliency stays below the operating
+    # points; the CAD summary code agrees with its impressions.
+    options = result_options(Config())  # the node runs the default [results]
+    floor = options.cad_operating_points[-1]
+    cad = dcmread(cad_path)
+    summary_code, impressions = cad_summary(cad)
+    assert summary_code == (WITH_FINDINGS if impressions else WITHOUT_FINDINGS)
+    marks = cad_marks(cad)
+    sources = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in study}
+    for path in by_class[SR]:
+        report = dcmread(path)
+        (uid,) = evidence_uids(report) & set(sources)
+        image = load_image(sources[uid])
+        analysis = analyse_image(image, registry.get(image.modality))
+        groups = finding_groups(report)
+        for c in (0, 1):
+            regions = flagged_regions(analysis, c, options.thresholds[c])
+            assert len([g for g in groups if g[0] == c]) == len(regions)
+            if float(analysis.saliency[:, c].max()) < options.thresholds[c]:
+                assert regions == []
+        on_image = [m for m in marks if m.sop_instance_uid == uid]
+        if image.modality == "dbt":
+            assert len(on_image) == len(flagged_regions(analysis, 1, floor))
+            if float(analysis.saliency[:, 1].max()) < floor:
+                assert on_image == []
+        else:
+            assert on_image == []
 
 
 @pytest.mark.slow

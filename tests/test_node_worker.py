@@ -14,6 +14,7 @@ from dicomnode.config import Config
 from dicomnode.models import ModelRegistry
 from dicomnode.results import ResultOptions
 from dicomnode.results.common import result_uid
+from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
 from dicomnode.scp import ReceiverPolicy, archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
@@ -21,6 +22,7 @@ from dicomnode.volume import load_image
 from dicomnode.worker import Worker, analyse_image, combine_breasts
 from storage import Store
 from tests.peers import make_checkpoint
+from tests.result_checks import WITH_FINDINGS, cad_marks, cad_summary
 
 MODALITIES = ("dbt", "ffdm", "s2d")
 
@@ -61,6 +63,7 @@ def receive(store: Store, study: Path) -> str:
 def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: Path,
                                                          checkpoints: dict[str, Path]) -> None:
     config = node_config(tmp_path, {m: str(p) for m, p in checkpoints.items()})
+    config.results.cad_operating_points = [0.5, 1e-4]
     store = Store(config.database_url, tmp_path / "archive")
     try:
         study_uid = receive(store, study)
@@ -116,17 +119,16 @@ def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: 
                     for series in item.ReferencedSeriesSequence
                     for ref in series.ReferencedSOPSequence}
         assert evidence == set(dbt)
-        summary_item = next(c for c in cad.ContentSequence
-                            if c.ConceptNameCodeSequence[0].CodeValue == "111017")
-        certainties = sorted(
-            float(c.MeasuredValueSequence[0].NumericValue)
-            for impression in summary_item.ContentSequence
-            for finding in impression.ContentSequence if finding.ValueType == "CODE"
-            and finding.ConceptNameCodeSequence[0].CodeValue == "111059"
-            for c in finding.ContentSequence
-            if c.ValueType == "NUM" and c.ConceptNameCodeSequence[0].CodeValue == "111012")
-        assert certainties == pytest.approx(
-            sorted(100 * a.final.malignant for a in dbt.values()), abs=1e-3)
+        # ... with a mark per region the model flags (the floor is set low: random weights
+        # give faint saliency), each with its peak as probability of cancer
+        floor = config.results.cad_operating_points[-1]
+        expected_peaks = sorted(100 * r.peak for a in dbt.values()
+                                for r in flagged_regions(a, 1, floor))
+        marks = cad_marks(cad)
+        assert expected_peaks and sorted(100 * m.probability for m in marks) == \
+            pytest.approx(expected_peaks, abs=1e-2)
+        summary_code, impressions = cad_summary(cad)  # a CC+MLO pair is one impression
+        assert summary_code == WITH_FINDINGS and (len(marks) + 1) // 2 <= impressions <= len(marks)
     finally:
         store.close()
 

@@ -1,6 +1,7 @@
-"""TID 1500 SR: probabilities, attended regions on the right frames, breast result, SEG
-link, every group placed on an image, evidence, reading it back; dciodvfy, dsrdump and
-PixelMed's DicomSRValidator."""
+"""TID 1500 SR: probabilities, attended regions on the right frames, breast result,
+finding-coded groups only for flagged regions (each on its own region), reproducible
+Tracking UIDs, every group placed on an image, evidence, reading it back; dciodvfy,
+dsrdump and PixelMed's DicomSRValidator."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from pydicom.dataset import Dataset
 
 from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_segmentation, build_sr
-from dicomnode.results.geometry import block_mean
+from dicomnode.results.common import SEGMENT_PROPERTIES
+from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
 from dicomnode.results.sr import _box
 from dicomnode.results.validate import (
@@ -54,6 +56,10 @@ def _text(group: Dataset, code: tuple[str, str]) -> str:
                 if _code(c) == code)
 
 
+def _finding(group: Dataset) -> Dataset:
+    return next(c for c in group.ContentSequence if _code(c) == ("121071", "DCM"))
+
+
 def _tracking(group: Dataset) -> str:
     return _text(group, ("112039", "DCM"))
 
@@ -92,6 +98,7 @@ def _most_attended(analysis) -> int:
 
 
 BENIGN = ("BENIGN_PROB", "99DCMNODE")
+NEOPLASMS = {(c.value, c.scheme_designator) for _, c in SEGMENT_PROPERTIES}
 CANCER = ("111047", "DCM")
 
 
@@ -152,26 +159,32 @@ def test_sr_carries_the_probabilities_regions_and_seg_link(tmp_path_factory, tmp
         else:
             assert "ReferencedFrameNumber" not in ref
 
-    for class_index, uid in enumerate(seg.tracking_uids):
-        group = next(g for g in groups if _text(g, ("112040", "DCM")) == uid)
-        nums = _nums(group)
-        assert nums[(("OPERATING_POINT", "99DCMNODE"), None)] == \
-            pytest.approx(THRESHOLDS[class_index])
-        size = seg.flagged_mm3(class_index) if modality == "dbt" else seg.flagged_mm2(class_index)
-        concept = ("118565006", "SCT") if modality == "dbt" else ("42798000", "SCT")
-        assert nums[(concept, None)] == pytest.approx(size) and size > 0
-        # placed around the SEG's flagged pixels on the slice where it flags the most
-        masks = [block_mean(frame, seg.factor) > THRESHOLDS[class_index]
-                 for frame in analysis.saliency_on_source(class_index)]
-        d = int(np.argmax([m.sum() for m in masks]))
-        rr, cc = np.nonzero(masks[d])
-        f = seg.factor
-        row1 = min((rr.max() + 1) * f, image.shape[1])
-        col1 = min((cc.max() + 1) * f, image.shape[2])
-        points, ref = _region(group)
-        np.testing.assert_allclose(points, _box(rr.min() * f, cc.min() * f,
-                                                row1 - rr.min() * f, col1 - cc.min() * f))
-        assert _slice_of(analysis, ref) == d
+    # one finding-coded group per flagged region, on its own region and slice
+    flagged = [g for g in groups if _code(_finding(g), "ConceptCodeSequence") in NEOPLASMS]
+    for class_index, (label, _) in enumerate(SEGMENT_PROPERTIES):
+        regions = flagged_regions(analysis, class_index, THRESHOLDS[class_index])
+        mine = [g for g in flagged if _tracking(g).startswith(label)]
+        assert len(mine) == len(regions) >= 1
+        for group, region in zip(mine, regions, strict=True):
+            nums = _nums(group)
+            assert nums[(("OPERATING_POINT", "99DCMNODE"), None)] == \
+                pytest.approx(THRESHOLDS[class_index])
+            concept = CANCER if class_index == 1 else BENIGN
+            assert nums[(concept, ("REGION_PEAK", "99DCMNODE"))] == pytest.approx(region.peak)
+            assert region.peak >= THRESHOLDS[class_index]
+            area = region.area_px * np.prod(image.pixel_spacing)
+            assert nums[(("42798000", "SCT"), None)] == pytest.approx(area) and area > 0
+            if modality == "dbt":
+                assert nums[(("118565006", "SCT"), None)] > 0
+            points, ref = _region(group)
+            np.testing.assert_allclose(points, _box(*region.box))
+            assert _slice_of(analysis, ref) == region.frame_index
+            # not the whole image: a flagged region is a region
+            assert region.height * region.width < image.shape[1] * image.shape[2]
+            # the peak saliency on the source grid lies in the region, on that slice
+            source = analysis.saliency_on_source(class_index)[region.frame_index]
+            row, col = np.unravel_index(int(np.argmax(source)), source.shape)
+            assert region.contains(row, col)
 
     # every group is a planar ROI on an image of the source (OHIF stops at one without)
     for group in groups:
@@ -193,23 +206,45 @@ def test_sr_without_breast_or_seg(tmp_path_factory) -> None:
     groups = _groups(sr)
     names = [_tracking(g) for g in groups]
     assert names[0].startswith("Image prediction")
-    assert not any(n.startswith(("Benign finding", "Malignant finding")) for n in names)
+    # flagged regions do not need the SEG; without it they do not name a segment
+    flagged = [n for n in names if n.startswith(("Benign finding", "Malignant finding"))]
+    assert flagged and not any("SEG segment" in n for n in flagged)
     assert not any(method[0].startswith(("BREAST", "MEAN_"))
                    for _, method in _nums(groups[0]) if method)
 
 
-def test_nothing_flagged_places_the_segment_groups_on_the_whole_image(tmp_path_factory
-                                                                      ) -> None:
+def test_nothing_flagged_gives_no_finding_coded_group(tmp_path_factory) -> None:
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
     options = ResultOptions(thresholds=(0.99, 0.99))
     seg = build_segmentation(analysis, options)
     assert seg.flagged_boxes == (None, None)
-    groups = _groups(build_sr(analysis, None, seg, options))
-    for uid in seg.tracking_uids:
-        group = next(g for g in groups if _text(g, ("112040", "DCM")) == uid)
-        points, ref = _region(group)
-        np.testing.assert_allclose(points, _box(0, 0, *analysis.image.shape[1:]))
-        assert _slice_of(analysis, ref) == _most_attended(analysis)
+    groups = _groups(build_sr(analysis, make_breast(analysis), seg, options))
+    assert groups and not any(_code(_finding(g), "ConceptCodeSequence") in NEOPLASMS
+                              for g in groups)
+    # the probabilities stay, on a group that says it covers the image and claims no lesion
+    assert _code(_finding(groups[0]), "ConceptCodeSequence") == ("76752008", "SCT")
+    assert "whole image" in _tracking(groups[0])
+
+
+def test_tracking_uids_are_reproducible_and_distinct(tmp_path_factory) -> None:
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    options = ResultOptions(thresholds=THRESHOLDS)
+    seg = build_segmentation(analysis, options)
+    first = build_sr(analysis, make_breast(analysis), seg, options)
+    again = build_sr(analysis, make_breast(analysis), seg, options)
+    uids = [_text(g, ("112040", "DCM")) for g in _groups(first)]
+    assert uids == [_text(g, ("112040", "DCM")) for g in _groups(again)]
+    assert len(set(uids)) == len(uids)
+    assert first.SOPInstanceUID == again.SOPInstanceUID
+    # the same content under the same UIDs (dates and times aside)
+    assert _content(first) == _content(again)
+    other = build_sr(analysis, make_breast(analysis), seg,
+                     ResultOptions(thresholds=(0.2, 0.6)))
+    assert not set(uids) & {_text(g, ("112040", "DCM")) for g in _groups(other)}
+
+
+def _content(sr: Dataset) -> list:
+    return [item.to_json_dict() for item in sr.ContentSequence]
 
 
 def test_read_sr_summary_reads_the_probabilities_back(tmp_path_factory, tmp_path) -> None:

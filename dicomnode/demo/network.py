@@ -160,7 +160,8 @@ def node_config_text(*, data_dir: Path, receiver_port: int, model: ModelConfig,
                      for key in ("device", "dbt", "ffdm", "s2d")], "",
         "[results]", *[f"{key} = {_toml(getattr(results, key))}"
                        for key in ("benign_operating_point", "malignant_operating_point",
-                                   "segmentation", "max_array_mb", "cad_sr")], "",
+                                   "segmentation", "max_array_mb", "cad_sr",
+                                   "cad_operating_points", "cad_presentation_required")], "",
         "[[peers]]", f"ae_title = {_toml(PACS_AE)}", f"host = {_toml(HOST)}",
         f"port = {receiver_port}", "send_results = true", "",
     ]

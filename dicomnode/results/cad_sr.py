@@ -9,22 +9,34 @@ analyses). Content, in the template's order:
   (CID 4014, copied from the source's View Code Sequence) and its modifiers, and the pixel
   spacing; plus one entry per (instance, frame) of a multi-frame image that a mark is on,
   with its Referenced Frame Number;
-- CAD Processing and Findings Summary (TID 4001) with one Individual Impression /
-  Recommendation (TID 4003) per analysed image, holding one Single Image Finding (TID
-  4006, "Mammography breast density", the mass-like finding code of CID 6014):
-  * the finding is the image's most attended region (largest attention weight) on the
-    slice it lies on; its Center (POINT) and Outline (POLYLINE of the region box) are 2D
-    SCOORDs SELECTED FROM (by reference) the Image Library entry of that slice;
-  * Certainty of Finding = the image's malignant probability (final output) in percent;
-  * findings whose malignant probability is at or above the malignant operating point
-    (ResultOptions.thresholds[1]) are "Presentation Required" at both levels; the others
-    are "Presentation Optional" with CAD Operating Point 2: operating point 1 is the
-    configured one, 2 the more sensitive "below it" (there is no TID 4023 table);
+- CAD Processing and Findings Summary (TID 4001), "with findings" exactly when it holds an
+  Individual Impression, else "without findings"; its TID 4002 body gives the case's
+  probability of cancer (the higher breast) and each breast's in its Impression
+  Description;
+- one Individual Impression / Recommendation (TID 4003) per lesion the model flags: a
+  region of malignant saliency at or above the floor (the last of
+  ResultOptions.cad_operating_points), found by :func:`dicomnode.results.findings.
+  flagged_regions`. Each is a Single Image Finding (TID 4006, "Mammography breast
+  density", the mass-like finding code of CID 6014) on the slice where the region is most
+  salient, with its Center (POINT, the peak) and Outline (POLYLINE, the region's box), 2D
+  SCOORDs SELECTED FROM (by reference) the Image Library entry of that slice, and its
+  Probability of cancer (the region's peak malignant saliency: the global network's
+  estimate at that place, not calibrated). Where the CC and MLO views of one breast each
+  have a mark at the same depth from the chest wall, the two findings are one lesion: a
+  Composite Feature (TID 4004, "Target content items are related spatially", "Feature
+  detected on multiple images") inferred from both;
+- operating points (TID 4023) are discrete, 1 the most specific: a mark reaches
+  operating point n when its peak is at or above the n-th threshold. Marks at
+  ResultOptions.cad_presentation_required or a more specific point are "Presentation
+  Required" at every level; the others "Presentation Optional" with their CAD Operating
+  Point. An image with nothing above the floor has no mark;
 - Summary of Detections (TID 4015/4017): Succeeded, one Detection Performed per algorithm,
-  referencing (by reference) the whole-image entries it ran on;
+  referencing (by reference) the whole-image entries it ran on, with the number of
+  operating points (Maximum CAD Operating Point) and the one marks are required from
+  (Recommended CAD Operating Point); the thresholds are in the Algorithm Parameters;
 - Summary of Analyses: Not Attempted (no image-quality or other analyses).
 
-Marks are never SCOORD3D (not allowed in this IOD); see /work/shared/reference/tid4000.md.
+Marks are never SCOORD3D: PS3.3 A.35.5.3 does not allow it in this IOD.
 highdicom has no TID 4000 document class, so the header modules are written here.
 """
 
@@ -32,14 +44,16 @@ from __future__ import annotations
 
 import datetime
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from dicomnode.analysis import MALIGNANT, AlgorithmIdentity, AttendedRegion, ImageAnalysis
+from dicomnode.analysis import MALIGNANT, AlgorithmIdentity, BreastAnalysis, ImageAnalysis
 from dicomnode.results.common import (
     MANUFACTURER,
     NOT_FOR_CLINICAL_USE,
@@ -51,6 +65,12 @@ from dicomnode.results.common import (
     model_name,
     read_sources,
     serial_number,
+)
+from dicomnode.results.findings import (
+    FlaggedRegion,
+    chest_wall_distance_mm,
+    flagged_regions,
+    operating_point,
 )
 from dicomnode.results.sr import _box
 
@@ -90,7 +110,13 @@ OPERATING_POINT_UNIT = hd.sr.CodedConcept("{1:n}", "UCUM", "range: 1:n")
 ALGORITHM_NAME = _dcm("111001", "Algorithm Name")
 ALGORITHM_VERSION = _dcm("111003", "Algorithm Version")
 ALGORITHM_PARAMETERS = _dcm("111002", "Algorithm Parameters")
-CERTAINTY_OF_FINDING = _dcm("111012", "Certainty of Finding")
+PROBABILITY_OF_CANCER = _dcm("111047", "Probability of cancer")
+COMPOSITE_FEATURE = _dcm("111015", "Composite Feature")
+COMPOSITE_TYPE = _dcm("111016", "Composite Type")
+RELATED_SPATIALLY = _dcm("111154", "Target content items are related spatially")
+SCOPE_OF_FEATURE = _dcm("111057", "Scope of Feature")
+ON_MULTIPLE_IMAGES = _dcm("111158", "Feature detected on multiple images")
+IMPRESSION_DESCRIPTION = _dcm("111033", "Impression Description")
 PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 MILLIMETER = hd.sr.CodedConcept("mm", "UCUM", "millimeter")
 CENTER = _dcm("111010", "Center")
@@ -112,9 +138,9 @@ MAX_OPERATING_POINT = _dcm("111072", "Maximum CAD Operating Point")
 RECOMMENDED_OPERATING_POINT = _dcm("111092", "Recommended CAD Operating Point")
 ARBITRARY_UNIT = hd.sr.CodedConcept("[arb'U]", "UCUM", "arbitrary unit")
 OPERATING_POINT_RANGE = hd.sr.CodedConcept("{0:n}", "UCUM", "range:0:n")
-# Two operating points (TID 4023): 1 = the configured malignant operating point (the
-# recommended one), 2 = below it, the CAD Operating Point of Presentation Optional findings.
-OPERATING_POINT_CONFIGURED, OPERATING_POINT_BELOW = 1, 2
+# CC and MLO marks of one breast within this depth (distance from the chest wall) of each
+# other are taken as one lesion (a Composite Feature).
+SAME_LESION_DEPTH_MM = 20.0
 
 _CONTENT_SEQUENCE = 0x0040A730
 _ROOT_IMAGE_LIBRARY_POSITION = 2  # root children: Language (1), Image Library (2), ...
@@ -148,9 +174,13 @@ def _by_reference(relationship: Relation, position: tuple[int, ...]) -> Dataset:
     return item
 
 
-def _algorithm_items(alg: AlgorithmIdentity) -> list[Dataset]:
-    """TID 4019: name, version and parameters (checkpoint, weights hash)."""
+def _algorithm_items(alg: AlgorithmIdentity, options: ResultOptions) -> list[Dataset]:
+    """TID 4019: name, version and parameters (checkpoint, weights hash, the operating
+    points' thresholds)."""
     params = "; ".join(f"{k}={v}" for k, v in algorithm_parameters(alg).items())
+    points = ", ".join(f"{n}: >= {t:g}"
+                       for n, t in enumerate(options.cad_operating_points, start=1))
+    params += f"; operating points (peak malignant saliency)={points}"
     return [hd.sr.TextContentItem(ALGORITHM_NAME, model_name(alg), Relation.HAS_PROPERTIES),
             hd.sr.TextContentItem(ALGORITHM_VERSION, alg.version or "unknown",
                                   Relation.HAS_PROPERTIES),
@@ -235,49 +265,150 @@ def _whole_image_sources(sources: list[Dataset]) -> list[Dataset]:
     return list(seen.values())
 
 
-def _marked_region(analysis: ImageAnalysis) -> AttendedRegion | None:
-    regions = [r for r in analysis.regions if r.height > 0 and r.width > 0]
-    return max(regions, key=lambda r: r.attention) if regions else None
-
-
-def _rendering_intent(required: bool) -> Dataset:
-    return hd.sr.CodeContentItem(
+def _rendering_intent(required: bool, point: int) -> Dataset:
+    """Rendering Intent; a Presentation Optional one carries the CAD Operating Point the
+    mark reaches (TID 4006 row 3), so a workstation can present it by its own setting."""
+    intent = hd.sr.CodeContentItem(
         RENDERING_INTENT, PRESENTATION_REQUIRED if required else PRESENTATION_OPTIONAL,
         Relation.HAS_CONCEPT_MOD)
+    if not required:
+        _nest(intent, [hd.sr.NumContentItem(CAD_OPERATING_POINT, point, OPERATING_POINT_UNIT,
+                                            relationship_type=Relation.HAS_PROPERTIES)])
+    return intent
 
 
-def _impression(analysis: ImageAnalysis, region: AttendedRegion,
-                position: tuple[int, ...], required: bool) -> Dataset:
-    """TID 4003 holding one TID 4006 Single Image Finding with its marks."""
-    finding = hd.sr.CodeContentItem(SINGLE_IMAGE_FINDING, DENSITY, Relation.CONTAINS)
-    intent = _rendering_intent(required)
-    if not required:  # TID 4006 row 3: a property of the Rendering Intent
-        _nest(intent, [hd.sr.NumContentItem(
-            CAD_OPERATING_POINT, OPERATING_POINT_BELOW, OPERATING_POINT_UNIT,
-            relationship_type=Relation.HAS_PROPERTIES)])
-    children: list[Dataset] = [intent, *_algorithm_items(analysis.algorithm)]
-    children.append(hd.sr.NumContentItem(
-        CERTAINTY_OF_FINDING, round(100.0 * float(analysis.final.malignant), 4), PERCENT,
-        relationship_type=Relation.HAS_PROPERTIES))
-    box = _box(region.row0, region.col0, region.height, region.width)
-    centre = box[0] + (box[2] - box[0]) / 2  # (column, row) of the box's centre
-    for name, graphic_type, data in ((CENTER, "POINT", centre.reshape(1, 2)),
-                                     (OUTLINE, "POLYLINE", box)):
+def _percent(name: hd.sr.CodedConcept, probability: float) -> Dataset:
+    return hd.sr.NumContentItem(name, round(100.0 * float(probability), 2), PERCENT,
+                                relationship_type=Relation.HAS_PROPERTIES)
+
+
+@dataclass
+class _Mark:
+    """A flagged malignant region of one DBT image, with where its slice is in the library."""
+
+    analysis: ImageAnalysis
+    region: FlaggedRegion
+    point: int  # CAD operating point reached (1 = most specific)
+    position: tuple[int, ...]  # Image Library entry of the region's slice
+    required: bool
+
+
+def _finding(mark: _Mark, options: ResultOptions, relationship: Relation) -> Dataset:
+    """TID 4006 Single Image Finding: a mass-like density at the region's peak, outlined by
+    its box, on the slice where it is most salient; its probability of cancer is the
+    region's peak malignant saliency."""
+    region = mark.region
+    finding = hd.sr.CodeContentItem(SINGLE_IMAGE_FINDING, DENSITY, relationship)
+    children: list[Dataset] = [_rendering_intent(mark.required, mark.point),
+                               *_algorithm_items(mark.analysis.algorithm, options),
+                               _percent(PROBABILITY_OF_CANCER, region.peak)]
+    row, col = region.centre
+    centre = np.array([[col + 0.5, row + 0.5]])  # pixel centre -> SR image coordinates
+    box = _box(*region.box)
+    for name, graphic_type, data in ((CENTER, "POINT", centre), (OUTLINE, "POLYLINE", box)):
         scoord = hd.sr.ScoordContentItem(name, graphic_type, data,
                                          relationship_type=Relation.HAS_PROPERTIES)
-        children.append(_nest(scoord, [_by_reference(Relation.SELECTED_FROM, position)]))
-    _nest(finding, children)
+        children.append(_nest(scoord, [_by_reference(Relation.SELECTED_FROM, mark.position)]))
+    return _nest(finding, children)
+
+
+def _impression(marks: list[_Mark], options: ResultOptions) -> Dataset:
+    """TID 4003 holding one Single Image Finding, or, for one lesion marked on two views,
+    a Composite Feature (TID 4004) inferred from both findings."""
+    required = any(m.required for m in marks)
+    point = min(m.point for m in marks)
     container = hd.sr.ContainerContentItem(INDIVIDUAL_IMPRESSION,
                                            relationship_type=Relation.INFERRED_FROM)
-    return _nest(container, [_rendering_intent(required), finding])
+    if len(marks) == 1:
+        return _nest(container, [_rendering_intent(required, point),
+                                 _finding(marks[0], options, Relation.CONTAINS)])
+    composite = hd.sr.CodeContentItem(COMPOSITE_FEATURE, DENSITY, Relation.CONTAINS)
+    _nest(composite, [
+        _rendering_intent(required, point),
+        hd.sr.CodeContentItem(COMPOSITE_TYPE, RELATED_SPATIALLY, Relation.HAS_PROPERTIES),
+        hd.sr.CodeContentItem(SCOPE_OF_FEATURE, ON_MULTIPLE_IMAGES, Relation.HAS_PROPERTIES),
+        *_algorithm_items(marks[0].analysis.algorithm, options),
+        _percent(PROBABILITY_OF_CANCER, max(m.region.peak for m in marks)),
+        *[_finding(m, options, Relation.INFERRED_FROM) for m in marks]])
+    return _nest(container, [_rendering_intent(required, point), composite])
+
+
+def _same_lesion(cc: _Mark, mlo: _Mark) -> bool:
+    """Whether marks on the CC and the MLO view of one breast are taken as one lesion: at
+    the same depth from the chest wall, within SAME_LESION_DEPTH_MM."""
+    depth_cc = chest_wall_distance_mm(cc.analysis, cc.region.centre[1])
+    depth_mlo = chest_wall_distance_mm(mlo.analysis, mlo.region.centre[1])
+    return abs(depth_cc - depth_mlo) <= SAME_LESION_DEPTH_MM
+
+
+def _group_lesions(marks: list[_Mark]) -> list[list[_Mark]]:
+    """Per breast, pair CC and MLO marks of the same lesion (the most salient first, each
+    mark in one pair at most); every other mark stands alone. Order: as the marks came."""
+    groups: list[list[_Mark]] = [[m] for m in marks]
+    for laterality in ("R", "L"):
+        views = {view: sorted((g for g in groups if len(g) == 1
+                               and g[0].analysis.image.laterality == laterality
+                               and g[0].analysis.image.view == view),
+                              key=lambda g: -g[0].region.peak)
+                 for view in ("CC", "MLO")}
+        for cc_group in views["CC"]:
+            mlo_group = next((g for g in views["MLO"] if len(g) == 1
+                              and _same_lesion(cc_group[0], g[0])), None)
+            if mlo_group is None:
+                continue
+            cc_group.append(mlo_group.pop())
+    return [g for g in groups if g]
+
+
+def _case_scores(analyses: list[ImageAnalysis],
+                 breasts: Mapping[str, BreastAnalysis] | None) -> dict[str, float]:
+    """Probability of cancer per breast ("R", "L"): the given breast-level results, else
+    the mean over the document's views of that breast."""
+    out: dict[str, float] = {}
+    for laterality in ("R", "L"):
+        if breasts is not None and laterality in breasts:
+            out[laterality] = float(breasts[laterality].final.malignant)
+            continue
+        views = [float(a.final.malignant) for a in analyses
+                 if a.image.laterality == laterality]
+        if views:
+            out[laterality] = float(np.mean(views))
+    return out
+
+
+def summary_text(scores: dict[str, float]) -> str:
+    """The case's and each breast's probability of cancer, in words."""
+    case = max(scores.values())
+    breasts = "; ".join(f"{LATERALITY[lat].meaning.lower()} {100 * p:.1f}%"
+                        for lat, p in scores.items())
+    return (f"Probability of cancer (model output, not calibrated): case {100 * case:.1f}% "
+            f"(the higher breast); {breasts}")
+
+
+def _summary_body(analyses: list[ImageAnalysis], scores: dict[str, float],
+                  options: ResultOptions) -> list[Dataset]:
+    """TID 4002 on the findings summary: the case's and each breast's probability of
+    cancer as its Impression Description (row 5), and the algorithm (TID 4019).
+
+    In words only: the template's numeric row (12) takes CID 6142 concepts, which have no
+    probability of cancer, and PixelMed reports "Probability of cancer" there as not in the
+    template. The TID 1500 SRs carry the same breast probabilities as numbers."""
+    if not scores:
+        return []
+    return [hd.sr.TextContentItem(IMPRESSION_DESCRIPTION, summary_text(scores),
+                                  Relation.HAS_PROPERTIES),
+            *_algorithm_items(analyses[0].algorithm, options)]
 
 
 def build_cad_sr(analyses: Sequence[ImageAnalysis], options: ResultOptions | None = None,
-                 sources: Sequence[list[Dataset]] | None = None) -> Dataset:
+                 sources: Sequence[list[Dataset]] | None = None,
+                 breasts: Mapping[str, BreastAnalysis] | None = None) -> Dataset:
     """The Mammography CAD SR of the analysed images of one study (see the module doc).
 
     sources: the source headers of each analysis (as read_sources returns them), in the
     order of `analyses`; read from the files when not given.
+    breasts: the breast-level results by laterality (all modalities of the study); when
+    not given, a breast's score is the mean over its images in `analyses`.
     """
     options = options or ResultOptions()
     if not analyses:
@@ -289,7 +420,7 @@ def build_cad_sr(analyses: Sequence[ImageAnalysis], options: ResultOptions | Non
         if sources is not None and len(sources) != len(analyses):
             raise ResultsError("sources must hold one header list per analysis")
         headers = list(sources) if sources is not None else [read_sources(a) for a in analyses]
-        return _build(list(analyses), headers, options)
+        return _build(list(analyses), headers, options, breasts)
 
 
 def _view_order(analysis: ImageAnalysis) -> tuple:
@@ -299,7 +430,7 @@ def _view_order(analysis: ImageAnalysis) -> tuple:
 
 
 def _build(analyses: list[ImageAnalysis], headers: list[list[Dataset]],
-           options: ResultOptions) -> Dataset:
+           options: ResultOptions, breasts: Mapping[str, BreastAnalysis] | None) -> Dataset:
     order = sorted(range(len(analyses)), key=lambda i: _view_order(analyses[i]))
     analyses = [analyses[i] for i in order]
     headers = [headers[i] for i in order]
@@ -308,20 +439,19 @@ def _build(analyses: list[ImageAnalysis], headers: list[list[Dataset]],
     for analysis, srcs in zip(analyses, headers, strict=True):
         whole.append([library.add(analysis, src, None)
                       for src in _whole_image_sources(srcs)])
-    operating_point = options.thresholds[MALIGNANT]
-    impressions: list[Dataset] = []
-    any_required = False
+    points = tuple(options.cad_operating_points)
+    marks: list[_Mark] = []
     for analysis, srcs in zip(analyses, headers, strict=True):
-        region = _marked_region(analysis)
-        if region is None:
-            continue
-        src, frame = _source_of(analysis, srcs, region.frame_index)
-        library.add(analysis, src, frame)
-        required = float(analysis.final.malignant) >= operating_point
-        any_required |= required
-        impressions.append(_impression(analysis, region,
-                                       library.position((str(src.SOPInstanceUID), frame)),
-                                       required))
+        for region in flagged_regions(analysis, MALIGNANT, points[-1]):
+            point = operating_point(region.peak, points)
+            if point is None:
+                continue
+            src, frame = _source_of(analysis, srcs, region.frame_index)
+            library.add(analysis, src, frame)
+            marks.append(_Mark(analysis, region, point,
+                               library.position((str(src.SOPInstanceUID), frame)),
+                               point <= options.cad_presentation_required))
+    impressions = [_impression(group, options) for group in _group_lesions(marks)]
 
     root = hd.sr.ContainerContentItem(REPORT, is_content_continuous=False, template_id="4000")
     language = hd.sr.CodeContentItem(LANGUAGE, ENGLISH_US, Relation.HAS_CONCEPT_MOD)
@@ -329,34 +459,39 @@ def _build(analyses: list[ImageAnalysis], headers: list[list[Dataset]],
         IMAGE_LIBRARY, is_content_continuous=False, relationship_type=Relation.CONTAINS),
         library.items)
     summary = _nest(hd.sr.CodeContentItem(FINDINGS_SUMMARY,
-                                          WITH_FINDINGS if any_required else WITHOUT_FINDINGS,
-                                          Relation.CONTAINS), impressions)
+                                          WITH_FINDINGS if impressions else WITHOUT_FINDINGS,
+                                          Relation.CONTAINS),
+                    [*_summary_body(analyses, _case_scores(analyses, breasts), options),
+                     *impressions])
     detections = _nest(hd.sr.CodeContentItem(SUMMARY_OF_DETECTIONS, SUCCEEDED,
                                              Relation.CONTAINS),
-                       [_successful_detections(analyses, whole)])
+                       [_successful_detections(analyses, whole, options)])
     analyses_summary = hd.sr.CodeContentItem(SUMMARY_OF_ANALYSES, NOT_ATTEMPTED,
                                              Relation.CONTAINS)
     _nest(root, [language, image_library, summary, detections, analyses_summary])
     return _document(root, analyses, headers, options)
 
 
-def _successful_detections(analyses: list[ImageAnalysis], whole: list[list[int]]) -> Dataset:
-    """TID 4015/4017: one Detection Performed per algorithm, with the images it ran on."""
+def _successful_detections(analyses: list[ImageAnalysis], whole: list[list[int]],
+                           options: ResultOptions) -> Dataset:
+    """TID 4015/4017: one Detection Performed per algorithm, with the images it ran on and
+    its operating points (TID 4023: how many, and the one marks are required from)."""
     by_algorithm: dict[AlgorithmIdentity, list[int]] = defaultdict(list)
     for analysis, positions in zip(analyses, whole, strict=True):
         by_algorithm[analysis.algorithm] += positions
     items = []
     for alg, positions in by_algorithm.items():
         performed = hd.sr.CodeContentItem(DETECTION_PERFORMED, DENSITY, Relation.CONTAINS)
-        _nest(performed, _algorithm_items(alg))
+        _nest(performed, _algorithm_items(alg, options))
         _nest(performed, [_by_reference(Relation.HAS_PROPERTIES,
                                         (1, _ROOT_IMAGE_LIBRARY_POSITION, p))
                           for p in positions])
-        _nest(performed, [  # TID 4023 rows 1-2: the operating points findings refer to
-            hd.sr.NumContentItem(MAX_OPERATING_POINT, OPERATING_POINT_BELOW, ARBITRARY_UNIT,
-                                 relationship_type=Relation.HAS_PROPERTIES),
-            hd.sr.NumContentItem(RECOMMENDED_OPERATING_POINT, OPERATING_POINT_CONFIGURED,
-                                 OPERATING_POINT_RANGE, relationship_type=Relation.HAS_PROPERTIES)])
+        _nest(performed, [
+            hd.sr.NumContentItem(MAX_OPERATING_POINT, len(options.cad_operating_points),
+                                 ARBITRARY_UNIT, relationship_type=Relation.HAS_PROPERTIES),
+            hd.sr.NumContentItem(RECOMMENDED_OPERATING_POINT,
+                                 options.cad_presentation_required, OPERATING_POINT_RANGE,
+                                 relationship_type=Relation.HAS_PROPERTIES)])
         items.append(performed)
     container = hd.sr.ContainerContentItem(SUCCESSFUL_DETECTIONS,
                                            relationship_type=Relation.INFERRED_FROM)

@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicomnode.analysis import AlgorithmIdentity, ImageAnalysis
+from dicomnode.config import check_cad_operating_points
 from dicomnode.errors import DicomnodeError
 
 MANUFACTURER = "dicomnode"
@@ -48,7 +49,13 @@ class ResultOptions:
     pmap_decimation / seg_decimation: force a factor instead (1 = source resolution).
     seg_omit_empty_frames: False keeps every frame of every segment (highdicom #214: viewers
         place such SEGs more reliably; BINARY frames are bit-packed, so it stays small).
-    make_seg: False writes no SEG (the SR then has no flagged-region groups).
+    make_seg: False writes no SEG.
+    cad_operating_points: the Mammography CAD SR's operating points, thresholds on the
+        malignant saliency, most specific (highest) first: operating point n is reached by
+        a region whose peak is at or above the n-th. The last is the floor: nothing below
+        it is marked.
+    cad_presentation_required: CAD marks at this operating point or a more specific one
+        are "Presentation Required"; the others "Presentation Optional".
     """
 
     thresholds: tuple[float, float] = (0.5, 0.5)
@@ -59,8 +66,11 @@ class ResultOptions:
     seg_omit_empty_frames: bool = False
     make_seg: bool = True
     institution_name: str | None = None
+    cad_operating_points: tuple[float, ...] = (0.5, 0.35, 0.25)
+    cad_presentation_required: int = 1
 
     def __post_init__(self) -> None:
+        check_cad_operating_points(self.cad_operating_points, self.cad_presentation_required)
         if len(self.thresholds) != 2 or not all(0.0 <= t < 1.0 for t in self.thresholds):
             raise ValueError(f"thresholds must be two values in [0, 1), got {self.thresholds!r}")
         if self.seg_type not in ("binary", "fractional"):

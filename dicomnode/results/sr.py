@@ -3,14 +3,21 @@
 Every measurement group is a planar ROI (TID 1410) placed on a slice of the image (the
 referenced frame of a multi-frame DBT, or the slice's own instance) by a closed POLYLINE,
 all with the algorithm's identification. In order:
-- image summary: the whole image on its most-attended slice, with the image's malignant and
-  benign probability (final, global network, local network) and, when given, its breast's
-  (overall and per modality); the final probability of cancer first;
+- image summary: finding "Breast" (no lesion claimed), on the whole image (its identifier
+  says so) on its most-attended slice, with the image's malignant and benign probability
+  (final, global network, local network) and, when given, its breast's (overall and per
+  modality); the final probability of cancer first;
 - attended regions: the K patches the local network looked at, each with its attention
-  weight;
-- flagged regions: one group per SEG segment, linked to it by Tracking UID, the box around
-  its flagged pixels on the slice where it flags the most (the whole image when it flags
-  nothing), with the operating point and the flagged volume (DBT) or area (2D).
+  weight (finding: "Region attended by the local network", no diagnosis);
+- flagged regions: one group per region the model flags (:mod:`dicomnode.results.findings`:
+  a connected region of a class's saliency at or above its operating point, the SEG's
+  thresholds), coded with the SEG segment's finding, outlining that region on the slice
+  where it is most salient, with its peak saliency, the operating point, its area on that
+  slice and (DBT) its volume. An image where nothing reaches an operating point has no
+  finding-coded group.
+
+Tracking UIDs derive from the SR's SOP Instance UID (reproducible, see common.result_uid)
+and what the group is about, so a rerun sends the same content under the same UIDs.
 
 Why all groups have an image region: OHIF (3.13) opens the report on its first group and
 loads the groups from the last, stopping silently at the first without one; it shows a
@@ -28,6 +35,7 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
 
 from dicomnode.analysis import MALIGNANT, BreastAnalysis, ClassProbabilities, ImageAnalysis
 from dicomnode.results.common import (
@@ -50,7 +58,8 @@ from dicomnode.results.common import (
     series_description,
     source_series_number,
 )
-from dicomnode.results.seg import FlaggedBox, SegmentationResult
+from dicomnode.results.findings import flagged_regions
+from dicomnode.results.seg import SegmentationResult, slice_spacing
 
 PROBABILITY_CONCEPTS = (
     private_code("BENIGN_PROB", "Probability of benign finding"),
@@ -65,6 +74,7 @@ METHODS = {
     "breast": private_code("BREAST_MEAN", "Mean over the breast's views and modalities"),
 }
 ATTENDED_REGION = private_code("ATTENDED_REGION", "Region attended by the local network")
+REGION_PEAK = private_code("REGION_PEAK", "Highest saliency in the region (global network)")
 MODALITY_NAMES = {"dbt": "tomosynthesis", "ffdm": "full-field digital mammography",
                   "s2d": "synthetic 2D mammography"}
 # Procedure reported must come from CID 100 (PixelMed checks it), which has no mammography
@@ -145,9 +155,10 @@ def _breast_probabilities(breast: BreastAnalysis, algorithm: hd.sr.AlgorithmIden
 
 
 def _summary_group(analysis: ImageAnalysis, breast: BreastAnalysis | None,
-                   sources: list[Dataset], algorithm: hd.sr.AlgorithmIdentification
-                   ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
-    """The image's probabilities, then its breast's, on the whole image."""
+                   sources: list[Dataset], algorithm: hd.sr.AlgorithmIdentification,
+                   sop_uid: str) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+    """The image's probabilities, then its breast's, on the whole image: the finding is
+    the breast (not a lesion), and the region says it covers the image."""
     image = analysis.image
     measurements = []
     for key, probs in (("final", analysis.final), ("global", analysis.global_),
@@ -158,7 +169,8 @@ def _summary_group(analysis: ImageAnalysis, breast: BreastAnalysis | None,
     where = " ".join(p for p in (image.laterality, image.view, image.modality.upper()) if p)
     return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"Image prediction {where}"[:64]),
+            uid=tracking_uid(sop_uid, "image"),
+            identifier=f"Image prediction {where} (whole image)"[:64]),
         referenced_region=_image_region(analysis, sources, _most_attended_frame(analysis)),
         finding_type=codes.SCT.Breast,
         finding_sites=_finding_site(image.laterality),
@@ -168,7 +180,7 @@ def _summary_group(analysis: ImageAnalysis, breast: BreastAnalysis | None,
 
 
 def _region_groups(analysis: ImageAnalysis, sources: list[Dataset],
-                   algorithm: hd.sr.AlgorithmIdentification
+                   algorithm: hd.sr.AlgorithmIdentification, sop_uid: str
                    ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
     out = []
     k = len(analysis.regions)
@@ -180,7 +192,8 @@ def _region_groups(analysis: ImageAnalysis, sources: list[Dataset],
         depth = analysis.image.shape[0]
         out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=hd.UID(), identifier=f"Attended region {n} of {k}, slice "
+                uid=tracking_uid(sop_uid, "attended", n),
+                identifier=f"Attended region {n} of {k}, slice "
                                           f"{region.frame_index + 1} of {depth}"),
             referenced_region=roi,
             finding_type=ATTENDED_REGION,
@@ -193,47 +206,59 @@ def _region_groups(analysis: ImageAnalysis, sources: list[Dataset],
     return out
 
 
-def _flagged_region(analysis: ImageAnalysis, sources: list[Dataset], flagged: FlaggedBox | None
-                    ) -> hd.sr.ImageRegion:
-    if flagged is None:  # nothing flagged: the whole image
-        return _image_region(analysis, sources, _most_attended_frame(analysis))
-    return _image_region(analysis, sources, flagged.frame_index,
-                         (flagged.row0, flagged.col0, flagged.height, flagged.width))
-
-
-def _segment_groups(analysis: ImageAnalysis, seg: SegmentationResult, options: ResultOptions,
-                    sources: list[Dataset], algorithm: hd.sr.AlgorithmIdentification
+def _flagged_groups(analysis: ImageAnalysis, options: ResultOptions, sources: list[Dataset],
+                    algorithm: hd.sr.AlgorithmIdentification, sop_uid: str,
+                    seg: SegmentationResult | None
                     ) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
-    """One group per SEG segment, linked to it by the segment's Tracking UID, outlining its
-    flagged pixels on the slice where it flags the most (the whole image if none).
+    """One finding-coded group per region the model flags (a class's saliency at or above
+    its operating point, as the SEG), each outlining that region on the slice where it is
+    most salient, with its peak saliency, the operating point, and its area on that slice
+    (and its volume, DBT). Nothing flagged: no group.
 
     Not a TID 1411 group with a Referenced Segment: PixelMed's TID 1500 rules pick one
     measurement-group template for the whole report from what any group contains, so a
     single segment reference makes every other group fail as TID 1411. The SEG is listed
-    in the evidence (Pertinent Other Evidence) instead.
+    in the evidence (Pertinent Other Evidence) and named in the tracking identifier.
     """
     out = []
-    for index, (_, property_type) in enumerate(SEGMENT_PROPERTIES):
-        measurements = [hd.sr.Measurement(
-            name=OPERATING_POINT, value=float(options.thresholds[index]), unit=PROBABILITY_UNIT,
-            algorithm_id=algorithm)]
-        volume = seg.flagged_mm3(index)
-        if volume is not None:
-            measurements.append(hd.sr.Measurement(
-                name=codes.SCT.Volume, value=volume, unit=codes.UCUM.CubicMillimeter,
-                algorithm_id=algorithm))
-        else:  # 2D image: the flagged area
-            measurements.append(hd.sr.Measurement(
-                name=codes.SCT.Area, value=seg.flagged_mm2(index),
-                unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm))
-        out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=hd.sr.TrackingIdentifier(
-                uid=seg.tracking_uids[index], identifier=seg.tracking_ids[index]),
-            referenced_region=_flagged_region(analysis, sources, seg.flagged_boxes[index]),
-            finding_type=property_type,
-            finding_sites=_finding_site(analysis.image.laterality),
-            algorithm_id=algorithm, measurements=measurements))
+    image = analysis.image
+    row_mm, col_mm = image.pixel_spacing
+    between = slice_spacing(analysis) if image.modality == "dbt" else None
+    for class_index, (label, property_type) in enumerate(SEGMENT_PROPERTIES):
+        regions = flagged_regions(analysis, class_index, options.thresholds[class_index])
+        for n, region in enumerate(regions, 1):
+            measurements = [
+                hd.sr.Measurement(name=PROBABILITY_CONCEPTS[class_index], value=region.peak,
+                                  unit=PROBABILITY_UNIT, method=REGION_PEAK,
+                                  algorithm_id=algorithm),
+                hd.sr.Measurement(name=OPERATING_POINT, value=region.threshold,
+                                  unit=PROBABILITY_UNIT, algorithm_id=algorithm),
+                hd.sr.Measurement(name=codes.SCT.Area, value=region.area_px * row_mm * col_mm,
+                                  unit=codes.UCUM.SquareMillimeter, algorithm_id=algorithm)]
+            if between:
+                measurements.append(hd.sr.Measurement(
+                    name=codes.SCT.Volume, value=region.volume_px * row_mm * col_mm * between,
+                    unit=codes.UCUM.CubicMillimeter, algorithm_id=algorithm))
+            where = (f", slice {region.frame_index + 1} of {image.shape[0]}"
+                     if image.shape[0] > 1 else "")
+            in_seg = f" (SEG segment {class_index + 1})" if seg is not None else ""
+            identifier = f"{label} {n} of {len(regions)}{where}{in_seg}"
+            out.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=tracking_uid(sop_uid, label, region.frame_index, *region.box),
+                    identifier=identifier[:64]),
+                referenced_region=_image_region(analysis, sources, region.frame_index,
+                                                region.box),
+                finding_type=property_type,
+                finding_sites=_finding_site(image.laterality),
+                algorithm_id=algorithm, measurements=measurements))
     return out
+
+
+def tracking_uid(sop_uid: str, *labels: object) -> hd.UID:
+    """The Tracking UID of a group: from the SR's SOP Instance UID (itself reproducible)
+    and what the group is about, so a rerun tracks the same things under the same UIDs."""
+    return hd.UID(str(generate_uid(entropy_srcs=[str(sop_uid), *map(str, labels)])))
 
 
 def build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None = None,
@@ -258,10 +283,10 @@ def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
             uid=device_uid(alg), name=model_name(alg), manufacturer_name=MANUFACTURER,
             model_name=f"{model_name(alg)} {alg.checkpoint_name}"[:64],
             serial_number=serial_number(alg)))
-    groups = [_summary_group(analysis, breast, sources, algorithm)]
-    groups += _region_groups(analysis, sources, algorithm)
-    if seg is not None:
-        groups += _segment_groups(analysis, seg, options, sources, algorithm)
+    sop_uid = result_uid(analysis, options, "sr")
+    groups = [_summary_group(analysis, breast, sources, algorithm, sop_uid)]
+    groups += _region_groups(analysis, sources, algorithm, sop_uid)
+    groups += _flagged_groups(analysis, options, sources, algorithm, sop_uid, seg)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=IMAGING_PROCEDURE,
@@ -273,7 +298,7 @@ def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
         content=report,
         series_instance_uid=result_uid(analysis, options, "sr-series"),
         series_number=SR_SERIES_OFFSET + source_series_number(sources),
-        sop_instance_uid=result_uid(analysis, options, "sr"),
+        sop_instance_uid=sop_uid,
         instance_number=1,
         manufacturer=MANUFACTURER,
         manufacturer_model_name=model_name(alg),
