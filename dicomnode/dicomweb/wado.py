@@ -188,8 +188,10 @@ class DicomwebClient:
                     raise
                 parts += 1
                 handle(part, complete)
-            if reader.truncated:
-                self.close()
+            if reader.truncated or rsp.will_close:
+                self.close()  # (a server may close after each answer of unknown length)
+            else:
+                rsp.read()  # the epilogue, within Content-Length or the chunks: reusable
             return parts
         except MalformedBody as exc:
             self.close()
