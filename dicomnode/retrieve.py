@@ -487,7 +487,8 @@ class WadoTransport(Transport):
 
     def _call(self, what: Callable[[], object]):
         """Run a request; a DicomwebError becomes a RetrieveError, and one where nothing
-        answered also ends the session (``lost``)."""
+        answered, or the credentials were refused, also ends the session (``lost``): every
+        other study would fail the same way."""
         from dicomnode.dicomweb.wado import DicomwebError
 
         try:
@@ -496,6 +497,8 @@ class WadoTransport(Transport):
             if exc.unreachable:
                 self._lost = (f"{self.r.peer.ae_title} at {self.target.url} did not answer "
                               f"({exc})")
+            elif exc.status in (401, 403):
+                self._lost = f"{self.r.peer.ae_title} refused the credentials ({exc})"
             raise RetrieveError(str(exc)) from None
 
     def resolve(self, key: StudyKey) -> list[str]:
@@ -564,6 +567,8 @@ class WadoTransport(Transport):
 
         sop_instance = ""
         try:
+            if not complete:  # (what was written of it may not even hold the file meta)
+                raise StoreRefused(0xC000, "part cut off: the answer ended inside it")
             try:
                 meta = read_file_meta_info(path)
             except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
@@ -572,8 +577,6 @@ class WadoTransport(Transport):
             if sop_instance not in expected:
                 # a series answer holds instances of classes the node does not archive
                 return
-            if not complete:
-                raise StoreRefused(0xC000, "part cut off: the answer ended inside it")
             encoded = EncodedInstance.from_file(path)
             try:
                 archive_instance(self.r.store, encoded, self.r.policy,

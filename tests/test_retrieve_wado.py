@@ -1,0 +1,223 @@
+"""WADO-RS retrieve against a small DICOMweb server on 127.0.0.1 that the test controls:
+bearer token, instance-by-instance fetch of what a partly archived series lacks, a part cut
+off mid-body (incomplete, no file left, completed by the next run), a refused token, and
+kept-alive connections."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicomnode.config import Config, NodeConfig, PeerConfig
+from dicomnode.errors import ConfigError
+from dicomnode.retrieve import RetrieveError, Retriever, StudyKey, retrieve_method
+from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
+from dicomnode.store import open_store
+from dicomnode.synth import SynthOptions, generate_studies
+
+TOKEN = "wado-test-token"
+SERIES = "1.2.826.0.1.3680043.10.999.7"  # the server files every instance under this series
+BOUNDARY = "test-boundary-1234"
+
+
+@dataclass
+class FakePacs:
+    files: dict[str, Path]  # SOP Instance UID -> file
+    study: str
+    accession: str
+    cut_off: set[str] = field(default_factory=set)  # instances whose part is cut short once
+    requests: list[str] = field(default_factory=list)
+    connections: int = 0
+
+    def instances_json(self) -> list[dict]:
+        out = []
+        for sop, path in sorted(self.files.items()):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            out.append({"0020000D": {"vr": "UI", "Value": [self.study]},
+                        "0020000E": {"vr": "UI", "Value": [SERIES]},
+                        "00080016": {"vr": "UI", "Value": [str(ds.SOPClassUID)]},
+                        "00080018": {"vr": "UI", "Value": [sop]}})
+        return out
+
+
+def _handler(pacs: FakePacs) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def setup(self) -> None:
+            super().setup()
+            pacs.connections += 1
+
+        def _send(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802
+            pacs.requests.append(self.path)
+            if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+                self._send(401, b"bad token", "text/plain")
+                return
+            path, _, query = self.path.partition("?")
+            base = "/dicom-web"
+            if path == f"{base}/studies":
+                match = (f"StudyInstanceUID={pacs.study}" in query
+                         or f"AccessionNumber={pacs.accession}" in query)
+                body = [{"0020000D": {"vr": "UI", "Value": [pacs.study]}}] if match else []
+                self._send(200, json.dumps(body).encode(), "application/dicom+json")
+            elif path == f"{base}/studies/{pacs.study}/instances":
+                self._send(200, json.dumps(pacs.instances_json()).encode(),
+                           "application/dicom+json")
+            elif path.startswith(f"{base}/studies/{pacs.study}/series/{SERIES}"):
+                sop = path.rpartition("/instances/")[2] if "/instances/" in path else ""
+                self._multipart([sop] if sop else sorted(pacs.files))
+            else:
+                self._send(404, b"[]", "application/dicom+json")
+
+        def _multipart(self, sops: list[str]) -> None:
+            if any(s not in pacs.files for s in sops):
+                self._send(404, b"no such instance", "text/plain")
+                return
+            body = b""
+            for sop in sops:
+                data = pacs.files[sop].read_bytes()
+                body += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+                if sop in pacs.cut_off:  # the connection drops in the middle of this part
+                    pacs.cut_off.discard(sop)
+                    body += data[:len(data) // 2]
+                    self.send_response(200)
+                    self.send_header("Content-Type", "multipart/related; "
+                                     f'type="application/dicom"; boundary={BOUNDARY}')
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    self.wfile.write(body)
+                    self.close_connection = True
+                    return
+                body += data + b"\r\n"
+            body += f"--{BOUNDARY}--".encode()
+            self._send(200, body,
+                       f'multipart/related; type="application/dicom"; boundary={BOUNDARY}')
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def study_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dict[str, Path]]:
+    out = tmp_path_factory.mktemp("synth")
+    generate_studies(out, SynthOptions(studies=1, modalities=("s2d",), seed=7))
+    files = {}
+    for path in sorted(out.rglob("s2d/*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        files[str(ds.SOPInstanceUID)] = path
+        study, accession = str(ds.StudyInstanceUID), str(ds.AccessionNumber)
+    return study, accession, files
+
+
+@pytest.fixture
+def pacs(study_files) -> Iterator[tuple[FakePacs, str]]:
+    study, accession, files = study_files
+    fake = FakePacs(files, study, accession)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield fake, f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def _config(tmp_path: Path, url: str, token: str = TOKEN) -> Config:
+    peer = PeerConfig("WEBPACS", send_results=False, retrieve=True, dicomweb_url=url,
+                      token=token)
+    return Config(node=NodeConfig(data_dir=str(tmp_path / "data")), peers=[peer])
+
+
+def _retriever(store, config: Config) -> Retriever:
+    return Retriever(store, policy_from_config(config), config.peers[0], "DICOMNODE",
+                     data_dir=config.data_path, timeout_s=20)
+
+
+def test_partial_series_fetched_instance_by_instance_and_cut_part_resumed(
+        pacs, tmp_path: Path) -> None:
+    fake, url = pacs
+    config = _config(tmp_path, url)
+    sops = sorted(fake.files)
+    fake.cut_off = {sops[2]}
+    with open_store(config) as store:
+        archive_instance(store, EncodedInstance(fake.files[sops[0]].read_bytes()),
+                         policy_from_config(config), calling_ae="WEBPACS")
+        retriever = _retriever(store, config)
+        assert retriever.method == "wado"  # automatic: the peer has only a dicomweb_url
+        report = retriever.retrieve([StudyKey("", fake.accession, 2),
+                                     StudyKey("1.2.3.999", "", 3)])
+        first, absent = report.outcomes
+        assert (absent.status, absent.detail) == ("missing", "WEBPACS does not hold it")
+        # the series is partly archived: its 3 other instances, one request each; the one
+        # cut off mid-body is not archived, and its part file is gone
+        assert first.status == "incomplete" and first.archived == 3 and first.fetched == 2
+        assert "cut off" in first.detail
+        fetches = [p for p in fake.requests if "/series/" in p]
+        assert sorted(fetches) == sorted(f"/dicom-web/studies/{fake.study}/series/{SERIES}"
+                                         f"/instances/{s}" for s in sops[1:])
+        assert not list((tmp_path / "data" / "retrieve-incoming").iterdir())
+
+        # run again: only the instance that did not arrive is fetched
+        fake.requests.clear()
+        report = _retriever(store, config).retrieve([StudyKey(fake.study, "", 2)])
+        (again,) = report.outcomes
+        assert (again.status, again.archived, again.fetched) == ("retrieved", 4, 1)
+        assert [p for p in fake.requests if "/series/" in p] == [
+            f"/dicom-web/studies/{fake.study}/series/{SERIES}/instances/{sops[2]}"]
+        instances = store.study_instances(fake.study)
+        assert {i.calling_ae for i in instances} == {"WEBPACS"}
+        assert sorted(i.sop_instance_uid for i in instances) == sops
+
+        report = _retriever(store, config).retrieve([StudyKey(fake.study, "", 2)])
+        assert report.outcomes[0].status == "complete"
+
+
+def test_whole_series_in_one_request_on_a_kept_alive_connection(pacs, tmp_path: Path) -> None:
+    fake, url = pacs
+    config = _config(tmp_path, url)
+    with open_store(config) as store:
+        report = _retriever(store, config).retrieve([StudyKey(fake.study, "", 2)])
+    assert report.outcomes[0].status == "retrieved" and report.outcomes[0].fetched == 4
+    assert [p for p in fake.requests if "/series/" in p] == [
+        f"/dicom-web/studies/{fake.study}/series/{SERIES}"]
+    assert fake.connections == 1  # QIDO and WADO requests on one connection
+
+
+def test_wrong_token_stops_the_run_and_names_the_token(pacs, tmp_path: Path) -> None:
+    fake, url = pacs
+    config = _config(tmp_path, url, token="not-the-token")
+    with open_store(config) as store, pytest.raises(RetrieveError) as exc:
+        _retriever(store, config).retrieve([StudyKey(fake.study, "", 2),
+                                            StudyKey("1.2.3.4", "", 3)])
+    message = str(exc.value)
+    assert "WEBPACS refused the credentials" in message and "HTTP 401" in message
+    assert "check the peer's token" in message and "run again to resume" in message
+    assert len(fake.requests) == 1  # the second study was not tried
+
+
+def test_method_choice() -> None:
+    web = PeerConfig("W", dicomweb_url="https://pacs/dicom-web")
+    assert retrieve_method(web) == "wado"
+    assert retrieve_method(web, "get") == "get"
+    assert retrieve_method(PeerConfig("D")) == "get"
+    assert retrieve_method(PeerConfig("D", retrieve_method="move")) == "move"
+    with pytest.raises(ConfigError, match="has no dicomweb_url"):
+        retrieve_method(PeerConfig("D"), "wado")
