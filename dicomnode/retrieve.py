@@ -20,6 +20,7 @@ import csv
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -516,7 +517,7 @@ class WadoTransport(Transport):
 
         assert self._client is not None, "outside session()"
         found = self._call(lambda: self._client.search(
-            f"/studies/{study_uid}/instances",
+            f"/studies/{_quote(study_uid)}/instances",
             {"includefield": "0020000E,00080016,00080018"}))
         out: dict[str, tuple[str, str]] = {}
         for item in found:
@@ -536,14 +537,18 @@ class WadoTransport(Transport):
             wanted_here = sops & set(missing)
             if not wanted_here:
                 continue
-            base = f"/studies/{study_uid}/series/{series}"
-            if series and wanted_here == sops:
+            if not series:  # the peer did not say which series: the whole study, once
+                requests.append((f"/studies/{_quote(study_uid)}", wanted_here))
+                continue
+            base = f"/studies/{_quote(study_uid)}/series/{_quote(series)}"
+            if wanted_here == sops:
                 requests.append((base, sops))
             else:
-                requests += [(f"{base}/instances/{sop}", {sop}) for sop in sorted(wanted_here)]
+                requests += [(f"{base}/instances/{_quote(sop)}", {sop})
+                             for sop in sorted(wanted_here)]
         self._stored = 0
-        self._refused: list[str] = []
-        problems = []
+        self._refused = []
+        problems: list[str] = []
         for path, expected in requests:
             try:
                 self._call(lambda p=path, e=expected: self._client.retrieve(
@@ -612,6 +617,11 @@ def sweep_stale(directory: Path, older_than_s: float = STALE_PART_S) -> int:
         except OSError:
             pass
     return removed
+
+
+def _quote(uid: str) -> str:
+    """A UID as a URL path segment (a peer's answer must not add path segments)."""
+    return urllib.parse.quote(uid, safe="")
 
 
 def matching_studies(key: StudyKey, found: list[str]) -> list[str]:

@@ -52,6 +52,10 @@ def test_config_from_dicomnode_config_variable(tmp_path: Path) -> None:
         ("", {"DICOMNODE_NODE_MAX_ASSOCIATIONS": "many"}, "DICOMNODE_NODE_MAX_ASSOCIATIONS"),
         ('[model]\ntest_time_augmentations = -1\n', {}, "model.test_time_augmentations"),
         ("", {"DICOMNODE_MODEL_AUGMENT_PX": "-3"}, "model.augment_px: -3 is negative"),
+        ('[[peers]]\nae_title = "P"\nretrieve_method = "http"\n', {},
+         "is not one of get, move, wado"),
+        ('[[peers]]\nae_title = "P"\nretrieve_method = "wado"\n', {},
+         'retrieve_method "wado" needs the peer\'s dicomweb_url'),
     ],
 )
 def test_bad_configuration_is_named(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
