@@ -6,8 +6,10 @@ kept-alive connections."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -21,6 +23,7 @@ from dicomnode.retrieve import RetrieveError, Retriever, StudyKey, retrieve_meth
 from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
+from tests.test_dicomweb_stow import pki  # noqa: F401 (a fixture)
 
 TOKEN = "wado-test-token"
 SERIES = "1.2.826.0.1.3680043.10.999.7"  # the server files every instance under this series
@@ -125,19 +128,29 @@ def study_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dic
     return study, accession, files
 
 
-@pytest.fixture
-def pacs(study_files) -> Iterator[tuple[FakePacs, str]]:
+@contextmanager
+def serve(study_files, context: ssl.SSLContext | None = None
+          ) -> Iterator[tuple[FakePacs, str]]:
     study, accession, files = study_files
     fake = FakePacs(files, study, accession)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(fake))
+    if context is not None:
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
+    scheme, host = ("https", "localhost") if context else ("http", "127.0.0.1")
     try:
-        yield fake, f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        yield fake, f"{scheme}://{host}:{server.server_address[1]}/dicom-web"
     finally:
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+@pytest.fixture
+def pacs(study_files) -> Iterator[tuple[FakePacs, str]]:
+    with serve(study_files) as served:
+        yield served
 
 
 def _config(tmp_path: Path, url: str, token: str = TOKEN) -> Config:
@@ -211,6 +224,24 @@ def test_wrong_token_stops_the_run_and_names_the_token(pacs, tmp_path: Path) -> 
     assert "WEBPACS refused the credentials" in message and "HTTP 401" in message
     assert "check the peer's token" in message and "run again to resume" in message
     assert len(fake.requests) == 1  # the second study was not tried
+
+
+def test_mutual_tls_with_the_peers_ca_certificate_and_key(study_files, pki: Path,  # noqa: F811
+                                                          tmp_path: Path) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    context.load_cert_chain(str(pki / "node.crt"), str(pki / "node.key"))
+    context.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no answer
+    with serve(study_files, context) as (fake, url):
+        config = _config(tmp_path, url)
+        peer = config.peers[0]
+        peer.dicomweb_ca = str(pki / "ca.crt")
+        with open_store(config) as store:
+            with pytest.raises(RetrieveError, match="did not answer"):
+                _retriever(store, config).retrieve([StudyKey(fake.study, "", 2)])
+            assert fake.requests == []
+            peer.dicomweb_cert, peer.dicomweb_key = str(pki / "pacs.crt"), str(pki / "pacs.key")
+            report = _retriever(store, config).retrieve([StudyKey(fake.study, "", 2)])
+    assert report.outcomes[0].status == "retrieved" and report.outcomes[0].archived == 4
 
 
 def test_method_choice() -> None:
