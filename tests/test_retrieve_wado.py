@@ -244,6 +244,24 @@ def test_mutual_tls_with_the_peers_ca_certificate_and_key(study_files, pki: Path
     assert report.outcomes[0].status == "retrieved" and report.outcomes[0].archived == 4
 
 
+def test_client_usable_after_a_part_it_could_not_keep(pacs, tmp_path: Path) -> None:
+    from dicomnode.dicomweb.client import StowTarget
+    from dicomnode.dicomweb.wado import DicomwebClient
+
+    fake, url = pacs
+
+    def refuse(path: Path, complete: bool) -> None:
+        path.unlink()
+        raise OSError(28, "No space left on device")
+
+    with DicomwebClient(StowTarget(url, token=TOKEN)) as client:
+        with pytest.raises(OSError, match="No space"):
+            client.retrieve(f"/studies/{fake.study}/series/{SERIES}", tmp_path, refuse)
+        # the answer was left half read: the next request goes on a new connection
+        assert len(client.search(f"/studies/{fake.study}/instances")) == 4
+    assert fake.connections == 2 and not list(tmp_path.glob("part-*"))
+
+
 def test_method_choice() -> None:
     web = PeerConfig("W", dicomweb_url="https://pacs/dicom-web")
     assert retrieve_method(web) == "wado"

@@ -201,6 +201,9 @@ class DicomwebClient:
             self.close()
             raise DicomwebError(f"GET {self.target.url}{path}: {type(exc).__name__}: {exc}"
                                 ) from None
+        except BaseException:  # e.g. a part not writable here: the answer is not read out
+            self.close()
+            raise
 
 
 def _write_all(fh):
