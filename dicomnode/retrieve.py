@@ -464,6 +464,10 @@ class WadoTransport(Transport):
         self._lost = ""
         self._stored = 0
         self._refused: list[str] = []
+        # instances in a syntax the node does not take: SOP UID -> series (first pass), or
+        # -> the syntax that came again (transcoded pass)
+        self._transcode: dict[str, str] = {}
+        self._series: dict[str, str] = {}  # SOP Instance UID -> series, of the study fetched
 
     @contextmanager
     def session(self) -> Iterator[None]:
@@ -529,6 +533,7 @@ class WadoTransport(Transport):
     def fetch(self, study_uid: str, missing: dict[str, tuple[str, str]],
               remote: dict[str, tuple[str, str]]) -> tuple[str, int | None]:
         assert self._client is not None, "outside session()"
+        self._series = {sop: series for sop, (series, _) in remote.items()}
         in_series: dict[str, set[str]] = {}
         for sop, (series, _) in remote.items():
             in_series.setdefault(series, set()).add(sop)
@@ -548,11 +553,33 @@ class WadoTransport(Transport):
                              for sop in sorted(wanted_here)]
         self._stored = 0
         self._refused = []
+        self._transcode = {}
+        problems = self._requests(requests, "*")
+        if self._transcode and not problems:
+            # Instances stored in a syntax the node does not take: once more each, asking
+            # the peer to transcode to Explicit VR Little Endian (as a C-GET would negotiate).
+            again = [(self._instance_path(study_uid, series, sop), {sop})
+                     for sop, series in sorted(self._transcode.items())]
+            self._transcode = {}
+            problems = self._requests(again, EXPLICIT_LE)
+            problems += [f"transfer syntax {syntax} not accepted, and the peer did not "
+                         f"transcode to Explicit VR Little Endian"
+                         for syntax in sorted(set(self._transcode.values()))]
+        problems += self._refused
+        return "; ".join(dict.fromkeys(problems)), self._stored
+
+    @staticmethod
+    def _instance_path(study_uid: str, series: str, sop: str) -> str:
+        if not series:
+            return f"/studies/{_quote(study_uid)}"
+        return f"/studies/{_quote(study_uid)}/series/{_quote(series)}/instances/{_quote(sop)}"
+
+    def _requests(self, requests: list[tuple[str, set[str]]], syntax: str) -> list[str]:
         problems: list[str] = []
         for path, expected in requests:
             try:
                 self._call(lambda p=path, e=expected: self._client.retrieve(
-                    p, self.incoming, lambda f, c: self._archive(f, c, e)))
+                    p, self.incoming, lambda f, c: self._archive(f, c, e, syntax), syntax))
             except RetrieveError as exc:
                 problems.append(str(exc))
                 if self._lost:
@@ -560,15 +587,20 @@ class WadoTransport(Transport):
             except OSError as exc:  # a part could not be written here (disk full)
                 problems.append(f"cannot write to {self.incoming}: {exc.strerror or exc}")
                 break
-        problems += self._refused
-        return "; ".join(dict.fromkeys(problems)), self._stored
+        return problems
 
-    def _archive(self, path: Path, complete: bool, expected: set[str]) -> None:
-        """One part: archived if it is an instance asked for and the node's checks pass."""
+    def _archive(self, path: Path, complete: bool, expected: set[str], asked: str) -> None:
+        """One part: archived if it is an instance asked for, in a transfer syntax the node
+        takes (else noted for a transcoded retrieve), and the node's checks pass."""
         from pydicom.errors import InvalidDicomError
         from pydicom.filereader import read_file_meta_info
 
-        from dicomnode.scp import EncodedInstance, StoreRefused, archive_instance
+        from dicomnode.scp import (
+            TRANSFER_SYNTAXES,
+            EncodedInstance,
+            StoreRefused,
+            archive_instance,
+        )
 
         sop_instance = ""
         try:
@@ -581,6 +613,11 @@ class WadoTransport(Transport):
             sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
             if sop_instance not in expected:
                 # a series answer holds instances of classes the node does not archive
+                return
+            syntax = str(meta.get("TransferSyntaxUID", ""))
+            if syntax not in TRANSFER_SYNTAXES:
+                series = self._series.get(sop_instance, "")
+                self._transcode[sop_instance] = series if asked == "*" else syntax
                 return
             encoded = EncodedInstance.from_file(path)
             try:
@@ -601,6 +638,7 @@ class WadoTransport(Transport):
 
 
 INCOMING_DIR = "retrieve-incoming"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live retrieve
 
 

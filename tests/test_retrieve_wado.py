@@ -36,6 +36,10 @@ class FakePacs:
     study: str
     accession: str
     cut_off: set[str] = field(default_factory=set)  # instances whose part is cut short once
+    # instances stored in a syntax the node does not take; sent as `files` has them when
+    # asked for Explicit VR Little Endian if the server transcodes
+    odd_syntax: dict[str, Path] = field(default_factory=dict)
+    transcodes: bool = True
     requests: list[str] = field(default_factory=list)
     connections: int = 0
 
@@ -85,17 +89,20 @@ def _handler(pacs: FakePacs) -> type[BaseHTTPRequestHandler]:
                            "application/dicom+json")
             elif path.startswith(f"{base}/studies/{pacs.study}/series/{SERIES}"):
                 sop = path.rpartition("/instances/")[2] if "/instances/" in path else ""
-                self._multipart([sop] if sop else sorted(pacs.files))
+                explicit = "transfer-syntax=1.2.840.10008.1.2.1" in self.headers["Accept"]
+                self._multipart([sop] if sop else sorted(pacs.files),
+                                explicit and pacs.transcodes)
             else:
                 self._send(404, b"[]", "application/dicom+json")
 
-        def _multipart(self, sops: list[str]) -> None:
+        def _multipart(self, sops: list[str], transcoded: bool) -> None:
             if any(s not in pacs.files for s in sops):
                 self._send(404, b"no such instance", "text/plain")
                 return
             body = b""
             for sop in sops:
-                data = pacs.files[sop].read_bytes()
+                data = (pacs.files if transcoded else {**pacs.files, **pacs.odd_syntax}
+                        )[sop].read_bytes()
                 body += f"--{BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
                 if sop in pacs.cut_off:  # the connection drops in the middle of this part
                     pacs.cut_off.discard(sop)
@@ -260,6 +267,48 @@ def test_client_usable_after_a_part_it_could_not_keep(pacs, tmp_path: Path) -> N
         # the answer was left half read: the next request goes on a new connection
         assert len(client.search(f"/studies/{fake.study}/instances")) == 4
     assert fake.connections == 2 and not list(tmp_path.glob("part-*"))
+
+
+def _in_syntax(path: Path, out: Path, syntax: str) -> Path:
+    """The file with its meta saying ``syntax`` (the dataset bytes as they are)."""
+    from pynetdicom.dsutils import encode_file_meta
+
+    from dicomnode.scp import dataset_offset
+
+    encoded = EncodedInstance(path.read_bytes())
+    offset = dataset_offset(encoded)
+    meta = pydicom.dcmread(path, stop_before_pixels=True).file_meta
+    meta.TransferSyntaxUID = syntax
+    out.write_bytes(b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
+                    + path.read_bytes()[offset:])
+    return out
+
+
+@pytest.mark.parametrize("transcodes", [True, False])
+def test_a_syntax_the_node_does_not_take_is_asked_for_transcoded(
+        pacs, tmp_path: Path, transcodes: bool) -> None:
+    fake, url = pacs
+    sop = sorted(fake.files)[1]
+    htj2k = "1.2.840.10008.1.2.4.201"  # High-Throughput JPEG 2000 lossless: not taken
+    fake.odd_syntax = {sop: _in_syntax(fake.files[sop], tmp_path / "odd.dcm", htj2k)}
+    fake.transcodes = transcodes
+    config = _config(tmp_path, url)
+    with open_store(config) as store:
+        report = _retriever(store, config).retrieve([StudyKey(fake.study, "", 2)])
+        (outcome,) = report.outcomes
+        # the series first, as stored; then that instance alone, transcoded
+        assert [p for p in fake.requests if "/series/" in p] == [
+            f"/dicom-web/studies/{fake.study}/series/{SERIES}",
+            f"/dicom-web/studies/{fake.study}/series/{SERIES}/instances/{sop}"]
+        syntaxes = {i.sop_instance_uid: i.transfer_syntax
+                    for i in store.study_instances(fake.study)}
+    if transcodes:
+        assert (outcome.status, outcome.archived, outcome.fetched) == ("retrieved", 4, 4)
+        assert syntaxes[sop] == "1.2.840.10008.1.2.1"
+    else:
+        assert (outcome.status, outcome.archived) == ("incomplete", 3)
+        assert sop not in syntaxes
+        assert f"transfer syntax {htj2k} not accepted" in outcome.detail
 
 
 def test_method_choice() -> None:

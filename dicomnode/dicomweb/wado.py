@@ -23,9 +23,9 @@ from dicomnode.dicomweb.client import StowTarget, ssl_context
 from dicomnode.dicomweb.multipart import MalformedBody, MultipartReader
 
 DICOM_JSON = "application/dicom+json"
-# Every instance as the peer holds it (transfer-syntax=*): the archive keeps what was sent
-# to the PACS, and the node's own checks refuse a syntax it cannot read.
-MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+# By default every instance as the peer holds it (transfer-syntax=*): the archive keeps
+# what was sent to the PACS.
+MULTIPART_DICOM = 'multipart/related; type="application/dicom"; transfer-syntax={}'
 PAGE = 1000  # QIDO-RS results asked for per request (limit/offset paging)
 
 
@@ -158,14 +158,15 @@ class DicomwebClient:
 
     # -- WADO-RS --------------------------------------------------------------------------
 
-    def retrieve(self, path: str, directory: Path,
-                 handle: Callable[[Path, bool], None]) -> int:
-        """WADO-RS ``path`` (a study, series or instance): each part written to a temporary
+    def retrieve(self, path: str, directory: Path, handle: Callable[[Path, bool], None],
+                 transfer_syntax: str = "*") -> int:
+        """WADO-RS ``path`` (a study, series or instance), in ``transfer_syntax`` ("*": as
+        stored; a UID: transcoded by the peer): each part written to a temporary
         file in ``directory`` and passed to ``handle(path, complete)`` (complete: the part
         ended at a boundary, not cut off), which owns the file from then on; the number of
         parts. Raises DicomwebError when the request fails or the body is not multipart."""
         try:
-            rsp = self._get(path, None, MULTIPART_DICOM)
+            rsp = self._get(path, None, MULTIPART_DICOM.format(transfer_syntax))
             if rsp.status != 200:
                 raise self._failed(rsp, path)
             message = Message()
