@@ -65,11 +65,14 @@ class PeerConfig:
     # its N-EVENT-REPORT comes back to the node's SCP, and retention keeps the sources until
     # every result is committed.
     storage_commitment: bool = False
-    # `dicomnode retrieve` may fetch studies from this peer (C-FIND, then C-GET or C-MOVE).
+    # `dicomnode retrieve` may fetch studies from this peer (C-FIND, then C-GET or C-MOVE;
+    # or QIDO-RS, then WADO-RS).
     retrieve: bool = False
-    # How: "get" (C-GET on one association) or "move" (C-MOVE to the node's AE title; the
-    # peer must know the node's AE, host and port).
-    retrieve_method: str = "get"
+    # How: "get" (C-GET on one association), "move" (C-MOVE to the node's AE title; the
+    # peer must know the node's AE, host and port) or "wado" (QIDO-RS and WADO-RS from
+    # dicomweb_url, with token and the TLS settings below). Empty: "wado" where the peer has
+    # a dicomweb_url, else "get".
+    retrieve_method: str = ""
     # DICOMweb in (STOW-RS to [dicomweb] listen): a request whose bearer token hashes to this
     # (sha256, hex; `dicomnode dicomweb hash-token`) or whose TLS client certificate has this
     # Common Name is this peer's: its instances carry ae_title as their calling AE.
@@ -317,9 +320,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"model.{key}: {getattr(config.model, key)} is negative; use 0 "
                               "(off) or more")
     for peer in config.peers:
-        if peer.retrieve_method not in ("get", "move"):
+        if peer.retrieve_method not in ("", "get", "move", "wado"):
             raise ConfigError(f"peers {peer.ae_title}: retrieve_method "
-                              f"{peer.retrieve_method!r} is not one of get, move")
+                              f"{peer.retrieve_method!r} is not one of get, move, wado")
+        if peer.retrieve_method == "wado" and not peer.dicomweb_url:
+            raise ConfigError(f"peers {peer.ae_title}: retrieve_method \"wado\" needs the "
+                              "peer's dicomweb_url (its DICOMweb base URL)")
     if not 0 <= config.node.port <= 65535:
         raise ConfigError(f"node.port: {config.node.port} is not a TCP port "
                           "(1-65535, or 0 for any free port)")

@@ -1,10 +1,13 @@
-"""Pull studies for training from a PACS into the archive: C-FIND, then C-GET or C-MOVE.
+"""Pull studies for training from a PACS into the archive: C-FIND, then C-GET or C-MOVE;
+or, from a DICOMweb peer, QIDO-RS then WADO-RS.
 
 The studies are named by a CSV of study UIDs and/or accession numbers (a training labels
-file will do). Each is resolved by a study-level C-FIND, its instances listed by series- and
-image-level C-FINDs, and fetched only if the archive lacks some of them: a run that stops
-part way is simply run again. Every study ends in one outcome (:class:`StudyOutcome`); the
-caller lists those that are missing or incomplete, never skipping one silently.
+file will do). Each is resolved by a study-level query, its instances listed (series- and
+image-level C-FINDs, or QIDO-RS of the study's instances), and fetched only if the archive
+lacks some of them: a run that stops part way is simply run again. The two ways are two
+:class:`Transport` implementations under one :class:`Retriever`. Every study ends in one
+outcome (:class:`StudyOutcome`); the caller lists those that are missing or
+incomplete, never skipping one silently.
 
 Retrieved studies are archived for training, not for inference: their job is cancelled so
 the worker does not analyse them and send results to the PACS (`dicomnode jobs retry` would).
@@ -12,9 +15,12 @@ the worker does not analyse them and send results to the PACS (`dicomnode jobs r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import threading
+import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -197,35 +203,72 @@ def retrieve_peer(config: Config, ae_title: str | None) -> PeerConfig:
     return peers[0]
 
 
-class Retriever:
-    """Resolves and fetches studies from one peer into the store (see module doc)."""
+METHODS = ("get", "move", "wado")
+METHOD_NAMES = {"get": "C-GET", "move": "C-MOVE", "wado": "WADO-RS"}
 
-    def __init__(self, store: Store, policy: ReceiverPolicy, peer: PeerConfig,
-                 ae_title: str, *, method: str | None = None,
-                 timeout_s: float = 120.0) -> None:
-        from dicomnode.scp import BREAST_SOP_CLASSES
 
-        self.store = store
-        self.policy = policy
-        self.peer = peer
-        self.ae_title = ae_title
-        self.method = method or peer.retrieve_method
-        if self.method not in ("get", "move"):
-            raise ConfigError(f"retrieve method {self.method!r} is not one of get, move")
-        self.timeout_s = timeout_s
-        self.breast_classes = set(BREAST_SOP_CLASSES)
+def retrieve_method(peer: PeerConfig, method: str | None = None) -> str:
+    """How to retrieve from ``peer``: ``method`` if given, else its retrieve_method, else
+    (automatic) WADO-RS where it has a dicomweb_url, C-GET otherwise."""
+    chosen = method or peer.retrieve_method or ("wado" if peer.dicomweb_url else "get")
+    if chosen not in METHODS:
+        raise ConfigError(f"retrieve method {chosen!r} is not one of {', '.join(METHODS)}")
+    if chosen == "wado" and not peer.dicomweb_url:
+        raise ConfigError(f"peer {peer.ae_title} has no dicomweb_url: WADO-RS needs the "
+                          "peer's DICOMweb base URL (e.g. https://pacs/dicom-web)")
+    return chosen
+
+
+class Transport:
+    """How studies are found and fetched from the peer: C-FIND then C-GET/C-MOVE
+    (:class:`DimseTransport`) or QIDO-RS then WADO-RS (:class:`WadoTransport`). The
+    :class:`Retriever` decides what is wanted and missing; a transport lists and fetches."""
+
+    name = ""
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """Open (and at the end close) what the queries and fetches share."""
+        raise NotImplementedError
+
+    @property
+    def lost(self) -> str:
+        """Why the peer can no longer be reached during the session ("" while it can)."""
+        raise NotImplementedError
+
+    def resolve(self, key: StudyKey) -> list[str]:
+        """Study Instance UIDs the peer holds for this key (empty: missing)."""
+        raise NotImplementedError
+
+    def remote_instances(self, study_uid: str) -> dict[str, tuple[str, str]]:
+        """{SOP Instance UID: (Series Instance UID, SOP Class UID)} of the study at the peer."""
+        raise NotImplementedError
+
+    def fetch(self, study_uid: str, missing: dict[str, tuple[str, str]],
+              remote: dict[str, tuple[str, str]]) -> tuple[str, int | None]:
+        """Fetch the missing instances into the archive: what went wrong ("" if nothing) and
+        how many arrived (None: count them in the archive)."""
+        raise NotImplementedError
+
+
+class DimseTransport(Transport):
+    """C-FIND, then C-GET (on its own association, the node in the SCP role for the
+    classes it carries) or C-MOVE (to the node's AE title: its SCP receives)."""
+
+    def __init__(self, retriever: Retriever, method: str) -> None:
+        self.r = retriever
+        self.method = method
+        self.name = METHOD_NAMES[method]
+        self._assoc: Association | None = None
         self._received = 0
         self._lock = threading.Lock()
-
-    # -- associations -------------------------------------------------------------------
 
     def _ae(self, storage_classes: list[str]) -> AE:
         from dicomnode.scp import TRANSFER_SYNTAXES
 
-        ae = AE(ae_title=self.ae_title)
+        ae = AE(ae_title=self.r.ae_title)
         ae.acse_timeout = 15
-        ae.network_timeout = self.timeout_s
-        ae.dimse_timeout = self.timeout_s
+        ae.network_timeout = self.r.timeout_s
+        ae.dimse_timeout = self.r.timeout_s
         ae.maximum_pdu_size = 0
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         if self.method == "move":
@@ -241,18 +284,18 @@ class Retriever:
                      ) -> Iterator[Association]:
         """An association for C-FIND and C-MOVE, or (``storage_classes``) for a C-GET whose
         C-STOREs carry those SOP classes, the node in the SCP role for them."""
+        peer = self.r.peer
         classes = sorted(set(storage_classes or []))
         ae = self._ae(classes)
         kwargs: dict = {}
         if classes:
             kwargs["ext_neg"] = [build_role(uid, scp_role=True) for uid in classes[:126]]
             kwargs["evt_handlers"] = [(evt.EVT_C_STORE, self._handle_store)]
-        assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title,
-                             **kwargs)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **kwargs)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "unreachable or aborted"
-            raise RetrieveError(f"association with {self.peer.ae_title} at {self.peer.host}:"
-                                f"{self.peer.port} {why}; check the [[peers]] entry and that "
+            raise RetrieveError(f"association with {peer.ae_title} at {peer.host}:"
+                                f"{peer.port} {why}; check the [[peers]] entry and that "
                                 "the PACS knows this node's AE title")
         try:
             yield assoc
@@ -260,13 +303,29 @@ class Retriever:
             if assoc.is_established:
                 assoc.release()
 
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        with self._association() as assoc:
+            self._assoc = assoc
+            try:
+                yield
+            finally:
+                self._assoc = None
+
+    @property
+    def lost(self) -> str:
+        if self._assoc is not None and self._assoc.is_established:
+            return ""
+        return f"the association with {self.r.peer.ae_title} ended"
+
     def _handle_store(self, event: evt.Event) -> int:
         """C-STORE sub-operations of a C-GET: archived as if received."""
         from dicomnode.scp import EncodedInstance, StoreRefused, archive_instance
 
         encoded = EncodedInstance.from_c_store(event)
         try:
-            archive_instance(self.store, encoded, self.policy, calling_ae=self.peer.ae_title,
+            archive_instance(self.r.store, encoded, self.r.policy,
+                             calling_ae=self.r.peer.ae_title,
                              sop_class=str(event.context.abstract_syntax),
                              sop_instance=str(event.request.AffectedSOPInstanceUID or ""))
         except StoreRefused as refused:
@@ -280,13 +339,11 @@ class Retriever:
             self._received += 1
         return 0x0000
 
-    # -- queries ------------------------------------------------------------------------
-
-    @staticmethod
-    def _find(assoc: Association, query: Dataset) -> list[Dataset]:
+    def _find(self, query: Dataset) -> list[Dataset]:
+        assert self._assoc is not None, "outside session()"
         out = []
-        for status, identifier in assoc.send_c_find(query,
-                                                    StudyRootQueryRetrieveInformationModelFind):
+        for status, identifier in self._assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind):
             code = int(getattr(status, "Status", -1)) if status else -1
             if code in PENDING and identifier is not None:
                 out.append(identifier)
@@ -295,28 +352,21 @@ class Retriever:
                                     if code >= 0 else "C-FIND got no response (timeout)")
         return out
 
-    def resolve(self, assoc: Association, key: StudyKey) -> list[str]:
-        """Study Instance UIDs the PACS holds for this key (empty: missing)."""
+    def resolve(self, key: StudyKey) -> list[str]:
         q = Dataset()
         q.QueryRetrieveLevel = "STUDY"
         q.StudyInstanceUID = key.study_uid or ""
         q.AccessionNumber = "" if key.study_uid else key.accession_number
-        found = self._find(assoc, q)
-        uids = [str(f.get("StudyInstanceUID", "")) for f in found]
-        if key.study_uid:  # a PACS that ignores the key must not widen the match
-            uids = [u for u in uids if u == key.study_uid]
-        return sorted({u for u in uids if u})
+        return matching_studies(key, [str(f.get("StudyInstanceUID", ""))
+                                      for f in self._find(q)])
 
-    def remote_instances(self, assoc: Association, study_uid: str
-                         ) -> dict[str, tuple[str, str]]:
-        """{SOP Instance UID: (Series Instance UID, SOP Class UID)} of the study at the PACS
-        (series, then image level: the Study Root's hierarchical query)."""
+    def remote_instances(self, study_uid: str) -> dict[str, tuple[str, str]]:
+        """Series, then image level: the Study Root's hierarchical query."""
         q = Dataset()
         q.QueryRetrieveLevel = "SERIES"
         q.StudyInstanceUID = study_uid
         q.SeriesInstanceUID = ""
-        series = [str(s.SeriesInstanceUID) for s in self._find(assoc, q)
-                  if s.get("SeriesInstanceUID")]
+        series = [str(s.SeriesInstanceUID) for s in self._find(q) if s.get("SeriesInstanceUID")]
         out: dict[str, tuple[str, str]] = {}
         for series_uid in series:
             q = Dataset()
@@ -325,28 +375,28 @@ class Retriever:
             q.SeriesInstanceUID = series_uid
             q.SOPInstanceUID = ""
             q.SOPClassUID = ""
-            for image in self._find(assoc, q):
+            for image in self._find(q):
                 if image.get("SOPInstanceUID"):
                     out[str(image.SOPInstanceUID)] = (series_uid,
                                                       str(image.get("SOPClassUID", "")))
         return out
 
-    def _wanted(self, remote: dict[str, tuple[str, str]]) -> set[str]:
-        """The instances the node archives (its policy): breast images, or all."""
-        if self.policy.other_storage == "store":
-            return set(remote)
-        return {uid for uid, (_, cls) in remote.items()
-                if not cls or cls in self.breast_classes}
-
-    def _archived(self, study_uid: str) -> set[str]:
-        from storage.errors import StudyNotFound
-
+    def fetch(self, study_uid: str, missing: dict[str, tuple[str, str]],
+              remote: dict[str, tuple[str, str]]) -> tuple[str, int | None]:
+        with self._lock:
+            self._received = 0
+        if self.method == "move":
+            assert self._assoc is not None, "outside session()"
+            return self._fetch(self._assoc, study_uid, missing), None
+        # Its own association, proposing exactly the classes the C-STOREs will carry (a
+        # class not negotiated makes a PACS fail the whole C-GET).
         try:
-            return {i.sop_instance_uid for i in self.store.study_instances(study_uid)}
-        except StudyNotFound:
-            return set()
-
-    # -- fetching -----------------------------------------------------------------------
+            with self._association([cls for _, cls in missing.values() if cls]) as get_assoc:
+                problem = self._fetch(get_assoc, study_uid, missing)
+        except RetrieveError as exc:
+            problem = str(exc)
+        with self._lock:
+            return problem, self._received
 
     def _fetch(self, assoc: Association, study_uid: str,
                missing: dict[str, tuple[str, str]]) -> str:
@@ -375,7 +425,7 @@ class Retriever:
         if self.method == "get":
             responses = assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet)
         else:
-            responses = assoc.send_c_move(q, self.ae_title,
+            responses = assoc.send_c_move(q, self.r.ae_title,
                                           StudyRootQueryRetrieveInformationModelMove)
         final = None
         for status, _ in responses:
@@ -388,29 +438,297 @@ class Retriever:
             return f"{failed} sub-operations failed" if failed else ""
         if code == 0xA801:
             return (f"0xA801 move destination unknown: the PACS does not know AE "
-                    f"{self.ae_title}; add the node to its modalities")
+                    f"{self.r.ae_title}; add the node to its modalities")
         return f"status 0x{code & 0xFFFF:04X}" if code >= 0 else "no final response"
+
+
+class WadoTransport(Transport):
+    """QIDO-RS (``/studies?AccessionNumber=`` or ``?StudyInstanceUID=``, then
+    ``/studies/{study}/instances``), then WADO-RS: a whole series where all of it is
+    missing and wanted, else instance by instance. Each part streams to a temporary file in
+    ``<data_dir>/retrieve-incoming`` and goes through the SCP's own checks and archive
+    function, with the peer's AE title as calling AE, as a C-GET's C-STOREs do."""
+
+    name = "WADO-RS"
+
+    def __init__(self, retriever: Retriever, data_dir: Path) -> None:
+        from dicomnode.dicomweb.client import StowTarget
+
+        peer = retriever.peer
+        self.r = retriever
+        self.target = StowTarget(peer.dicomweb_url, token=peer.token, ca=peer.dicomweb_ca,
+                                 cert=peer.dicomweb_cert, key=peer.dicomweb_key,
+                                 timeout=retriever.timeout_s)
+        self.incoming = Path(data_dir) / INCOMING_DIR
+        self._client = None
+        self._lost = ""
+        self._stored = 0
+        self._refused: list[str] = []
+        # instances in a syntax the node does not take: SOP UID -> series (first pass), or
+        # -> the syntax that came again (transcoded pass)
+        self._transcode: dict[str, str] = {}
+        self._series: dict[str, str] = {}  # SOP Instance UID -> series, of the study fetched
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        from dicomnode.dicomweb.wado import DicomwebClient, DicomwebError
+
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        sweep_stale(self.incoming)
+        try:
+            client = DicomwebClient(self.target)
+        except DicomwebError as exc:
+            raise RetrieveError(f"peer {self.r.peer.ae_title}: {exc}") from None
+        self._client, self._lost = client, ""
+        try:
+            yield
+        finally:
+            client.close()
+            self._client = None
+
+    @property
+    def lost(self) -> str:
+        return self._lost
+
+    def _call(self, what: Callable[[], object]):
+        """Run a request; a DicomwebError becomes a RetrieveError, and one where nothing
+        answered, or the credentials were refused, also ends the session (``lost``): every
+        other study would fail the same way."""
+        from dicomnode.dicomweb.wado import DicomwebError
+
+        try:
+            return what()
+        except DicomwebError as exc:
+            if exc.unreachable:
+                self._lost = (f"{self.r.peer.ae_title} at {self.target.url} did not answer "
+                              f"({exc})")
+            elif exc.status in (401, 403):
+                self._lost = f"{self.r.peer.ae_title} refused the credentials ({exc})"
+            raise RetrieveError(str(exc)) from None
+
+    def resolve(self, key: StudyKey) -> list[str]:
+        from dicomnode.dicomweb.wado import value
+
+        assert self._client is not None, "outside session()"
+        params = ({"StudyInstanceUID": key.study_uid} if key.study_uid
+                  else {"AccessionNumber": key.accession_number})
+        params["includefield"] = "0020000D"
+        found = self._call(lambda: self._client.search("/studies", params))
+        return matching_studies(key, [value(f, "0020000D") for f in found])
+
+    def remote_instances(self, study_uid: str) -> dict[str, tuple[str, str]]:
+        from dicomnode.dicomweb.wado import value
+
+        assert self._client is not None, "outside session()"
+        found = self._call(lambda: self._client.search(
+            f"/studies/{_quote(study_uid)}/instances",
+            {"includefield": "0020000E,00080016,00080018"}))
+        out: dict[str, tuple[str, str]] = {}
+        for item in found:
+            sop = value(item, "00080018")
+            if sop:
+                out[sop] = (value(item, "0020000E"), value(item, "00080016"))
+        return out
+
+    def fetch(self, study_uid: str, missing: dict[str, tuple[str, str]],
+              remote: dict[str, tuple[str, str]]) -> tuple[str, int | None]:
+        assert self._client is not None, "outside session()"
+        self._series = {sop: series for sop, (series, _) in remote.items()}
+        in_series: dict[str, set[str]] = {}
+        for sop, (series, _) in remote.items():
+            in_series.setdefault(series, set()).add(sop)
+        requests: list[tuple[str, set[str]]] = []
+        for series, sops in sorted(in_series.items()):
+            wanted_here = sops & set(missing)
+            if not wanted_here:
+                continue
+            if not series:  # the peer did not say which series: the whole study, once
+                requests.append((f"/studies/{_quote(study_uid)}", wanted_here))
+                continue
+            base = f"/studies/{_quote(study_uid)}/series/{_quote(series)}"
+            if wanted_here == sops:
+                requests.append((base, sops))
+            else:
+                requests += [(f"{base}/instances/{_quote(sop)}", {sop})
+                             for sop in sorted(wanted_here)]
+        self._stored = 0
+        self._refused = []
+        self._transcode = {}
+        problems = self._requests(requests, "*")
+        if self._transcode and not problems:
+            # Instances stored in a syntax the node does not take: once more each, asking
+            # the peer to transcode to Explicit VR Little Endian (as a C-GET would negotiate).
+            again = [(self._instance_path(study_uid, series, sop), {sop})
+                     for sop, series in sorted(self._transcode.items())]
+            self._transcode = {}
+            problems = self._requests(again, EXPLICIT_LE)
+            problems += [f"transfer syntax {syntax} not accepted, and the peer did not "
+                         f"transcode to Explicit VR Little Endian"
+                         for syntax in sorted(set(self._transcode.values()))]
+        problems += self._refused
+        return "; ".join(dict.fromkeys(problems)), self._stored
+
+    @staticmethod
+    def _instance_path(study_uid: str, series: str, sop: str) -> str:
+        if not series:
+            return f"/studies/{_quote(study_uid)}"
+        return f"/studies/{_quote(study_uid)}/series/{_quote(series)}/instances/{_quote(sop)}"
+
+    def _requests(self, requests: list[tuple[str, set[str]]], syntax: str) -> list[str]:
+        problems: list[str] = []
+        for path, expected in requests:
+            try:
+                self._call(lambda p=path, e=expected: self._client.retrieve(
+                    p, self.incoming, lambda f, c: self._archive(f, c, e, syntax), syntax))
+            except RetrieveError as exc:
+                problems.append(str(exc))
+                if self._lost:
+                    break
+            except OSError as exc:  # a part could not be written here (disk full)
+                problems.append(f"cannot write to {self.incoming}: {exc.strerror or exc}")
+                break
+        return problems
+
+    def _archive(self, path: Path, complete: bool, expected: set[str], asked: str) -> None:
+        """One part: archived if it is an instance asked for, in a transfer syntax the node
+        takes (else noted for a transcoded retrieve), and the node's checks pass."""
+        from pydicom.errors import InvalidDicomError
+        from pydicom.filereader import read_file_meta_info
+
+        from dicomnode.scp import (
+            TRANSFER_SYNTAXES,
+            EncodedInstance,
+            StoreRefused,
+            archive_instance,
+        )
+
+        sop_instance = ""
+        try:
+            if not complete:  # (what was written of it may not even hold the file meta)
+                raise StoreRefused(0xC000, "part cut off: the answer ended inside it")
+            try:
+                meta = read_file_meta_info(path)
+            except (InvalidDicomError, OSError, ValueError, EOFError, KeyError) as exc:
+                raise StoreRefused(0xC000, f"not a DICOM file (PS3.10): {exc}") from None
+            sop_instance = str(meta.get("MediaStorageSOPInstanceUID", ""))
+            if sop_instance not in expected:
+                # a series answer holds instances of classes the node does not archive
+                return
+            syntax = str(meta.get("TransferSyntaxUID", ""))
+            if syntax not in TRANSFER_SYNTAXES:
+                series = self._series.get(sop_instance, "")
+                self._transcode[sop_instance] = series if asked == "*" else syntax
+                return
+            encoded = EncodedInstance.from_file(path)
+            try:
+                archive_instance(self.r.store, encoded, self.r.policy,
+                                 calling_ae=self.r.peer.ae_title,
+                                 sop_class=str(meta.get("MediaStorageSOPClassUID", "")) or None,
+                                 sop_instance=sop_instance)
+            finally:
+                encoded.close()
+            self._stored += 1
+        except StoreRefused as refused:
+            log.warning("event=retrieve_refused %s", kv(
+                sop_instance_uid=sop_instance, status=f"0x{refused.status:04X}",
+                comment=refused.comment))
+            self._refused.append(f"refused 0x{refused.status:04X}: {refused.comment}")
+        finally:
+            path.unlink(missing_ok=True)  # gone already where storage took it over
+
+
+INCOMING_DIR = "retrieve-incoming"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live retrieve
+
+
+def sweep_stale(directory: Path, older_than_s: float = STALE_PART_S) -> int:
+    """Remove the part files a killed run left behind (not younger ones: another run may be
+    writing them); how many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for stale in directory.glob("part-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _quote(uid: str) -> str:
+    """A UID as a URL path segment (a peer's answer must not add path segments)."""
+    return urllib.parse.quote(uid, safe="")
+
+
+def matching_studies(key: StudyKey, found: list[str]) -> list[str]:
+    """The study UIDs a search returned for ``key``: a peer that ignores the key must not
+    widen the match."""
+    if key.study_uid:
+        found = [u for u in found if u == key.study_uid]
+    return sorted({u for u in found if u})
+
+
+class Retriever:
+    """Resolves and fetches studies from one peer into the store (see module doc)."""
+
+    def __init__(self, store: Store, policy: ReceiverPolicy, peer: PeerConfig,
+                 ae_title: str, *, method: str | None = None,
+                 data_dir: Path | None = None, timeout_s: float = 120.0) -> None:
+        from dicomnode.scp import BREAST_SOP_CLASSES
+
+        self.store = store
+        self.policy = policy
+        self.peer = peer
+        self.ae_title = ae_title
+        self.method = retrieve_method(peer, method)
+        self.timeout_s = timeout_s
+        self.breast_classes = set(BREAST_SOP_CLASSES)
+        if self.method == "wado":
+            if data_dir is None:
+                raise ConfigError("WADO-RS retrieve needs the node's data_dir for its "
+                                  "temporary files")
+            self.transport: Transport = WadoTransport(self, data_dir)
+        else:
+            self.transport = DimseTransport(self, self.method)
+
+    def _wanted(self, remote: dict[str, tuple[str, str]]) -> set[str]:
+        """The instances the node archives (its policy): breast images, or all."""
+        if self.policy.other_storage == "store":
+            return set(remote)
+        return {uid for uid, (_, cls) in remote.items()
+                if not cls or cls in self.breast_classes}
+
+    def _archived(self, study_uid: str) -> set[str]:
+        from storage.errors import StudyNotFound
+
+        try:
+            return {i.sop_instance_uid for i in self.store.study_instances(study_uid)}
+        except StudyNotFound:
+            return set()
 
     def retrieve(self, keys: list[StudyKey],
                  progress: Callable[[int, int, StudyOutcome], None] | None = None
                  ) -> RetrieveReport:
         """Each key in order; ``progress(i, n, outcome)`` after each study."""
         report = RetrieveReport()
-        with self._association() as assoc:
+        with self.transport.session():
             for n, key in enumerate(keys, start=1):
-                for outcome in self._one(assoc, key):
+                for outcome in self._one(key):
                     report.outcomes.append(outcome)
                     self._after(outcome)
                     if progress is not None:
                         progress(n, len(keys), outcome)
-                if not assoc.is_established:
-                    raise RetrieveError(f"the association with {self.peer.ae_title} ended "
-                                        f"during {key.text}; run again to resume")
+                if self.transport.lost:
+                    raise RetrieveError(f"{self.transport.lost} during {key.text}; run again "
+                                        "to resume")
         return report
 
-    def _one(self, assoc: Association, key: StudyKey) -> list[StudyOutcome]:
+    def _one(self, key: StudyKey) -> list[StudyOutcome]:
+        transport = self.transport
         try:
-            uids = self.resolve(assoc, key)
+            uids = transport.resolve(key)
         except RetrieveError as exc:
             return [StudyOutcome(key, "error", key.study_uid, detail=str(exc))]
         if not uids:
@@ -419,7 +737,7 @@ class Retriever:
         outcomes = []
         for study_uid in uids:
             try:
-                remote = self.remote_instances(assoc, study_uid)
+                remote = transport.remote_instances(study_uid)
             except RetrieveError as exc:
                 outcomes.append(StudyOutcome(key, "error", study_uid, detail=str(exc)))
                 continue
@@ -430,23 +748,11 @@ class Retriever:
                                              len(have)))
                 continue
             before = len(have)
-            with self._lock:
-                self._received = 0
             missing = {u: remote[u] for u in wanted - have}
-            if self.method == "get":
-                # Its own association, proposing exactly the classes the C-STOREs will carry
-                # (a class not negotiated makes a PACS fail the whole C-GET).
-                try:
-                    with self._association([cls for _, cls in missing.values() if cls]
-                                           ) as get_assoc:
-                        problem = self._fetch(get_assoc, study_uid, missing)
-                except RetrieveError as exc:
-                    problem = str(exc)
-            else:
-                problem = self._fetch(assoc, study_uid, missing)
+            problem, fetched = transport.fetch(study_uid, missing, remote)
             have = self._archived(study_uid) & wanted
-            with self._lock:
-                fetched = self._received if self.method == "get" else len(have) - before
+            if fetched is None:
+                fetched = len(have) - before
             ok = bool(wanted) and have == wanted
             detail = problem if problem else ("" if ok else
                                               f"{len(wanted) - len(have)} instances missing")
@@ -454,6 +760,8 @@ class Retriever:
                 detail = "the PACS lists no instances of a class this node archives"
             outcomes.append(StudyOutcome(key, "retrieved" if ok else "incomplete", study_uid,
                                          len(wanted), len(have), fetched, detail))
+            if transport.lost:
+                break
         return outcomes
 
     def _after(self, outcome: StudyOutcome) -> None:
@@ -467,8 +775,10 @@ class Retriever:
                     self.store.cancel_job(job_id)
                 except InvalidState:
                     pass  # already done or cancelled: nothing will run
+        where = (self.peer.dicomweb_url if self.method == "wado"
+                 else f"{self.peer.host}:{self.peer.port}")
         self.store.audit("retrieve_study", called_ae=self.peer.ae_title[:16],
-                         peer=f"{self.peer.host}:{self.peer.port}",
+                         peer=where[:200],
                          study_uid=outcome.study_uid or None, count=outcome.archived,
                          status=outcome.status, detail=outcome.detail or None)
         log.info("event=retrieve_study %s", kv(

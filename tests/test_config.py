@@ -57,6 +57,10 @@ def test_config_from_dicomnode_config_variable(tmp_path: Path) -> None:
          "node.association_request_seconds"),
         ("", {"DICOMNODE_NODE_MAX_PDU_BYTES": "1000"}, "node.max_pdu_bytes"),
         ("", {"DICOMNODE_NODE_ACCEPT_ANY_PEER": "maybe"}, "DICOMNODE_NODE_ACCEPT_ANY_PEER"),
+        ('[[peers]]\nae_title = "P"\nretrieve_method = "http"\n', {},
+         "is not one of get, move, wado"),
+        ('[[peers]]\nae_title = "P"\nretrieve_method = "wado"\n', {},
+         'retrieve_method "wado" needs the peer\'s dicomweb_url'),
     ],
 )
 def test_bad_configuration_is_named(tmp_path: Path, text: str, env: dict, fragment: str) -> None:

@@ -1,5 +1,6 @@
 """`dicomnode retrieve --labels FILE`: fetch the studies a CSV names from a PACS into the
-archive, for `dicomnode train`. Resumable; missing studies listed and the exit status 1."""
+archive (C-GET, C-MOVE or WADO-RS), for `dicomnode train`. Resumable; missing studies listed
+and the exit status 1."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from dicomnode.cli import load_cli_config
 @click.option("--peer", default=None, metavar="AE",
               help="The [[peers]] ae_title to retrieve from (default: the one with "
                    "retrieve = true).")
-@click.option("--method", type=click.Choice(["get", "move"]), default=None,
-              help="C-GET or C-MOVE (default: the peer's retrieve_method).")
+@click.option("--method", type=click.Choice(["get", "move", "wado"]), default=None,
+              help="C-GET, C-MOVE, or QIDO-RS + WADO-RS from the peer's dicomweb_url "
+                   "(default: the peer's retrieve_method; unset: wado where the peer has a "
+                   "dicomweb_url, else get).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), default=None,
               help="Write one CSV row per study: status, instances wanted/archived, detail.")
 @click.option("--write-labels", "labels_out", type=click.Path(dir_okay=False), default=None,
@@ -27,12 +30,14 @@ from dicomnode.cli import load_cli_config
 @click.pass_context
 def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | None,
              report_path: str | None, labels_out: str | None) -> None:
-    """Fetch studies by C-FIND then C-GET or C-MOVE; studies already complete in the
-    archive are skipped, so a stopped run resumes. Exits 1 listing the studies that are
-    missing at the PACS or did not arrive complete."""
+    """Fetch studies by C-FIND then C-GET or C-MOVE, or (a DICOMweb peer) by QIDO-RS then
+    WADO-RS with the peer's token and TLS settings; studies already complete in the archive
+    are skipped, so a stopped run resumes. Prints a line per study. Exits 1 listing the
+    studies that are missing at the PACS or did not arrive complete."""
     from dicomnode.errors import DicomnodeError
     from dicomnode.external import port_open
     from dicomnode.retrieve import (
+        METHOD_NAMES,
         Retriever,
         read_study_keys,
         retrieve_peer,
@@ -45,8 +50,6 @@ def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | No
     keys = read_study_keys(labels)
     source = retrieve_peer(config, peer)
     policy = policy_from_config(config)
-    click.echo(f"{len(keys)} studies to retrieve from {source.ae_title} "
-               f"({source.host}:{source.port}) by C-{(method or source.retrieve_method).upper()}")
 
     def progress(n: int, total: int, o) -> None:
         what = {"complete": "already complete, skipped",
@@ -61,7 +64,12 @@ def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | No
         store = open_store(config)
         scp = None
         try:
-            retriever = Retriever(store, policy, source, config.node.ae_title, method=method)
+            retriever = Retriever(store, policy, source, config.node.ae_title, method=method,
+                                  data_dir=config.data_path)
+            where = (source.dicomweb_url if retriever.method == "wado"
+                     else f"{source.host}:{source.port}")
+            click.echo(f"{len(keys)} studies to retrieve from {source.ae_title} ({where}) "
+                       f"by {METHOD_NAMES[retriever.method]}")
             if retriever.method == "move" and not port_open(config.node.port):
                 # No node serving: receive the C-MOVE's C-STOREs here for the duration.
                 scp = StorageSCP(store, policy, config.node.host, config.node.port)
@@ -72,8 +80,7 @@ def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | No
                 store.audit("retrieve", called_ae=source.ae_title[:16], status="error",
                             detail=str(exc))
                 raise
-            store.audit("retrieve", called_ae=source.ae_title[:16],
-                        peer=f"{source.host}:{source.port}",
+            store.audit("retrieve", called_ae=source.ae_title[:16], peer=where[:200],
                         count=report.count("retrieved") + report.count("complete"),
                         status="problems" if report.problems else "ok",
                         detail=report.summary())
