@@ -100,8 +100,10 @@ class StorageConfig:
     on_resend: str = "replace"
     # Refuse new instances (C-STORE 0xA700) below this much free disk.
     min_free_mb: int = 1024
-    # Delete archived studies older than this; 0 keeps everything.
+    # Delete archived studies older than this; 0 keeps everything. The workers apply it when
+    # they start and then every retention_interval_minutes.
     retention_days: int = 0
+    retention_interval_minutes: float = 60.0
     # Claims of a job (including ones whose worker died) before it is marked failed.
     job_max_attempts: int = 3
 
@@ -303,6 +305,9 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"storage.on_resend: {config.storage.on_resend!r} is not one of replace, keep_first"
         )
+    if config.storage.retention_days < 0 or config.storage.retention_interval_minutes <= 0:
+        raise ConfigError("storage.retention_days must be 0 (keep all) or more, and "
+                          "storage.retention_interval_minutes above 0")
     if config.node.other_storage not in ("reject", "store"):
         raise ConfigError(
             f"node.other_storage: {config.node.other_storage!r} is not one of reject, store")

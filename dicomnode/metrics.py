@@ -258,6 +258,16 @@ DELIVERY_FAILURES = REGISTRY.counter(
     "Failed delivery attempts, by destination and status (refused, unreachable, 0xA700...).",
     ["destination", "status"])
 
+# -- retention (retention.py) -----------------------------------------------------------
+RETENTION_RUNS = REGISTRY.counter(
+    "dicomnode_retention_runs_total",
+    "Runs of [storage] retention_days by this process, by outcome (ok, error).", ["outcome"])
+RETENTION_STUDIES = REGISTRY.counter(
+    "dicomnode_retention_studies_removed_total",
+    "Studies (instances, results and their rows) removed by retention in this process.")
+RETENTION_BYTES = REGISTRY.counter(
+    "dicomnode_retention_freed_bytes_total", "Archive bytes freed by retention in this process.")
+
 # -- storage commitment (commitment.py) ------------------------------------------------
 COMMITMENT_REQUESTS = REGISTRY.counter(
     "dicomnode_commitment_requests_total",

@@ -32,6 +32,7 @@ from dicomnode.errors import DicomnodeError, UnusableImageError
 from dicomnode.inference import analyse_image
 from dicomnode.logs import kv
 from dicomnode.models import LoadedModel, ModelRegistry, ModelUnavailable
+from dicomnode.retention import RetentionSchedule
 from dicomnode.volume import ImageHeader, read_pixels, scan_images
 
 if TYPE_CHECKING:
@@ -163,6 +164,7 @@ class Worker:
         self.deliverer = Deliverer(store, config.node.ae_title, self.destinations, self.id)
         self._build = result_builder or _default_result_builder(config)
         self._build_study = study_result_builder or _default_study_result_builder(config)
+        self.retention = RetentionSchedule(config, store)
         self._stop = threading.Event()
         self.jobs_done = 0
         self.jobs_failed = 0
@@ -195,6 +197,7 @@ class Worker:
         while not self._stop.is_set():
             worked = False
             try:
+                self.retention.run_due()   # [storage] retention_days, when due
                 self.store.mark_ready(idle_seconds=self.config.node.idle_seconds,
                                       idle_seconds_by_ae=idle_by_ae)
                 worked |= self.run_one_job()

@@ -210,6 +210,8 @@ class RetentionReport:
     instances: int
     results: int
     bytes_freed: int
+    # The Study Instance UIDs removed (each also has a "retention" audit event).
+    study_uids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

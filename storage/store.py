@@ -1047,7 +1047,12 @@ class Store:
         ``now - max_age``, except those whose job is unfinished, whose deliveries are
         pending, or whose delivered results are not committed (where commitment was
         requested). Rows go first, files after the commit: a crash leaves unindexed files,
-        never an index entry without its file."""
+        never an index entry without its file. Each study removed leaves a "retention" audit
+        event (its UID, count = its instances) in the same transaction.
+
+        Safe to run from several processes at once: a study is removed by one transaction
+        (the others find it gone, or wait on its row lock), and files are removed only where
+        no row refers to them any more."""
         now = _at(now)
         cutoff = now - max_age
         busy_jobs = select(m.Job.study_id).where(m.Job.state.in_(UNFINISHED_JOB_STATES))
@@ -1062,12 +1067,20 @@ class Store:
                        .join(m.Commitment, m.Commitment.delivery_id == m.Delivery.id)
                        .where(m.Commitment.state != CommitmentState.COMMITTED))
         with self._tx() as s:
-            study_ids = s.scalars(select(m.Study.id).where(
+            studies = s.execute(select(m.Study.id, m.Study.study_uid).where(
                 m.Study.last_received_at < cutoff, m.Study.id.not_in(busy_jobs),
                 m.Study.id.not_in(busy_deliveries),
                 m.Study.id.not_in(uncommitted)).with_for_update()).all()
-            if not study_ids:
+            if not studies:
                 return RetentionReport(0, 0, 0, 0)
+            study_ids = [study_id for study_id, _ in studies]
+            per_study = dict(s.execute(
+                select(m.Instance.study_id, func.count(m.Instance.id))
+                .where(m.Instance.study_id.in_(study_ids)).group_by(m.Instance.study_id)).all())
+            for study_id, study_uid in studies:
+                s.add(m.AuditEvent(at=now, event="retention", study_uid=study_uid,
+                                   count=per_study.get(study_id, 0),
+                                   detail=f"last received before {cutoff.isoformat()}"))
             instance_paths = s.scalars(select(m.Instance.path)
                                        .where(m.Instance.study_id.in_(study_ids))).all()
             result_paths = s.scalars(select(m.Result.path)
@@ -1084,7 +1097,8 @@ class Store:
             s.execute(delete(m.Patient).where(m.Patient.id.not_in(select(m.Study.patient_id))))
         freed = sum(self.archive.remove(p)
                     for p in self._unindexed([*instance_paths, *result_paths]))
-        return RetentionReport(len(study_ids), len(instance_paths), len(result_paths), freed)
+        return RetentionReport(len(study_ids), len(instance_paths), len(result_paths), freed,
+                               tuple(uid for _, uid in studies))
 
     def _unindexed(self, paths: Sequence[str]) -> list[str]:
         """The paths no row refers to any more (an instance re-sent while retention ran

@@ -338,7 +338,11 @@ def test_retention_keeps_unfinished_work(store: Store, tmp_path: Path) -> None:
     assert remaining == {old_queued["study_uid"], recent["study_uid"]}
     with pytest.raises(StudyNotFound):
         store.study_instances(old_done["study_uid"])
-    assert [a.event for a in store.audit_trail()] == ["association"]   # trail survives
+    assert report.study_uids == (old_done["study_uid"],)
+    trail = store.audit_trail()   # the trail survives, and records what retention removed
+    assert [(a.event, a.study_uid) for a in trail] == [
+        ("association", old_done["study_uid"]), ("retention", old_done["study_uid"])]
+    assert (trail[1].count, trail[1].at) == (1, at(86_400 * 10))
     assert store.queue_counts()["jobs"] == {"queued": 1, "receiving": 1}
 
 
