@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from storage.errors import ArchiveError, InsufficientStorage
 from storage.uids import validate_uid
@@ -131,7 +131,8 @@ class Archive:
                         _hash_while_writing(digest, fh, part)
                         size += len(part)
                 else:
-                    while chunk := data.read(_CHUNK):
+                    stream = cast(BinaryIO, data)
+                    while chunk := stream.read(_CHUNK):
                         digest.update(chunk)
                         fh.write(chunk)
                         size += len(chunk)

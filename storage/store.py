@@ -12,9 +12,21 @@ import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, BinaryIO, NoReturn
+from typing import Any, BinaryIO, NoReturn, cast
 
-from sqlalchemy import Engine, and_, case, delete, func, or_, select, true, update
+from sqlalchemy import (
+    CursorResult,
+    Engine,
+    Result,
+    and_,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    true,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -80,6 +92,11 @@ def _at(now: datetime | None) -> datetime:
 
 def _clip(value: str | None, width: int) -> str | None:
     return None if value is None else (value.strip()[:width] or None)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE matched (its Result is a CursorResult)."""
+    return cast(CursorResult[Any], result).rowcount or 0
 
 
 class Store:
@@ -330,7 +347,8 @@ class Store:
             validate_uid(value, field)
         now = _at(now)
         base_path = Archive.relative_path(study_uid, series_uid, sop_instance_uid)
-        temp = self.archive.write_temp(encoded, watermark=False)
+        temp = (self.archive.adopt_temp(encoded) if isinstance(encoded, os.PathLike)
+                else self.archive.write_temp(encoded, watermark=False))
         committed, old_path, path = False, None, base_path
         try:
             with self._tx() as s:
@@ -514,7 +532,7 @@ class Store:
                     m.Job.study_id.in_(select(m.Study.id).where(m.Study.study_uid.in_(uids))))
                 .values(last_instance_at=now, updated_at=now)
                 .execution_options(synchronize_session=False))
-            return result.rowcount
+            return _rowcount(result)
 
     def force_ready(self, study_uid: str, *, now: datetime | None = None) -> int:
         """Queue a study now, whatever its state (a running job will run again); its job id."""
@@ -622,7 +640,7 @@ class Store:
                      last_error=f"lease expired on attempt {self.job_max_attempts} of "
                                 f"{self.job_max_attempts}: the worker died or hung; see its "
                                 "log, then `dicomnode jobs retry ID`"))
-            return result.rowcount or 0
+            return _rowcount(result)
 
     @staticmethod
     def _held(job_id: int, worker_id: str) -> tuple[Any, ...]:
@@ -701,10 +719,10 @@ class Store:
                 job.state, job.attempts, job.queued_at = JobState.QUEUED, 0, now
                 job.last_error, job.finished_at, job.updated_at = None, None, now
             result_ids = select(m.Result.id).where(m.Result.study_id == job.study_id)
-            revived = s.execute(update(m.Delivery).where(
+            revived = _rowcount(s.execute(update(m.Delivery).where(
                 m.Delivery.result_id.in_(result_ids), m.Delivery.state == DeliveryState.DEAD,
             ).values(state=DeliveryState.PENDING, attempts=0, next_attempt_at=now,
-                     updated_at=now)).rowcount or 0
+                     updated_at=now)))
             if not requeue and not revived:
                 raise InvalidState(f"job {job_id} is {job.state} and has no dead-lettered "
                                    "deliveries: nothing to retry (only failed or cancelled "
@@ -752,8 +770,8 @@ class Store:
                 result_id=result_id, destination=destination, state=DeliveryState.PENDING,
                 attempts=0, next_attempt_at=now, created_at=now, updated_at=now,
             ).on_conflict_do_nothing(index_elements=["result_id", "destination"]))
-            return s.scalar(select(m.Delivery.id).where(
-                m.Delivery.result_id == result_id, m.Delivery.destination == destination))
+            return s.scalars(select(m.Delivery.id).where(
+                m.Delivery.result_id == result_id, m.Delivery.destination == destination)).one()
 
     def claim_due_deliveries(self, worker_id: str, *, limit: int = 10,
                              lease_seconds: float = 120.0,
@@ -812,12 +830,12 @@ class Store:
             return 0, 0
         past = _at(now) - timedelta(seconds=1)
         with self._tx() as s:
-            jobs = s.execute(update(m.Job).where(
+            jobs = _rowcount(s.execute(update(m.Job).where(
                 m.Job.state == JobState.RUNNING, m.Job.lease_owner.in_(names))
-                .values(lease_expires_at=past)).rowcount or 0
-            deliveries = s.execute(update(m.Delivery).where(
+                .values(lease_expires_at=past)))
+            deliveries = _rowcount(s.execute(update(m.Delivery).where(
                 m.Delivery.state == DeliveryState.SENDING, m.Delivery.lease_owner.in_(names))
-                .values(lease_expires_at=past)).rowcount or 0
+                .values(lease_expires_at=past)))
         return jobs, deliveries
 
     def record_delivery_attempt(self, delivery_id: int, worker_id: str, *, ok: bool,
@@ -872,8 +890,8 @@ class Store:
         if destination is not None:
             query = query.where(m.Delivery.destination == destination)
         with self._tx() as s:
-            return s.execute(query.values(state=DeliveryState.PENDING, attempts=0,
-                                          next_attempt_at=now, updated_at=now)).rowcount or 0
+            return _rowcount(s.execute(query.values(state=DeliveryState.PENDING, attempts=0,
+                                                    next_attempt_at=now, updated_at=now)))
 
     def list_deliveries(self, *, state: DeliveryState | str | None = None,
                         limit: int = 100) -> list[DeliveryRecord]:

@@ -376,3 +376,18 @@ def test_config_glue_maps_fields_to_store_arguments(tmp_path: Path) -> None:
     assert retention_age(config) is None
     config.storage.retention_days = 30
     assert retention_age(config) == timedelta(days=30)
+
+
+def test_store_result_takes_a_file_written_elsewhere(store: Store, tmp_path: Path) -> None:
+    """store_result accepts what store_instance does (Encoded), a path included: the file
+    is taken over, not read as a byte stream."""
+    store.store_instance(**instance_args(), now=at(0))
+    study_uid = instance_args()["study_uid"]
+    written = tmp_path / "elsewhere.dcm"
+    written.write_bytes(b"SR from a file")
+    result = store.store_result(
+        encoded=written, sop_instance_uid=f"{study_uid}.900.1", sop_class_uid=SR,
+        study_uid=study_uid, series_uid=f"{study_uid}.900",
+        transfer_syntax="1.2.840.10008.1.2.1", kind="sr", now=at(0))
+    assert result.path.read_bytes() == b"SR from a file"
+    assert result.size == len(b"SR from a file")
