@@ -18,8 +18,13 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Style (ruff), the package boundaries (lint-imports: gmic imports no DICOM library,
+# dicomnode or storage; storage no dicomnode, torch or gmic; [tool.importlinter]) and types
+# (mypy: [tool.mypy] in pyproject.toml).
 lint: venv
 	$(VENV)/bin/ruff check dicomnode gmic storage tests
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 # Runs every test; tests needing dcmtk, dicom3tools, PixelMed, Orthanc or PostgreSQL are marked
 # and run where those are installed (.ci/run installs them and requires them).

@@ -122,7 +122,8 @@ def queue_collector(store: Store) -> Callable[[], None]:
 
     def collect() -> None:
         snap = queue_snapshot(store)
-        values = {("jobs", state): n for state, n in snap.jobs.items()}
+        values: dict[tuple[str, ...], float] = {
+            ("jobs", state): n for state, n in snap.jobs.items()}
         values.update({("deliveries", state): n for state, n in snap.deliveries.items()})
         metrics.QUEUE_DEPTH.replace(values)
         metrics.OLDEST_QUEUED_SECONDS.set(snap.oldest_queued_seconds or 0.0)

@@ -63,7 +63,7 @@ def open_store(config: Config, *, create_schema: bool | None = None) -> Store:
 def idle_seconds_by_ae(config: Config) -> dict[str, float]:
     """Per-peer study idle times ([[peers]] idle_seconds) for Store.mark_ready."""
     return {peer.ae_title: float(peer.idle_seconds) for peer in config.peers
-            if getattr(peer, "idle_seconds", None) is not None}
+            if peer.idle_seconds is not None}
 
 
 def retention_age(config: Config) -> timedelta | None:

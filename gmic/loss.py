@@ -50,7 +50,8 @@ def saliency_mask_loss(saliency: Tensor, masks: Tensor) -> Tensor:
     summed over classes.
     """
     projected = saliency.float().amax(dim=0)  # (C, h, w)
-    cover = F.adaptive_avg_pool2d(masks.float()[None], projected.shape[-2:])[0]
+    cover = F.adaptive_avg_pool2d(masks.float()[None],
+                                 (projected.shape[-2], projected.shape[-1]))[0]
     target = (cover * 4).clamp(max=1.0)
     bce = F.binary_cross_entropy(projected.clamp(1e-6, 1 - 1e-6), target, reduction="none")
     lesion = target > 0

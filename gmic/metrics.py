@@ -95,7 +95,7 @@ def bootstrap_auc(labels: np.ndarray | list, scores: np.ndarray | list, *,
     y, s = _binary(labels, scores)
     auc = roc_auc(y, s)
     rng = np.random.default_rng(seed)
-    values = []
+    values: list[float] = []
     attempts = 0
     while len(values) < resamples and attempts < resamples * 20:
         attempts += 1

@@ -120,8 +120,8 @@ class GMIC(nn.Module):
         saliency = self.saliency_maps(volume, slice_chunk).float()
         y_global = top_t_aggregate(saliency, cfg.percent_t)
 
-        image_size = tuple(volume.shape[-2:])
-        map_size = tuple(saliency.shape[-2:])
+        image_size = (int(volume.shape[-2]), int(volume.shape[-1]))
+        map_size = (int(saliency.shape[-2]), int(saliency.shape[-1]))
         window = crop_window_on_map(cfg.crop_size, image_size, map_size)
         selection = retrieve_roi_from_3d_image(saliency, cfg.num_crops, window, cfg.zeta,
                                                sample_slices=self.training,
@@ -142,7 +142,9 @@ class GMIC(nn.Module):
     def use_channels_last(self, enabled: bool = True) -> GMIC:
         """Channels-last convolutions (faster with cuDNN under mixed precision)."""
         self._channels_last = enabled
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        # torch's stubs for Module.to lack memory_format, which it takes (and documents)
+        self.to(memory_format=torch.channels_last if enabled  # type: ignore[call-overload]
+                else torch.contiguous_format)
         return self
 
 

@@ -371,7 +371,9 @@ class Trainer:
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)).to(self.device)
         x, masks = shift_resize_with_masks(x, masks, self.settings.augment_px, self.generator)
         target = torch.as_tensor(np.asarray(label, dtype=np.float32), device=self.device)
-        context = (self.net.no_sync() if self.dist.active and not sync
+        # self.net is DistributedDataParallel when dist.active (typed as its Module)
+        context = (self.net.no_sync()  # type: ignore[operator]
+                   if self.dist.active and not sync
                    else contextlib.nullcontext())
         with context:
             with self._autocast():
@@ -431,7 +433,8 @@ class Trainer:
 
     def _validate(self) -> dict[str, float | None]:
         """Every process scores its share of the validation set; all get the AUCs."""
-        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+        names: dict[torch.dtype | None, str] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+        dtype = names.get(self.amp_dtype, "fp32")
         share = range(self.dist.rank, len(self.val_set), self.world)
         labels, scores = validation_scores(self.model, self.val_set, self.device, dtype, share)
         if self.dist.active:

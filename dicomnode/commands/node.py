@@ -198,7 +198,7 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
             http.stop()
         for collect in collectors:
             metrics.REGISTRY.remove_collector(collect)
-        if worker is not None:
+        if worker is not None and worker_thread is not None:
             worker.stop()
             worker_thread.join(timeout=60)
         if stow is not None:
