@@ -1,4 +1,18 @@
-"""The table and JSON every `dicomnode bench ...` writes (format in shared CLI.md)."""
+"""The table and JSON every `dicomnode bench ...` writes (also described in README,
+"Benchmarks").
+
+Printed: a header line ``benchmark: NAME   device: DEVICE   memory: KIND``, then up to three
+plain-text tables, each with a header row and a dashed rule, separated by blank lines: the
+benchmark's own rows (columns: the union of the rows' keys, in first-seen order; a missing
+value is ``-``; floats with 3 decimals below 100, else 1), the timings (``timing``,
+``median_s``, ``runs``) and the ratios (``ratio``, ``value``, ``against``: the baseline
+measured in the same run).
+
+JSON (``--json FILE``): one object, ``{"benchmark": str, "device": str, "memory_kind":
+"cuda" | "rss", "rows": [{...}], "timings": [{"name", "median_s", "runs"}], "ratios":
+[{"name", "value", "against"}]}``; seconds are medians over ``runs`` samples; memory_kind
+says whether memory columns are the CUDA allocator's peak or the process's peak RSS.
+"""
 
 from __future__ import annotations
 

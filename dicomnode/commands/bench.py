@@ -1,4 +1,5 @@
-"""`dicomnode bench ...`: each benchmark prints a table and can write JSON (CLI.md)."""
+"""`dicomnode bench ...`: each benchmark prints a table and, with ``--json FILE``, writes the
+same results as JSON (format: :mod:`dicomnode.bench.report`, README "Benchmarks")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Usage errors as one `error: ...` line naming the help to read (CLI.md), exit status 2."""
+"""Usage errors (a missing or bad option) print as one line, ``error: <what> (see
+'dicomnode <command> --help')``, and exit with status 2, as configuration errors do."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ TRANSFER_SYNTAXES = ("explicit", "j2k")
 DBT_LAYOUTS = ("enhanced", "single-frame")
 DBT_GEOMETRIES = ("shared", "per-frame")
 
-# Clinical sampling, the same for `small` and `full` (DESIGN.md, "Synthetic data at clinical
-# scale"): small studies have a smaller field of view, never coarser pixels.
+# Clinical sampling, the same for `small` and `full`: small studies have a smaller field of
+# view, never coarser pixels.
 DBT_PIXEL_MM = 0.1  # in-plane DBT and synthetic 2D
 FFDM_PIXEL_MM = 0.07
 SLICE_MM = 1.0  # between reconstructed DBT slices
