@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch. Where no torch is installed yet, install this first, so that the
-# package's torch>=2.2 requirement does not pull a multi-GB CUDA build. Override for a GPU:
+# package's torch requirement (setup.cfg) does not pull a multi-GB CUDA build. Override for a GPU:
 #   make TORCH_SPEC='torch==2.13.0' PIP_TORCH_ARGS='--index-url https://.../cu124' venv
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
