@@ -269,8 +269,8 @@ def _field_value(hint: object, value: object, where: str) -> object:
     if args and type(None) in args:  # Optional[dataclass]
         inner = next(a for a in args if a is not type(None))
         return None if value is None else _field_value(inner, value, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return _build(hint, typing.cast(dict, value), where)   # _build checks it is a table
     return _coerce(value, hint, where)
 
 

@@ -81,7 +81,8 @@ def build_scu(ae_title: str) -> AE:
     for context in StoragePresentationContexts:
         if len(ae.requested_contexts) >= 128:
             break
-        if context.abstract_syntax not in RESULT_SOP_CLASSES:
+        if context.abstract_syntax is not None and \
+                context.abstract_syntax not in RESULT_SOP_CLASSES:
             ae.add_requested_context(context.abstract_syntax, [EXPLICIT_LE, IMPLICIT_LE])
     return ae
 
@@ -106,10 +107,10 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask],
     assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
                          evt_handlers=handlers)
     if not assoc.is_established:
-        status = "refused" if assoc.is_rejected else "unreachable"
-        why = (f"association {status} by {destination.ae_title} at "
+        failure = "refused" if assoc.is_rejected else "unreachable"
+        why = (f"association {failure} by {destination.ae_title} at "
                f"{destination.host}:{destination.port}")
-        outcomes = [SendOutcome(False, status, why) for _ in tasks]
+        outcomes = [SendOutcome(False, failure, why) for _ in tasks]
         if on_outcome is not None:
             for task, outcome in zip(tasks, outcomes, strict=True):
                 on_outcome(task, outcome)

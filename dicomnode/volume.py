@@ -412,7 +412,7 @@ def _order_slices(slices: list[_Slice], uid: str, where: Path) -> list[_Slice]:
     direction follows the instance numbers when there are any (as the sender counted)."""
     normal = _normal(slices[0].orientation)
     if normal is not None and all(s.position is not None for s in slices):
-        keys = [float(np.dot(s.position, normal)) for s in slices]
+        keys = [float(np.dot(s.position, normal)) for s in slices]  # type: ignore[arg-type]
     elif all("InstanceNumber" in s.ds for s in slices):
         keys = [float(s.ds.InstanceNumber) for s in slices]
     else:
@@ -474,11 +474,12 @@ def _multi_frame_header(ds: Dataset, path: Path, modality: str) -> ImageHeader:
         slices.append(_Slice(path, ds, i, pos, ori))
     normal = _normal(slices[0].orientation)
     if n_frames > 2 and normal is not None and all(s.position is not None for s in slices):
-        steps = np.diff([float(np.dot(s.position, normal)) for s in slices])
+        steps = np.diff([float(np.dot(s.position, normal))  # type: ignore[arg-type]
+                         for s in slices])
         if not (np.all(steps > 0) or np.all(steps < 0)):  # scrambled frames: sort them
             log.warning(kv(event="frames_not_in_position_order",
                            sop_instance_uid=ds.SOPInstanceUID))
-            slices.sort(key=lambda s: float(np.dot(s.position, normal)))
+            slices.sort(key=lambda s: float(np.dot(s.position, normal)))  # type: ignore[arg-type]
     return _header_from_slices(slices, modality, path, multi_frame=n_frames > 1)
 
 

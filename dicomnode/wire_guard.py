@@ -240,7 +240,9 @@ class GuardedRequestHandler(RequestHandler):
             server.pending_done(raw, address)
         self.request = sock
         assoc = self._create_association()
-        GuardedSocket.guard(assoc.dul.socket, first, server.limits.max_pdu,
+        dul_socket = assoc.dul.socket
+        assert dul_socket is not None   # _create_association gave it the accepted socket
+        GuardedSocket.guard(dul_socket, first, server.limits.max_pdu,
                             server.limits.idle_seconds)
         sock.settimeout(server.limits.idle_seconds)
         _guard_dimse(assoc)
@@ -274,7 +276,7 @@ def _guard_dimse(assoc: Association) -> None:
                 error=f"{type(exc).__name__}: {exc}"[:200]))
             assoc.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT, then close
 
-    dimse.receive_primitive = receive_primitive
+    dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
 
 
 def _unlink(path: Path) -> bool:

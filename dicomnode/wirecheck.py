@@ -73,7 +73,8 @@ def pixel_module_problem(ds: Dataset) -> Problem | None:
         return bad(f"Bits Stored {stored} outside 1..{allocated} (Bits Allocated)")
     high_bit = _int(ds, "HighBit")
     if high_bit is not None and high_bit != stored - 1:  # type: ignore[operator]
-        return bad(f"High Bit {high_bit} with Bits Stored {stored}: must be {stored - 1}")
+        return bad(f"High Bit {high_bit} with Bits Stored {stored}: must be "
+                   f"{stored - 1}")  # type: ignore[operator]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     if str(ds.get("SOPClassUID", "")) in GREYSCALE_CLASSES and \
             photometric not in ("MONOCHROME1", "MONOCHROME2"):

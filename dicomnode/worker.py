@@ -459,7 +459,8 @@ def result_options(config: Config):
     results = config.results
     return ResultOptions(
         thresholds=(results.benign_operating_point, results.malignant_operating_point),
-        seg_type=results.segmentation, max_array_bytes=results.max_array_mb * 2**20,
+        seg_type=results.segmentation,  # type: ignore[arg-type] # validate() checked it
+        max_array_bytes=results.max_array_mb * 2**20,
         cad_operating_points=tuple(results.cad_operating_points),
         cad_presentation_required=results.cad_presentation_required)
 

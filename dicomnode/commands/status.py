@@ -23,7 +23,7 @@ def _echo_node(config) -> tuple[bool, str]:
     import socket
 
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined] # generated
 
     host = "127.0.0.1" if config.node.host in ("0.0.0.0", "::", "") else config.node.host
     try:

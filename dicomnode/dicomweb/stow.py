@@ -362,7 +362,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._expecting = False
-        self._checked = None
+        self._checked: tuple[str, str, str, BodyReader] | None = None
         self._body_started = False
         super().handle_one_request()
 
