@@ -1,15 +1,24 @@
-"""Parametric Maps of the benign and malignant saliency (float32) on the source image's
-frames, optionally on a decimated grid (see geometry).
+"""Parametric Maps of the saliency on the source image's frames, optionally on a decimated
+grid (see geometry).
 
-One single-channel PM per class, each in its own series ("malignant saliency", "benign
-saliency"), so a viewer shows each class as its own overlay: the frames of a two-channel PM
-share their positions and differ only by their real-world value mapping, which a viewer
-stacking frames by position may not separate, and OHIF (3.13) makes one display set per PM
-series from its first instance, so a second PM in the same series would never be shown.
+Integer maps: the saliency in [0, 1] stored as levels 0..255 in 16-bit words, with a Real
+World Value Mapping (slope 1/255) carrying the 0-1 values. Not 8-bit words: OHIF 3.13
+reads integer Parametric Map pixel data as 16-bit (BitsAllocated 16) or else 32-bit, and
+multiplies the values by 100 in the same array, so they must stay below 656. Written with
+the Deflated Explicit VR Little Endian transfer syntax by default: lossless, the high
+bytes and the empty breast-free area compress away (ResultOptions.deflate).
+
+One single-channel PM per class, each in its own series, and by default the malignant
+class only (ResultOptions.pmap_classes): a viewer shows each class as its own overlay: the
+frames of a two-channel PM share their positions and differ only by their real-world value
+mapping, which a viewer stacking frames by position may not separate, and OHIF (3.13) makes
+one display set per PM series from its first instance, so a second PM in the same series
+would never be shown.
 
 The PM IOD requires plane position and orientation, which a 2D mammogram lacks: for those
 the PM gets a geometry derived from the source's PatientOrientation (geometry.
-with_projection_geometry) in the source's frame of reference.
+with_projection_geometry) in a frame of reference of its own, derived from the source
+image, never the DBT's: a 2D projection has no place in the tomosynthesis volume.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.common import (
@@ -31,19 +42,23 @@ from dicomnode.results.common import (
     result_uid,
     serial_number,
     series_description,
+    software_versions,
     source_series_number,
 )
 from dicomnode.results.geometry import (
+    SALIENCY_LEVELS,
     decimation_factor,
     finish_result,
     has_patient_geometry,
     result_grid,
-    saliency_frames,
+    saliency_levels,
     with_projection_geometry,
 )
 
 LUT_LABELS = ("BENIGN_SAL", "MALIG_SAL")
-_BYTES_PER_PIXEL = 4  # float32, one class per object
+# the array built for highdicom: uint16, one class per object (plus the uint8 levels)
+_BYTES_PER_PIXEL = 3
+BREAST = codes.SCT.Breast
 
 
 def pm_sources(sources: list[Dataset]) -> list[Dataset]:
@@ -60,42 +75,59 @@ def pmap_factor(analysis: ImageAnalysis, options: ResultOptions) -> int:
 
 
 def _mapping(class_index: int, algorithm_name: str) -> hd.pm.RealWorldValueMapping:
+    """Stored levels 0..255 -> saliency 0..1."""
     return hd.pm.RealWorldValueMapping(
         lut_label=LUT_LABELS[class_index],
-        lut_explanation=f"{algorithm_name} {CLASS_NAMES[class_index]} saliency",
+        lut_explanation=f"{algorithm_name} {CLASS_NAMES[class_index]} saliency 0-1",
         unit=NO_UNITS,
-        value_range=(0.0, 1.0),
-        slope=1.0,
+        value_range=(0, SALIENCY_LEVELS),
+        slope=1.0 / SALIENCY_LEVELS,
         intercept=0.0,
         quantity_definition=codes.DCM.ClassActivation,
     )
 
 
+def real_world_values(pm: Dataset) -> np.ndarray:
+    """A PM's pixels through its Real World Value Mapping (float64, frames x rows x cols)."""
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    stored = pm.pixel_array.reshape(int(pm.get("NumberOfFrames", 1)), pm.Rows, pm.Columns)
+    return (stored.astype(np.float64) * float(mapping.RealWorldValueSlope)
+            + float(mapping.RealWorldValueIntercept))
+
+
+def pmap_class_indices(options: ResultOptions) -> list[int]:
+    """The classes (CLASS_NAMES indices) that get a Parametric Map, in CLASS_NAMES order."""
+    return [i for i, name in enumerate(CLASS_NAMES) if name in options.pmap_classes]
+
+
 def build_parametric_maps(analysis: ImageAnalysis, options: ResultOptions | None = None,
-                          sources: list[Dataset] | None = None) -> list[Dataset]:
-    """[benign PM, malignant PM], each its own series in the source's study and frame of
-    reference."""
+                          sources: list[Dataset] | None = None,
+                          levels: dict[int, np.ndarray] | None = None) -> list[Dataset]:
+    """One PM per class of options.pmap_classes (CLASS_NAMES order), each its own series in
+    the source's study. `levels`: saliency_levels already computed on the PM's grid."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = pmap_factor(analysis, options)
-    return [build_parametric_map(analysis, class_index, options, sources, factor=factor)
-            for class_index in range(len(CLASS_NAMES))]
+    return [build_parametric_map(analysis, class_index, options, sources, factor=factor,
+                                 levels=(levels or {}).get(class_index))
+            for class_index in pmap_class_indices(options)]
 
 
 def build_parametric_map(analysis: ImageAnalysis, class_index: int,
                          options: ResultOptions | None = None,
-                         sources: list[Dataset] | None = None, *, factor: int | None = None
-                         ) -> Dataset:
+                         sources: list[Dataset] | None = None, *, factor: int | None = None,
+                         levels: np.ndarray | None = None) -> Dataset:
     """The saliency of one class (CLASS_NAMES order) as a Parametric Map, the only instance
     of its own series."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = factor or pmap_factor(analysis, options)
     grid = result_grid(analysis, sources, factor)
-    depth = analysis.image.shape[0]
-    array = np.empty((depth, grid.rows, grid.columns), dtype=np.float32)
-    for d, frame in saliency_frames(analysis, class_index, factor):
-        array[d] = frame
+    if levels is None:
+        levels = saliency_levels(analysis, class_index, factor)
+    if levels.shape != (analysis.image.shape[0], grid.rows, grid.columns):
+        raise ValueError(f"levels of shape {levels.shape} are not on the PM's grid")
+    array = levels.astype(np.uint16)
     name = model_name(analysis.algorithm)
     label = CLASS_NAMES[class_index]
     with building("Parametric Map", analysis):
@@ -108,12 +140,14 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=name,
-            software_versions=analysis.algorithm.version or "unknown",
+            software_versions=software_versions(analysis.algorithm),
             device_serial_number=serial_number(analysis.algorithm),
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[_mapping(class_index, name)],
+            # a list: highdicom splits a plain string into one value per character
             voi_lut_transformations=[hd.VOILUTTransformation(
-                window_center=0.5, window_width=1.0, window_explanation="SALIENCY 0-1")],
+                window_center=[SALIENCY_LEVELS / 2], window_width=[SALIENCY_LEVELS + 1],
+                window_explanation=["SALIENCY 0-1"])],
             content_description=f"{name} {label} saliency, pixel grid 1/{factor}"[:64],
             content_label=LUT_LABELS[class_index],
             content_creator_name=_creator(name),
@@ -129,9 +163,32 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
         f"{name} {analysis.algorithm.version} {label} saliency; checkpoint "
         f"{analysis.algorithm.checkpoint_name} sha256 {analysis.algorithm.checkpoint_sha256}"
     )[:1024]
-    finish_result(pm, analysis, sources[0], series_laterality=True)
+    # Frame Laterality in Frame Anatomy; General Series Laterality must then be absent
+    finish_result(pm, analysis, sources[0])
+    add_frame_anatomy(pm, analysis.image.laterality)
     frames_along_normal(pm)
+    if options.deflate:
+        pm.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return pm
+
+
+def frame_anatomy(laterality: str | None) -> Dataset:
+    """Frame Anatomy functional group item: the breast, with its Frame Laterality (L, R;
+    U when unknown)."""
+    item = Dataset()
+    region = Dataset()
+    region.CodeValue = BREAST.value
+    region.CodingSchemeDesignator = BREAST.scheme_designator
+    region.CodeMeaning = BREAST.meaning
+    item.AnatomicRegionSequence = Sequence([region])
+    item.FrameLaterality = laterality if laterality in ("L", "R") else "U"
+    return item
+
+
+def add_frame_anatomy(obj: Dataset, laterality: str | None) -> None:
+    """Frame Anatomy in the shared functional groups (the same breast for every frame)."""
+    obj.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = Sequence(
+        [frame_anatomy(laterality)])
 
 
 def frames_along_normal(pm: Dataset) -> None:
@@ -151,8 +208,8 @@ def frames_along_normal(pm: Dataset) -> None:
     order = np.argsort(distances, kind="stable")
     if np.array_equal(order, np.arange(len(order))):
         return
-    pixels = np.frombuffer(pm.FloatPixelData, dtype="<f4")  # the maps are float32
-    pm.FloatPixelData = pixels.reshape(len(groups), -1)[order].tobytes()
+    pixels = np.frombuffer(pm.PixelData, dtype="<u2")  # 16-bit integer maps
+    pm.PixelData = pixels.reshape(len(groups), -1)[order].tobytes()
     pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
 
 
