@@ -105,6 +105,20 @@ class ResultsConfig:
     max_array_mb: int = 2048
     # A Mammography CAD SR (TID 4000) per study with DBT images, marks on the DBT slices.
     cad_sr: bool = True
+    # Which saliency maps go back as Parametric Maps: "malignant" (default: the map a
+    # reader acts on), "benign,malignant", or "none" (docs/viewer.md).
+    parametric_maps: str = "malignant"
+    # Parametric Maps and SEGs in the Deflated Explicit VR Little Endian transfer syntax
+    # (lossless; a few % of their size). The SCU sends them uncompressed to a peer that
+    # does not accept deflate.
+    deflate: bool = True
+
+    @property
+    def pmap_classes(self) -> tuple[str, ...]:
+        value = self.parametric_maps.strip().lower()
+        if value in ("", "none"):
+            return ()
+        return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 @dataclass
@@ -222,6 +236,10 @@ def validate(config: Config) -> None:
     if config.node.other_storage not in ("reject", "store"):
         raise ConfigError(
             f"node.other_storage: {config.node.other_storage!r} is not one of reject, store")
+    unknown = [c for c in config.results.pmap_classes if c not in ("benign", "malignant")]
+    if unknown:
+        raise ConfigError(f"results.parametric_maps: {', '.join(unknown)} is not one of "
+                          "benign, malignant (comma-separated), none")
     if config.results.segmentation not in ("binary", "fractional"):
         raise ConfigError(f"results.segmentation: {config.results.segmentation!r} is not one "
                           "of binary, fractional")

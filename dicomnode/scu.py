@@ -36,6 +36,10 @@ RESULT_SOP_CLASSES = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE,
                       COMPREHENSIVE_3D_SR_STORAGE, MAMMOGRAPHY_CAD_SR_STORAGE)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+# Results the node may write deflated (ResultOptions.deflate): proposed in a context of
+# their own with deflate alone, so a peer that takes it cannot pick Explicit VR instead.
+DEFLATABLE = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE)
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def build_scu(ae_title: str) -> AE:
     # pynetdicom allows 128 requested contexts: the result classes come first so they always
     # fit, then the common storage classes.
     for uid in RESULT_SOP_CLASSES:
+        if uid in DEFLATABLE:
+            ae.add_requested_context(uid, [DEFLATED_LE])
         ae.add_requested_context(uid, [EXPLICIT_LE, IMPLICIT_LE])
     for context in StoragePresentationContexts:
         if len(ae.requested_contexts) >= 128:
@@ -100,6 +106,7 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
             except OSError as exc:
                 outcomes.append(SendOutcome(False, "unreadable", f"{task.path}: {exc}"))
                 continue
+            _uncompressed_unless_accepted(assoc, ds)
             try:
                 rsp = assoc.send_c_store(ds)
             except (ValueError, RuntimeError) as exc:  # e.g. no accepted presentation context
@@ -117,6 +124,17 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _uncompressed_unless_accepted(assoc, ds) -> None:
+    """A deflated result to a peer that did not accept deflate for its class: send it as
+    Explicit VR Little Endian (dcmread has inflated it: only the label changes)."""
+    if ds.file_meta.get("TransferSyntaxUID") != DEFLATED_LE:
+        return
+    sop_class = str(ds.SOPClassUID)
+    if not any(c.abstract_syntax == sop_class and c.transfer_syntax[0] == DEFLATED_LE
+               for c in assoc.accepted_contexts):
+        ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
 
 
 class Deliverer:
