@@ -108,6 +108,9 @@ class ResultsConfig:
     # Which saliency maps go back as Parametric Maps: "malignant" (default: the map a
     # reader acts on), "benign,malignant", or "none" (docs/viewer.md).
     parametric_maps: str = "malignant"
+    # "float": float32 saliency on 256 levels (OHIF 3.13 shows only values in 0..1);
+    # "integer": 16-bit levels 0..255 with a Real World Value Mapping (1/255).
+    map_values: str = "float"
     # Parametric Maps and SEGs in the Deflated Explicit VR Little Endian transfer syntax
     # (lossless; a few % of their size). The SCU sends them uncompressed to a peer that
     # does not accept deflate.
@@ -240,6 +243,9 @@ def validate(config: Config) -> None:
     if unknown:
         raise ConfigError(f"results.parametric_maps: {', '.join(unknown)} is not one of "
                           "benign, malignant (comma-separated), none")
+    if config.results.map_values not in ("float", "integer"):
+        raise ConfigError(f"results.map_values: {config.results.map_values!r} is not one of "
+                          "float, integer")
     if config.results.segmentation not in ("binary", "fractional"):
         raise ConfigError(f"results.segmentation: {config.results.segmentation!r} is not one "
                           "of binary, fractional")

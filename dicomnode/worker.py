@@ -363,7 +363,8 @@ def result_options(config: Config):
     return ResultOptions(
         thresholds=(results.benign_operating_point, results.malignant_operating_point),
         seg_type=results.segmentation, max_array_bytes=results.max_array_mb * 2**20,
-        pmap_classes=results.pmap_classes, deflate=results.deflate)
+        pmap_classes=results.pmap_classes, pmap_values=results.map_values,
+        deflate=results.deflate)
 
 
 def _default_result_builder(config: Config) -> Callable:

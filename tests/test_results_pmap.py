@@ -30,12 +30,13 @@ def _reread(ds, tmp_path, name: str):
 
 
 @pytest.mark.parametrize("layout,modality", CASES)
-@pytest.mark.parametrize("factor", [1, 3])
+@pytest.mark.parametrize("factor,encoding", [(1, "float"), (3, "float"), (1, "integer"),
+                                           (3, "integer")])
 def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, layout, modality,
-                                                  factor) -> None:
+                                                  factor, encoding) -> None:
     analysis = analysis_for(tmp_path_factory, layout, modality)
-    pms = build_parametric_maps(analysis, ResultOptions(pmap_decimation=factor,
-                                                        pmap_classes=CLASS_NAMES))
+    pms = build_parametric_maps(analysis, ResultOptions(
+        pmap_decimation=factor, pmap_classes=CLASS_NAMES, pmap_values=encoding))
     assert len(pms) == len(CLASS_NAMES)
     # one series per class: OHIF shows only the first Parametric Map of a series
     assert pms[0].SeriesInstanceUID != pms[1].SeriesInstanceUID
@@ -49,11 +50,19 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
             assert pm.FrameOfReferenceUID == analysis.image.frame_of_reference_uid
         else:  # a projection has no place in the DBT's frame of reference: its own
             assert pm.FrameOfReferenceUID != analysis.image.frame_of_reference_uid
-        # integer pixels, lossless deflate, 16-bit words (what OHIF 3.13 reads)
-        assert built.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
-        assert (pm.BitsAllocated, pm.PixelRepresentation) == (16, 0)
-        assert "FloatPixelData" not in pm
+        assert built.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian  # lossless
         shared = pm.SharedFunctionalGroupsSequence[0]
+        mapping = shared.RealWorldValueMappingSequence[0]
+        if encoding == "integer":  # 16-bit words (what OHIF 3.13 reads), levels 0..255
+            assert (pm.BitsAllocated, pm.PixelRepresentation) == (16, 0)
+            assert "FloatPixelData" not in pm
+            assert float(mapping.RealWorldValueSlope) == pytest.approx(1 / 255)
+            assert int(mapping.RealWorldValueLastValueMapped) == 255
+        else:  # float32 on the same 256 levels: values 0..1 (what OHIF 3.13 colours)
+            assert pm.BitsAllocated == 32 and "PixelData" not in pm
+            assert float(mapping.RealWorldValueSlope) == 1.0
+            stored = pm.pixel_array.astype(np.float64) * 255
+            np.testing.assert_allclose(stored, np.rint(stored), atol=1e-3)
         anatomy = shared.FrameAnatomySequence[0]
         assert anatomy.FrameLaterality == analysis.image.laterality
         assert anatomy.AnatomicRegionSequence[0].CodeValue == "76752008"  # breast
@@ -65,7 +74,6 @@ def test_pm_values_and_geometry_follow_the_source(tmp_path_factory, tmp_path, la
         assert "not for clinical use" in pm.SeriesDescription
         assert f"{CLASS_NAMES[class_index]} saliency" in pm.SeriesDescription
         assert pm.InstanceNumber == 1
-        mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
         assert mapping.LUTLabel == ("BENIGN_SAL", "MALIG_SAL")[class_index]
         assert mapping.QuantityDefinitionSequence[0].ConceptCodeSequence[0].CodeValue == "130402"
         assert int(pm.NumberOfFrames) == depth
@@ -99,16 +107,18 @@ def test_malignant_map_only_by_default_and_explicit_vr_on_request(tmp_path_facto
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
     pms = build_parametric_maps(analysis, ResultOptions(deflate=False))
     assert [pm.ContentLabel for pm in pms] == ["MALIG_SAL"]
+    assert pms[0].Modality == "OT"  # not MG: a map is no image of the breast
     assert pms[0].file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
 
 
 def test_deflated_map_is_a_small_fraction_of_float32(tmp_path_factory, tmp_path) -> None:
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
-    pm = build_parametric_maps(analysis, ResultOptions())[0]
-    path = tmp_path / "pm.dcm"
-    pm.save_as(path, enforce_file_format=True)
     float32_bytes = 4 * int(np.prod(analysis.image.shape))
-    assert path.stat().st_size < 0.05 * float32_bytes
+    for values in ("float", "integer"):
+        pm = build_parametric_maps(analysis, ResultOptions(pmap_values=values))[0]
+        path = tmp_path / "pm.dcm"
+        pm.save_as(path, enforce_file_format=True)
+        assert path.stat().st_size < 0.05 * float32_bytes, values
 
 
 def test_pm_series_are_reproduced_by_a_rerun(tmp_path_factory) -> None:
@@ -137,7 +147,7 @@ def test_pm_peak_is_on_the_finding_slice(tmp_path_factory) -> None:
 def test_pm_size_cap_picks_a_decimation(tmp_path_factory) -> None:
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
     depth, rows, cols = analysis.image.shape
-    cap = depth * rows * cols * 2  # 3 bytes a pixel: factor 1 is too big, 2 (a quarter) fits
+    cap = depth * rows * cols * 2  # 5 bytes a pixel: factor 1 is too big, 2 (a quarter) fits
     pm = build_parametric_maps(analysis, ResultOptions(max_array_bytes=cap))[0]
     assert (pm.Rows, pm.Columns) == (-(-rows // 2), -(-cols // 2))
 

@@ -55,6 +55,9 @@ class ResultOptions:
     make_seg: False writes no SEG (the SR then has no flagged-region groups).
     pmap_classes: which classes (CLASS_NAMES) get a Parametric Map; malignant only by
         default (docs/viewer.md says why), ("benign", "malignant") on request.
+    pmap_values: "float" (default): float32 values on 256 levels, what OHIF 3.13 shows;
+        "integer": levels 0..255 in 16-bit words with a Real World Value Mapping (slope
+        1/255) for viewers that apply the mapping (see pmap.py).
     deflate: write Parametric Maps and SEGs with the Deflated Explicit VR Little
         Endian transfer syntax (lossless; the maps are mostly zero, so a few % of their
         size). False: Explicit VR Little Endian, for a PACS that refuses deflate (the SCU
@@ -70,6 +73,7 @@ class ResultOptions:
     make_seg: bool = True
     institution_name: str | None = None
     pmap_classes: tuple[str, ...] = ("malignant",)
+    pmap_values: Literal["float", "integer"] = "float"
     deflate: bool = True
 
     def __post_init__(self) -> None:
@@ -79,6 +83,8 @@ class ResultOptions:
             raise ValueError(f"seg_type must be binary or fractional, got {self.seg_type!r}")
         if self.max_array_bytes < 1024:
             raise ValueError(f"max_array_bytes is too small: {self.max_array_bytes}")
+        if self.pmap_values not in ("float", "integer"):
+            raise ValueError(f"pmap_values must be float or integer, got {self.pmap_values!r}")
         unknown = [c for c in self.pmap_classes if c not in CLASS_NAMES]
         if unknown:
             raise ValueError(f"pmap_classes: {unknown!r} not in {CLASS_NAMES!r}")

@@ -1,12 +1,21 @@
 """Parametric Maps of the saliency on the source image's frames, optionally on a decimated
 grid (see geometry).
 
-Integer maps: the saliency in [0, 1] stored as levels 0..255 in 16-bit words, with a Real
-World Value Mapping (slope 1/255) carrying the 0-1 values. Not 8-bit words: OHIF 3.13
-reads integer Parametric Map pixel data as 16-bit (BitsAllocated 16) or else 32-bit, and
-multiplies the values by 100 in the same array, so they must stay below 656. Written with
-the Deflated Explicit VR Little Endian transfer syntax by default: lossless, the high
-bytes and the empty breast-free area compress away (ResultOptions.deflate).
+The saliency in [0, 1] is quantised to 256 levels (geometry.saliency_levels, the levels the
+BINARY SEG thresholds too) and stored either as
+
+- float32 values level/255 (ResultOptions.pmap_values "float", the default), with an
+  identity Real World Value Mapping: OHIF 3.13 colours a map's stored values x100 on a
+  fixed 0-100 scale (its PMAP viewport sets window 50/100 and ignores the mapping), so only
+  stored values in 0..1 show in OHIF; or as
+- levels 0..255 in 16-bit words ("integer"), with a Real World Value Mapping of slope 1/255
+  carrying the 0-1 saliency, for viewers that apply it (in OHIF 3.13 every non-zero pixel
+  would be drawn at the top of the scale). Not 8-bit words: OHIF 3.13 reads integer pixel
+  data as 16-bit or else 32-bit.
+
+Either way written with the Deflated Explicit VR Little Endian transfer syntax by default
+(ResultOptions.deflate): lossless, and a map on 256 levels, mostly zero, deflates to about
+1-2 % of its size (float32 on 256 levels about 1.3x the 16-bit one).
 
 One single-channel PM per class, each in its own series, and by default the malignant
 class only (ResultOptions.pmap_classes): a viewer shows each class as its own overlay: the
@@ -56,8 +65,9 @@ from dicomnode.results.geometry import (
 )
 
 LUT_LABELS = ("BENIGN_SAL", "MALIG_SAL")
-# the array built for highdicom: uint16, one class per object (plus the uint8 levels)
-_BYTES_PER_PIXEL = 3
+# the array built for highdicom: float32 (or uint16), one class per object, plus the uint8
+# levels it is made from
+_BYTES_PER_PIXEL = 5
 BREAST = codes.SCT.Breast
 
 
@@ -74,14 +84,15 @@ def pmap_factor(analysis: ImageAnalysis, options: ResultOptions) -> int:
                              options.pmap_decimation)
 
 
-def _mapping(class_index: int, algorithm_name: str) -> hd.pm.RealWorldValueMapping:
-    """Stored levels 0..255 -> saliency 0..1."""
+def _mapping(class_index: int, algorithm_name: str, integer: bool
+             ) -> hd.pm.RealWorldValueMapping:
+    """Stored levels 0..255 -> saliency 0..1 (integer maps); identity on 0..1 (float)."""
     return hd.pm.RealWorldValueMapping(
         lut_label=LUT_LABELS[class_index],
         lut_explanation=f"{algorithm_name} {CLASS_NAMES[class_index]} saliency 0-1",
         unit=NO_UNITS,
-        value_range=(0, SALIENCY_LEVELS),
-        slope=1.0 / SALIENCY_LEVELS,
+        value_range=(0, SALIENCY_LEVELS) if integer else (0.0, 1.0),
+        slope=1.0 / SALIENCY_LEVELS if integer else 1.0,
         intercept=0.0,
         quantity_definition=codes.DCM.ClassActivation,
     )
@@ -127,7 +138,14 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
         levels = saliency_levels(analysis, class_index, factor)
     if levels.shape != (analysis.image.shape[0], grid.rows, grid.columns):
         raise ValueError(f"levels of shape {levels.shape} are not on the PM's grid")
-    array = levels.astype(np.uint16)
+    integer = options.pmap_values == "integer"
+    if integer:
+        array = levels.astype(np.uint16)
+        top = float(SALIENCY_LEVELS)
+    else:  # float32 values on the same 1/255 steps: 256 bit patterns, deflate well
+        array = levels.astype(np.float32)
+        array *= np.float32(1.0 / SALIENCY_LEVELS)
+        top = 1.0
     name = model_name(analysis.algorithm)
     label = CLASS_NAMES[class_index]
     with building("Parametric Map", analysis):
@@ -143,10 +161,10 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
             software_versions=software_versions(analysis.algorithm),
             device_serial_number=serial_number(analysis.algorithm),
             contains_recognizable_visual_features=False,
-            real_world_value_mappings=[_mapping(class_index, name)],
+            real_world_value_mappings=[_mapping(class_index, name, integer)],
             # a list: highdicom splits a plain string into one value per character
             voi_lut_transformations=[hd.VOILUTTransformation(
-                window_center=[SALIENCY_LEVELS / 2], window_width=[SALIENCY_LEVELS + 1],
+                window_center=[top / 2], window_width=[top + 1 if integer else top],
                 window_explanation=["SALIENCY 0-1"])],
             content_description=f"{name} {label} saliency, pixel grid 1/{factor}"[:64],
             content_label=LUT_LABELS[class_index],
@@ -208,8 +226,10 @@ def frames_along_normal(pm: Dataset) -> None:
     order = np.argsort(distances, kind="stable")
     if np.array_equal(order, np.arange(len(order))):
         return
-    pixels = np.frombuffer(pm.PixelData, dtype="<u2")  # 16-bit integer maps
-    pm.PixelData = pixels.reshape(len(groups), -1)[order].tobytes()
+    keyword, dtype = (("FloatPixelData", "<f4") if "FloatPixelData" in pm
+                      else ("PixelData", "<u2"))  # float32 or 16-bit integer maps
+    pixels = np.frombuffer(getattr(pm, keyword), dtype=dtype)
+    setattr(pm, keyword, pixels.reshape(len(groups), -1)[order].tobytes())
     pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
 
 
