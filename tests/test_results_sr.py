@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_segmentation, build_sr
+from dicomnode.results.common import SEGMENT_PROPERTIES
 from dicomnode.results.geometry import block_mean
 from dicomnode.results.read import read_sr_summary
 from dicomnode.results.sr import _box
@@ -193,7 +194,7 @@ def test_sr_without_breast_or_seg(tmp_path_factory) -> None:
     groups = _groups(sr)
     names = [_tracking(g) for g in groups]
     assert names[0].startswith("Image prediction")
-    assert not any(n.startswith(("Benign finding", "Malignant finding")) for n in names)
+    assert not any(n.startswith(tuple(label for label, _ in SEGMENT_PROPERTIES)) for n in names)
     assert not any(method[0].startswith(("BREAST", "MEAN_"))
                    for _, method in _nums(groups[0]) if method)
 
