@@ -12,10 +12,15 @@ import logging
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import _config as _pynetdicom_config
 
 from dicomnode import metrics
 from dicomnode.logs import kv
@@ -65,6 +70,9 @@ def build_scu(ae_title: str) -> AE:
     ae.network_timeout = 60
     ae.dimse_timeout = 120
     ae.maximum_pdu_size = 0
+    # send_files passes a path only when the file goes as stored: stream it (process-wide
+    # pynetdicom setting; it changes nothing for datasets passed decoded)
+    _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     # pynetdicom allows 128 requested contexts: the result classes come first so they always
     # fit, then the common storage classes.
     for uid in RESULT_SOP_CLASSES:
@@ -102,13 +110,20 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
                 outcomes.append(SendOutcome(False, "aborted", "association ended"))
                 continue
             try:
-                ds = dcmread(task.path)
-            except OSError as exc:
+                meta = read_file_meta_info(task.path)
+                if _accepted(assoc, meta.get("MediaStorageSOPClassUID"),
+                             meta.get("TransferSyntaxUID")):
+                    # as stored: streamed from the file, never decoded and re-encoded (a
+                    # deflated map would be inflated and deflated again: most of the send)
+                    dataset: Dataset | Path = Path(task.path)
+                else:
+                    dataset = dcmread(task.path)
+                    _uncompressed_unless_accepted(assoc, dataset)
+            except (OSError, InvalidDicomError) as exc:
                 outcomes.append(SendOutcome(False, "unreadable", f"{task.path}: {exc}"))
                 continue
-            _uncompressed_unless_accepted(assoc, ds)
             try:
-                rsp = assoc.send_c_store(ds)
+                rsp = _send(assoc, dataset)
             except (ValueError, RuntimeError) as exc:  # e.g. no accepted presentation context
                 outcomes.append(SendOutcome(False, "no-context", str(exc)))
                 continue
@@ -124,6 +139,19 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask]
         if assoc.is_established:
             assoc.release()
     return outcomes
+
+
+def _accepted(assoc, sop_class: str | None, transfer_syntax: str | None) -> bool:
+    """Whether the association has a context for exactly this class and transfer syntax."""
+    return any(c.abstract_syntax == sop_class and c.transfer_syntax[0] == transfer_syntax
+               for c in assoc.accepted_contexts)
+
+
+def _send(assoc, dataset: Dataset | Path):
+    """C-STORE a dataset, or a file's encoded bytes as they are: with pynetdicom's
+    STORE_SEND_CHUNKED_DATASET (set in build_scu) a path is streamed after its file meta,
+    in the transfer syntax it is stored in."""
+    return assoc.send_c_store(dataset)
 
 
 def _uncompressed_unless_accepted(assoc, ds) -> None:
