@@ -228,8 +228,10 @@ def frames_along_normal(pm: Dataset) -> None:
         return
     keyword, dtype = (("FloatPixelData", "<f4") if "FloatPixelData" in pm
                       else ("PixelData", "<u2"))  # float32 or 16-bit integer maps
-    pixels = np.frombuffer(getattr(pm, keyword), dtype=dtype)
-    setattr(pm, keyword, pixels.reshape(len(groups), -1)[order].tobytes())
+    frames = np.frombuffer(getattr(pm, keyword), dtype=dtype).reshape(len(groups), -1)
+    # highdicom's order is usually the exact reverse: a view, copied once by tobytes
+    reverse = np.array_equal(order, np.arange(len(order))[::-1])
+    setattr(pm, keyword, (frames[::-1] if reverse else frames[order]).tobytes())
     pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
 
 
