@@ -157,6 +157,23 @@ class ResultsConfig:
     # Marks at this operating point or a more specific one are "Presentation Required"
     # (a workstation draws them); the others "Presentation Optional".
     cad_presentation_required: int = 1
+    # Which saliency maps go back as Parametric Maps: "malignant" (default: the map a
+    # reader acts on), "benign,malignant", or "none" (docs/viewer.md).
+    parametric_maps: str = "malignant"
+    # "float": float32 saliency on 256 levels (OHIF 3.13 shows only values in 0..1);
+    # "integer": 16-bit levels 0..255 with a Real World Value Mapping (1/255).
+    map_values: str = "float"
+    # Parametric Maps and SEGs in the Deflated Explicit VR Little Endian transfer syntax
+    # (lossless; a few % of their size). The SCU sends them uncompressed to a peer that
+    # does not accept deflate.
+    deflate: bool = True
+
+    @property
+    def pmap_classes(self) -> tuple[str, ...]:
+        value = self.parametric_maps.strip().lower()
+        if value in ("", "none"):
+            return ()
+        return tuple(part.strip() for part in value.split(",") if part.strip())
 
 
 @dataclass
@@ -311,6 +328,13 @@ def validate(config: Config) -> None:
     if config.node.other_storage not in ("reject", "store"):
         raise ConfigError(
             f"node.other_storage: {config.node.other_storage!r} is not one of reject, store")
+    unknown = [c for c in config.results.pmap_classes if c not in ("benign", "malignant")]
+    if unknown:
+        raise ConfigError(f"results.parametric_maps: {', '.join(unknown)} is not one of "
+                          "benign, malignant (comma-separated), none")
+    if config.results.map_values not in ("float", "integer"):
+        raise ConfigError(f"results.map_values: {config.results.map_values!r} is not one of "
+                          "float, integer")
     if config.results.segmentation not in ("binary", "fractional"):
         raise ConfigError(f"results.segmentation: {config.results.segmentation!r} is not one "
                           "of binary, fractional")

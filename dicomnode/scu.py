@@ -14,10 +14,15 @@ from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom import _config as _pynetdicom_config
 
 from dicomnode import commitment, metrics
 from dicomnode.dicomweb.client import StowError, StowTarget, post_instances
@@ -41,6 +46,10 @@ RESULT_SOP_CLASSES = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE,
                       KEY_OBJECT_SELECTION_STORAGE)
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
+DEFLATED_LE = "1.2.840.10008.1.2.1.99"
+# Results the node may write deflated (ResultOptions.deflate): proposed in a context of
+# their own with deflate alone, so a peer that takes it cannot pick Explicit VR instead.
+DEFLATABLE = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE)
 
 
 @dataclass(frozen=True)
@@ -73,10 +82,15 @@ def build_scu(ae_title: str) -> AE:
     ae.network_timeout = 60
     ae.dimse_timeout = 120
     ae.maximum_pdu_size = 0
+    # send_files passes a path only when the file goes as stored: stream it (process-wide
+    # pynetdicom setting; it changes nothing for datasets passed decoded)
+    _pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
     # pynetdicom allows 128 requested contexts: storage commitment and the result classes
     # come first so they always fit, then the common storage classes.
     commitment.add_scu_context(ae)
     for uid in RESULT_SOP_CLASSES:
+        if uid in DEFLATABLE:
+            ae.add_requested_context(uid, [DEFLATED_LE])
         ae.add_requested_context(uid, [EXPLICIT_LE, IMPLICIT_LE])
     for context in StoragePresentationContexts:
         if len(ae.requested_contexts) >= 128:
@@ -122,12 +136,20 @@ def send_files(ae: AE, destination: Destination, tasks: list[DeliveryTask],
                 outcomes.append(SendOutcome(False, "aborted", "association ended"))
                 continue
             try:
-                ds = dcmread(task.path)
-            except OSError as exc:
+                meta = read_file_meta_info(task.path)
+                if _accepted(assoc, meta.get("MediaStorageSOPClassUID"),
+                             meta.get("TransferSyntaxUID")):
+                    # as stored: streamed from the file, never decoded and re-encoded (a
+                    # deflated map would be inflated and deflated again: most of the send)
+                    dataset: Dataset | Path = Path(task.path)
+                else:
+                    dataset = dcmread(task.path)
+                    _uncompressed_unless_accepted(assoc, dataset)
+            except (OSError, InvalidDicomError) as exc:
                 outcomes.append(SendOutcome(False, "unreadable", f"{task.path}: {exc}"))
                 continue
             try:
-                rsp = assoc.send_c_store(ds)
+                rsp = _send(assoc, dataset)
             except (ValueError, RuntimeError) as exc:  # e.g. no accepted presentation context
                 outcomes.append(SendOutcome(False, "no-context", str(exc)))
                 continue
@@ -207,6 +229,30 @@ def _stow_outcome(rsp, sop_instance_uid: str) -> SendOutcome:
     if rsp.status == 200 or (rsp.status == 202 and sop_instance_uid in rsp.stored):
         return SendOutcome(True, f"http-{rsp.status}")
     return SendOutcome(False, f"http-{rsp.status}", rsp.error or f"STOW-RS HTTP {rsp.status}")
+
+
+def _accepted(assoc, sop_class: str | None, transfer_syntax: str | None) -> bool:
+    """Whether the association has a context for exactly this class and transfer syntax."""
+    return any(c.abstract_syntax == sop_class and c.transfer_syntax[0] == transfer_syntax
+               for c in assoc.accepted_contexts)
+
+
+def _send(assoc, dataset: Dataset | Path):
+    """C-STORE a dataset, or a file's encoded bytes as they are: with pynetdicom's
+    STORE_SEND_CHUNKED_DATASET (set in build_scu) a path is streamed after its file meta,
+    in the transfer syntax it is stored in."""
+    return assoc.send_c_store(dataset)
+
+
+def _uncompressed_unless_accepted(assoc, ds) -> None:
+    """A deflated result to a peer that did not accept deflate for its class: send it as
+    Explicit VR Little Endian (dcmread has inflated it: only the label changes)."""
+    if ds.file_meta.get("TransferSyntaxUID") != DEFLATED_LE:
+        return
+    sop_class = str(ds.SOPClassUID)
+    if not any(c.abstract_syntax == sop_class and c.transfer_syntax[0] == DEFLATED_LE
+               for c in assoc.accepted_contexts):
+        ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
 
 
 class Deliverer:

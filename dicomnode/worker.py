@@ -462,7 +462,9 @@ def result_options(config: Config):
         seg_type=results.segmentation,  # type: ignore[arg-type] # validate() checked it
         max_array_bytes=results.max_array_mb * 2**20,
         cad_operating_points=tuple(results.cad_operating_points),
-        cad_presentation_required=results.cad_presentation_required)
+        cad_presentation_required=results.cad_presentation_required,
+        pmap_classes=results.pmap_classes, pmap_values=results.map_values,  # type: ignore[arg-type]
+        deflate=results.deflate)
 
 
 def _default_result_builder(config: Config) -> Callable:
@@ -479,11 +481,21 @@ def _default_result_builder(config: Config) -> Callable:
     return build
 
 
+def _source_header(analysis: ImageAnalysis):
+    """The first source file's header (no pixels), or None when it cannot be read."""
+    import pydicom
+
+    try:
+        return pydicom.dcmread(analysis.image.source_paths[0], stop_before_pixels=True)
+    except (IndexError, OSError, pydicom.errors.InvalidDicomError):
+        return None
+
+
 def _default_study_result_builder(config: Config) -> Callable:
     """(Job, [ImageAnalysis]) -> [(dataset, kind), ...]: the Mammography CAD SR of the
     study's DBT images, when [results] cad_sr is on and the study has DBT. One that cannot
     be built is logged and left out: the per-image results are already queued."""
-    from dicomnode.results import ResultsError
+    from dicomnode.results import ResultsError, identify_result
     from dicomnode.results.cad_sr import build_cad_sr
 
     options = result_options(config)
@@ -494,6 +506,8 @@ def _default_study_result_builder(config: Config) -> Callable:
             return []
         try:
             ds = build_cad_sr(dbt, options, breasts=combine_breasts(analyses))
+            # IHE AIR identification, as on every result (build_results does the others)
+            identify_result(ds, dbt[0].algorithm, _source_header(dbt[0]))
         except ResultsError as exc:
             log.error("event=cad_sr_failed %s", kv(job=job.id, study_uid=job.study_uid,
                                                     error=exc))

@@ -72,7 +72,7 @@ def test_demo_runs_end_to_end(tmp_path: Path, model_dir: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout
     for stage in ("generating a synthetic study", "starting the node", "sending 12 instances",
-                  "sent 12/12", "waiting for the SR", "received 49 objects",
+                  "sent 12/12", "waiting for the SR", "received 37 objects",
                   "rendering 12 PNG overlays", "Time by stage:"):
         assert stage in text, stage
     port = _node_port(out)

@@ -67,7 +67,7 @@ def test_orthanc_routes_stable_breast_study_and_keeps_results(tmp_path: Path) ->
         with node_process(config, port=node_port):
             ids = [pacs.post("/instances", p.read_bytes())["ID"] for p in images + ground_truth]
             study = pacs.get(f"/instances/{ids[0]}/study")["ID"]
-            expected = len(images) * 4  # per image: SR, SEG, benign and malignant maps
+            expected = len(images) * 3  # per image: SR, SEG, the malignant map
 
             def results() -> list[str]:
                 return [i["ID"] for i in pacs.get(f"/studies/{study}/instances")
@@ -76,7 +76,7 @@ def test_orthanc_routes_stable_breast_study_and_keeps_results(tmp_path: Path) ->
             time.sleep(6)  # results made the study stable again: it must not be re-routed
             classes = [_text(pacs, f"/instances/{i}/metadata/SopClassUid") for i in results()]
             jobs = [pacs.get(f"/jobs/{j}") for j in pacs.get("/jobs")]
-    assert sorted(classes) == sorted([SR] * 4 + [SEG] * 4 + [PM] * 8)
+    assert sorted(classes) == sorted([SR] * 4 + [SEG] * 4 + [PM] * 4)
     stores = [j for j in jobs if j["Type"] == "DicomModalityStore"]
     assert len(stores) == 1 and stores[0]["State"] == "Success"
     assert stores[0]["Content"]["InstancesCount"] == len(images)  # not the ground-truth SEG

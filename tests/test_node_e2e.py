@@ -47,9 +47,9 @@ SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PM = "1.2.840.10008.5.1.4.1.1.30"
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-# 12 images (4 views x DBT, FFDM, synthetic 2D): an SR, a SEG and two PMs each; and one
-# Mammography CAD SR for the study's DBT images
-EXPECTED_RESULTS = 12 * 4 + 1
+# 12 images (4 views x DBT, FFDM, synthetic 2D): an SR, a SEG and the malignant PM each;
+# and one Mammography CAD SR for the study's DBT images
+EXPECTED_RESULTS = 12 * 3 + 1
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +201,6 @@ def test_orthanc_routes_a_study_and_receives_the_results(tmp_path: Path, study: 
     # the results went into the same study in the PACS, next to the images
     # 12 SR series and the CAD SR's
     assert modalities.count("SR") == 13 and modalities.count("SEG") == 12
-    # two Parametric Map series per image (benign, malignant: OHIF shows one map a series),
+    # one Parametric Map series per image (the malignant map; OHIF shows one map a series),
     # beside the 12 source series
-    assert len(modalities) == 12 + 13 + 12 + 24
+    assert len(modalities) == 12 + 13 + 12 + 12

@@ -66,7 +66,8 @@ def test_two_workers_share_a_postgres_queue_results_identical_and_sent_once(
                 [dcmtk("storescu"), "-aet", "PACS", "-aec", NODE_AE, "127.0.0.1", str(port),
                  *map(str, study_a + study_b)], capture_output=True, text=True, timeout=120)
             assert sent.returncode == 0, sent.stderr
-            wait_for(lambda: len(list(received.glob("*.dcm"))) >= 8, 600, "8 results", 1)
+            # per study: SR, SEG, the malignant map
+            wait_for(lambda: len(list(received.glob("*.dcm"))) >= 6, 600, "6 results", 1)
             time.sleep(3)  # a duplicate would arrive now
         store = open_store(load_config(config))
         try:
@@ -75,9 +76,9 @@ def test_two_workers_share_a_postgres_queue_results_identical_and_sent_once(
         finally:
             store.close()
     results = [dcmread(p) for p in sorted(received.glob("*.dcm"))]
-    assert len({ds.SOPInstanceUID for ds in results}) == len(results) == 8
+    assert len({ds.SOPInstanceUID for ds in results}) == len(results) == 6
     assert sorted((j.state.value, j.attempts) for j in jobs) == [("done", 1), ("done", 1)]
-    assert len(deliveries) == 8 and {d.state.value for d in deliveries} == {"done"}
+    assert len(deliveries) == 6 and {d.state.value for d in deliveries} == {"done"}
     done_by = [log.read_text().count("event=job_done") for log in logs]
     assert sum(done_by) == 2
 
@@ -96,4 +97,4 @@ def test_two_workers_share_a_postgres_queue_results_identical_and_sent_once(
         got = read_sr_summary(sr).probabilities["final"]
         assert got["malignant"] == pytest.approx(expected.final.malignant, abs=1e-5)
         assert got["benign"] == pytest.approx(expected.final.benign, abs=1e-5)
-    print(f"\npostgres: jobs done per worker {done_by}, 8 results delivered once each")
+    print(f"\npostgres: jobs done per worker {done_by}, 6 results delivered once each")

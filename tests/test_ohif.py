@@ -3,10 +3,10 @@ reading Orthanc's DICOMweb in headless Chromium.
 
 Orthanc runs the shipped deploy/orthanc configuration (routing script, dicomweb.json);
 a synthetic DBT with a malignant mass is uploaded; Orthanc routes it to `dicomnode run`,
-which sends back SR, SEG, Parametric Maps and the CAD SR. deploy/ohif/serve.py serves OHIF
-and proxies DICOMweb. Chromium (driven over the DevTools protocol) opens the study three
-times and each time shows one result series in the viewport, as a double click in OHIF's
-study browser does; the test checks what is on the screen:
+which sends back SR, SEG, the malignant Parametric Map (integer, deflated) and the CAD SR.
+deploy/ohif/serve.py serves OHIF and proxies DICOMweb. Chromium (driven over the DevTools
+protocol) opens the study three times and each time shows one result series in the
+viewport, as a double click in OHIF's study browser does; the test checks what is on the screen:
 
 (a) the Parametric Map is drawn over the DBT slice where its values are high, and nothing is
     drawn outside it (screenshots with the overlay and with the overlay's actor hidden,
@@ -39,6 +39,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicomnode.results.pmap import real_world_values
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.conftest import REQUIRE_PEERS
 from tests.ohif_support import (
@@ -61,6 +62,7 @@ SR = "1.2.840.10008.5.1.4.1.1.88.34"
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PM = "1.2.840.10008.5.1.4.1.1.30"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 SEED = 1  # seed 1's first study is malignant: the right CC DBT holds a malignant mass
 VIEW = "R_CC"
 CHANGED = 12  # a screen pixel "changed" when a channel moved by more than this (0-255)
@@ -347,12 +349,15 @@ def test_ohif_shows_the_results_on_the_dbt(tmp_path: Path, ohif_prerequisites) -
         with node_process(config, port=node_port):
             source_id = pacs.post("/instances", image_path.read_bytes())["ID"]
             study_id = pacs.get(f"/instances/{source_id}/study")["ID"]
-            # SR, SEG, benign and malignant maps, and the study's CAD SR
-            wait_for(lambda: len(pacs.get(f"/studies/{study_id}/instances")) >= 6, 300,
+            # SR, SEG, the malignant map (the default) and the study's CAD SR
+            wait_for(lambda: len(pacs.get(f"/studies/{study_id}/instances")) >= 5, 300,
                      "the node's results in Orthanc", 1)
         results = _fetch(pacs, study_id, {source_id})
         assert sorted((k, len(v)) for k, v in results.items()) == sorted(
-            [(SR, 1), (SEG, 1), (PM, 2), (CAD_SR, 1)])
+            [(SR, 1), (SEG, 1), (PM, 1), (CAD_SR, 1)])
+        # the PACS stored the maps as sent: deflated, integer with a real-world mapping
+        for ds in (*results[PM], *results[SEG]):
+            assert ds.file_meta.TransferSyntaxUID == DEFLATED, ds.SOPClassUID
         study_uid = str(results[SR][0].StudyInstanceUID)
         ours = {str(u) for ds in sum(results.values(), [])
                 for u in (ds.SOPInstanceUID, ds.SeriesInstanceUID)}
@@ -408,7 +413,7 @@ def _check_parametric_map(page: Page, base: str, study: str, pms: list[pydicom.D
     # OHIF makes one display set per Parametric Map series, from its first instance
     pm = next(p for p in pms if str(p.SOPInstanceUID) == shown)
     planes = Planes(pm)
-    values = pm.pixel_array.astype(np.float32).reshape(-1, planes.rows, planes.columns)
+    values = real_world_values(pm).astype(np.float32)  # stored levels -> saliency 0-1
     frame = int(np.argmax(values.reshape(len(values), -1).max(axis=1)))  # the hottest slice
     with_pm, without_pm, viewport = _frame_pair(page, planes, frame, _PM_READY_JS,
                                                 "Parametric Map")

@@ -1,4 +1,5 @@
-"""build_results: one SR, SEG and two PMs per image, each a new series in the source study."""
+"""build_results: one SR, SEG and the Parametric Maps asked for per image, each a new series
+in the source study, each with the IHE AI Results identification."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import pydicom
 import pytest
 
+from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import (
     ResultOptions,
     ResultsError,
@@ -22,18 +24,19 @@ def test_build_results_makes_one_series_per_object(tmp_path_factory) -> None:
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
     results = build_results(analysis, make_breast(analysis), ResultOptions())
     assert isinstance(results, ResultSet)
-    assert results.seg is not None and len(results.pmaps) == 2
+    assert results.seg is not None and len(results.pmaps) == 1  # malignant by default
     assert results.datasets == [results.seg, *results.pmaps, results.sr]
     for ds in results.datasets:
         assert ds.StudyInstanceUID == analysis.image.study_uid
         assert ds.PatientID == "SYNTH-1-0001"
         assert ds.Manufacturer == "dicomnode"
-        assert ds.SoftwareVersions == analysis.algorithm.version
         assert ds.SeriesInstanceUID != analysis.image.series_uid
     series = {ds.SeriesInstanceUID for ds in results.datasets}
-    assert len(series) == 4  # SR, SEG, benign PM, malignant PM
-    assert len({int(ds.SeriesNumber) for ds in results.datasets}) == 4
-    assert len({ds.SOPInstanceUID for ds in results.datasets}) == 4
+    assert len(series) == 3  # SR, SEG, malignant PM
+    assert len({int(ds.SeriesNumber) for ds in results.datasets}) == 3
+    assert len({ds.SOPInstanceUID for ds in results.datasets}) == 3
+    both = build_results(analysis, None, ResultOptions(pmap_classes=CLASS_NAMES))
+    assert [pm.ContentLabel for pm in both.pmaps] == ["BENIGN_SAL", "MALIG_SAL"]
 
 
 def test_a_rerun_reproduces_the_uids_and_new_options_do_not(tmp_path_factory) -> None:
@@ -88,3 +91,60 @@ def test_a_source_highdicom_rejects_is_a_results_error(tmp_path_factory, tmp_pat
                                      source_shape=(2, *analysis.transform.source_shape[1:])))
     with pytest.raises(ResultsError, match="cannot build the SEG of image"):
         build_segmentation(broken)
+
+
+def _air_item(ds):
+    """The Contributing Equipment item that identifies the processing algorithm."""
+    items = [i for i in ds.ContributingEquipmentSequence
+             if i.PurposeOfReferenceCodeSequence[0].CodeValue == "109103"]
+    assert len(items) == 1, f"one Processing Algorithm item in {ds.SOPClassUID.name}: {items}"
+    return items[0]
+
+
+def test_every_result_kind_carries_the_ihe_air_identification(tmp_path_factory,
+                                                              tmp_path) -> None:
+    """SR, SEG, Parametric Map (build_results) and the CAD SR (as the worker builds it):
+    Contributing Equipment "Processing Algorithm" with the weights' Device UID, Software
+    Versions naming node and weights, Series Date/Time, the source's Institution Name."""
+    from dicomnode.config import Config
+    from dicomnode.results import identify_result
+    from dicomnode.worker import _default_study_result_builder
+
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    source = pydicom.dcmread(analysis.image.source_paths[0], stop_before_pixels=True)
+    datasets = build_results(analysis, make_breast(analysis), ResultOptions()).datasets
+    job = type("Job", (), {"id": 1, "study_uid": analysis.image.study_uid})()
+    cad = [ds for ds, _ in _default_study_result_builder(Config())(job, [analysis])]
+    assert len(cad) == 1
+    kinds = {str(ds.SOPClassUID) for ds in [*datasets, *cad]}
+    assert kinds == {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30",
+                     "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.50"}
+    device_uids = set()
+    for n, built in enumerate([*datasets, *cad]):
+        path = tmp_path / f"{n}.dcm"
+        built.save_as(path, enforce_file_format=True)
+        ds = pydicom.dcmread(path)  # as the PACS reads it
+        item = _air_item(ds)
+        assert item.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "DCM"
+        assert item.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+        assert item.Manufacturer == "dicomnode"
+        assert item.ManufacturerModelName == "3D-GMIC"
+        versions = list(ds.SoftwareVersions)
+        assert list(item.SoftwareVersions) == versions
+        assert versions[0] == f"dicomnode {analysis.algorithm.version}"
+        assert analysis.algorithm.checkpoint_sha256[:16] in versions[1]
+        assert ds.SeriesDate and ds.SeriesTime
+        assert ds.InstitutionName == source.InstitutionName
+        device_uids.add(str(item.DeviceUID))
+    assert len(device_uids) == 1  # the same weights: one device
+    (uid,) = device_uids
+    assert pydicom.uid.UID(uid).is_valid
+
+    # other weights: another Device UID; a second call replaces its own item
+    retrained = dataclasses.replace(analysis, algorithm=dataclasses.replace(
+        analysis.algorithm, checkpoint_sha256="f" * 64))
+    ds = build_results(retrained, None, ResultOptions()).datasets[0]
+    ds = identify_result(ds, retrained.algorithm)
+    assert str(_air_item(ds).DeviceUID) != uid
+    again = build_results(analysis, None, ResultOptions()).datasets[0]
+    assert str(_air_item(again).DeviceUID) == uid

@@ -1,6 +1,7 @@
-"""SEG of the flagged regions: BINARY mask = saliency above the operating point, FRACTIONAL,
-nothing flagged, every source layout, display colours, where each segment flags the most;
-validity with dciodvfy."""
+"""SEG of the flagged regions: BINARY mask = the Parametric Map's saliency levels above the
+operating point, FRACTIONAL, nothing flagged, every source layout, what a segment claims
+(a selected region, not a histology) and its breast's laterality, display colours, where
+each segment flags the most; validity with dciodvfy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 
 from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_segmentation
-from dicomnode.results.geometry import block_mean
+from dicomnode.results.geometry import SALIENCY_LEVELS, block_mean, level_threshold
 from dicomnode.results.validate import dciodvfy_errors
 from tests.results_support import (
     CASES,
@@ -22,6 +23,13 @@ from tests.results_support import (
 )
 
 THRESHOLDS = (0.2, 0.5)  # the blob's weaker class peaks at 0.3: both segments flag pixels
+
+
+def _flagged(saliency_frame: np.ndarray, factor: int, threshold: float) -> np.ndarray:
+    """The SEG's definition: the map's 8-bit level (what the PM stores) above the operating
+    point's level."""
+    levels = np.rint(np.clip(block_mean(saliency_frame, factor), 0, 1) * SALIENCY_LEVELS)
+    return levels > level_threshold(threshold)
 
 
 def _frames_by_segment(analysis, seg, factor: int) -> dict[tuple[int, int], int]:
@@ -52,8 +60,8 @@ def test_binary_seg_is_saliency_above_threshold(tmp_path_factory, tmp_path, layo
     assert seg.SegmentationType == "BINARY"
     assert seg.StudyInstanceUID == analysis.image.study_uid
     assert "not for clinical use" in seg.SeriesDescription
-    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Benign finding",
-                                                             "Malignant finding"]
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["Benign-flagged region",
+                                                             "Malignant-flagged region"]
     assert all(s.SegmentAlgorithmType == "AUTOMATIC" for s in seg.SegmentSequence)
     assert [s.TrackingUID for s in seg.SegmentSequence] == list(result.tracking_uids)
     depth = analysis.image.shape[0]
@@ -67,14 +75,17 @@ def test_binary_seg_is_saliency_above_threshold(tmp_path_factory, tmp_path, layo
         saliency = analysis.saliency_on_source(class_index)
         flagged = 0
         for d in range(depth):
-            expected = block_mean(saliency[d], expected_factor) > THRESHOLDS[class_index]
+            expected = _flagged(saliency[d], expected_factor, THRESHOLDS[class_index])
+            # within a quantisation level of "saliency above the operating point"
+            exact = block_mean(saliency[d], expected_factor) > THRESHOLDS[class_index]
+            assert np.count_nonzero(expected != exact) <= max(3, exact.sum() // 20)
             got = pixels[frames[(class_index + 1, d)]].astype(bool)
             np.testing.assert_array_equal(got, expected)
             flagged += int(expected.sum())
         assert result.flagged_pixels[class_index] == flagged > 0
         # the source-pixel box around the flagged pixels of the slice with the most
         box = result.flagged_boxes[class_index]
-        masks = [block_mean(saliency[d], expected_factor) > THRESHOLDS[class_index]
+        masks = [_flagged(saliency[d], expected_factor, THRESHOLDS[class_index])
                  for d in range(depth)]
         assert box.frame_index == int(np.argmax([m.sum() for m in masks]))
         on_source = np.kron(masks[box.frame_index], np.ones((expected_factor,) * 2, bool))
@@ -103,7 +114,7 @@ def test_segments_overlap_only_where_both_classes_flag_a_pixel(tmp_path_factory,
         for class_index in range(len(CLASS_NAMES)):
             saliency = analysis.saliency_on_source(class_index)
             for d in range(analysis.image.shape[0]):
-                expected = block_mean(saliency[d], result.factor) > thresholds[class_index]
+                expected = _flagged(saliency[d], result.factor, thresholds[class_index])
                 got = pixels[frames[(class_index + 1, d)]].astype(bool)
                 np.testing.assert_array_equal(got, expected)
 
@@ -124,6 +135,43 @@ def test_fractional_seg_holds_the_saliency(tmp_path_factory, tmp_path, layout,
         for d in range(analysis.image.shape[0]):
             got = pixels[frames[(class_index + 1, d)]] / scale
             np.testing.assert_allclose(got, saliency[d], atol=0.5 / scale + 1e-6)
+
+
+@pytest.mark.parametrize("modality", ["dbt", "ffdm"])
+def test_segments_claim_a_selected_region_of_a_lateral_breast(tmp_path_factory, tmp_path,
+                                                              modality) -> None:
+    analysis = analysis_for(tmp_path_factory, "enhanced", modality)
+    seg, _ = _reread(build_segmentation(analysis, ResultOptions()), tmp_path)
+    laterality = {"L": "7771000", "R": "24028007"}[analysis.image.laterality]
+    for index, segment in enumerate(seg.SegmentSequence):
+        category = segment.SegmentedPropertyCategoryCodeSequence[0]
+        kind = segment.SegmentedPropertyTypeCodeSequence[0]
+        # a region the algorithm selected, not a neoplasm of some histology
+        assert (category.CodeValue, category.CodingSchemeDesignator) == ("309825002", "SCT")
+        assert (kind.CodeValue, kind.CodingSchemeDesignator) == ("111099", "DCM")
+        assert CLASS_NAMES[index] in segment.SegmentDescription
+        assert CLASS_NAMES[index] in segment.SegmentLabel.lower()
+        region = segment.AnatomicRegionSequence[0]
+        assert region.CodeValue == "76752008"  # breast
+        assert region.AnatomicRegionModifierSequence[0].CodeValue == laterality
+    assert "Laterality" not in seg  # dciodvfy: not in the SEG's General Series
+
+
+def test_binary_seg_is_the_maps_pixels_above_the_operating_point(tmp_path_factory) -> None:
+    from dicomnode.results import build_results
+    from dicomnode.results.pmap import real_world_values
+
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    results = build_results(analysis, None, ResultOptions(pmap_classes=CLASS_NAMES))
+    seg = results.seg
+    frames = _frames_by_segment(analysis, seg, 1)
+    pixels = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns).astype(bool)
+    for class_index, pm in enumerate(results.pmaps):
+        values = real_world_values(pm)
+        slices = {d: f for f, d in enumerate(slice_of_frames(analysis, pm, 1))}
+        for d in range(analysis.image.shape[0]):
+            np.testing.assert_array_equal(pixels[frames[(class_index + 1, d)]],
+                                          values[slices[d]] > 0.5)
 
 
 def test_segments_have_their_display_colours(tmp_path_factory, tmp_path) -> None:

@@ -207,7 +207,7 @@ def test_sr_without_breast_or_seg(tmp_path_factory) -> None:
     names = [_tracking(g) for g in groups]
     assert names[0].startswith("Image prediction")
     # flagged regions do not need the SEG; without it they do not name a segment
-    flagged = [n for n in names if n.startswith(("Benign finding", "Malignant finding"))]
+    flagged = [n for n in names if n.startswith(tuple(label for label, _ in SEGMENT_PROPERTIES))]
     assert flagged and not any("SEG segment" in n for n in flagged)
     assert not any(method[0].startswith(("BREAST", "MEAN_"))
                    for _, method in _nums(groups[0]) if method)

@@ -5,7 +5,8 @@ Everything runs on this machine: dcmtk `storescu` sends the study to the node's 
 worker (in this process, so its stage timings can be read) runs the model and sends the
 results to dcmtk `storescp`. Stages: receive (storescu start to its exit), wait (the
 configured idle time that marks the study complete), load, model, build results, send
-(job done to the last result on disk at storescp).
+(job done to the last result on disk at storescp). Then what came back: the results'
+bytes as received (and as a fraction of the study's), how many objects and series.
 """
 
 from __future__ import annotations
@@ -32,6 +33,22 @@ def _random_checkpoint(path: Path) -> str:
 
     save_checkpoint(path, GMIC(GMICConfig.dbt()), meta={"description": "random, timing only"})
     return str(path)
+
+
+def results_summary(paths: list[Path]) -> dict:
+    """Bytes (as received), objects, series and bytes per modality of result files."""
+    import pydicom
+
+    by_kind: dict[str, int] = {}
+    series = set()
+    for path in paths:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        size = path.stat().st_size
+        kind = str(ds.get("Modality", "?"))
+        by_kind[kind] = by_kind.get(kind, 0) + size
+        series.add(str(ds.SeriesInstanceUID))
+    return {"bytes": sum(by_kind.values()), "objects": len(paths), "series": len(series),
+            "by_kind": by_kind}
 
 
 def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
@@ -112,11 +129,22 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
             report.rows.append({"name": name, "seconds": seconds})
         report.rows.append({"name": "total (first C-STORE to last result)",
                             "seconds": t_sent - t0})
+        study_bytes = sum(f.stat().st_size for f in files)
+        returned = results_summary(sorted(received.glob("*")))
         report.rows.append({"name": "study", "seconds": None,
-                            "detail": f"{len(files)} DBT views, "
-                                      f"{sum(f.stat().st_size for f in files) / 1e6:.0f} MB, "
+                            "detail": f"{len(files)} DBT views, {study_bytes / 1e6:.0f} MB, "
                                       f"{expected} results"})
+        report.rows.append({"name": "results", "seconds": None,
+                            "detail": f"{returned['bytes'] / 1e6:.2f} MB "
+                                      f"({returned['bytes'] / study_bytes:.2%} of the study) "
+                                      f"in {returned['objects']} objects, "
+                                      f"{returned['series']} series; "
+                                      + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in
+                                                  sorted(returned["by_kind"].items()))})
         report.add_ratio("model share of total", times.model / (t_sent - t0), "total")
+        report.add_ratio("result bytes / study bytes", returned["bytes"] / study_bytes,
+                         "study")
+        report.add_ratio("build + send seconds", times.results + (t_sent - t_done), "seconds")
         return report
     finally:
         if storescp is not None:

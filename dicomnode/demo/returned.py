@@ -76,7 +76,9 @@ class ReturnedImage:
 
     @property
     def complete(self) -> bool:
-        return self.summary is not None and set(self.pm_paths) == {"benign", "malignant"}
+        """The SR and the malignant map came back (the benign map is sent on request only:
+        [results] parametric_maps)."""
+        return self.summary is not None and "malignant" in self.pm_paths
 
 
 @dataclass

@@ -378,8 +378,10 @@ def _render(report: ImageReport, pixels: np.ndarray, folder: Path) -> Path:
 
     item = report.returned
     depth = report.depth
-    benign = read_saliency(item.pm_paths["benign"], item.source, depth)
     malignant = read_saliency(item.pm_paths["malignant"], item.source, depth)
+    # the benign map comes back only on request ([results] parametric_maps)
+    benign = (read_saliency(item.pm_paths["benign"], item.source, depth)
+              if "benign" in item.pm_paths else np.zeros_like(malignant))
     m_slice = int(np.argmax(malignant.reshape(depth, -1).max(axis=1)))
     b_slice = int(np.argmax(benign.reshape(depth, -1).max(axis=1)))
     report.peak_malignant, report.peak_malignant_slice = float(malignant.max()), m_slice
@@ -415,7 +417,9 @@ def _render(report: ImageReport, pixels: np.ndarray, folder: Path) -> Path:
                           else "most attended first")),
         benign_image=pixels[b_slice],
         benign=benign[b_slice],
-        benign_title=(f"benign saliency (PM){on(b_slice)}\nmax {report.peak_benign:.2f}"
+        benign_title=((f"benign saliency (PM){on(b_slice)}\nmax {report.peak_benign:.2f}"
+                       if "benign" in item.pm_paths else
+                       "benign saliency: not sent\n([results] parametric_maps)")
                       + (f", SEG {flagged['benign']} px" if "benign" in flagged else "")),
         malignant=malignant[m_slice],
         malignant_title=(f"malignant saliency (PM){on(m_slice)}\nmax "

@@ -3,8 +3,8 @@
 - a Comprehensive 3D SR (TID 1500) with the probabilities, attended regions and the
   flagged-region summary (:mod:`dicomnode.results.sr`);
 - a SEG of the flagged regions, BINARY or FRACTIONAL (:mod:`dicomnode.results.seg`);
-- two Parametric Maps, benign and malignant saliency, each in its own series
-  (:mod:`dicomnode.results.pmap`);
+- Parametric Maps of the saliency, malignant by default, benign on request, each in its
+  own series (:mod:`dicomnode.results.pmap`);
 
 and per study, a Mammography CAD SR (TID 4000) of its DBT images with the marks on their
 slices (:func:`build_cad_sr`, :mod:`dicomnode.results.cad_sr`).
@@ -17,18 +17,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 from pydicom.dataset import Dataset
 
-from dicomnode.analysis import BreastAnalysis, ImageAnalysis
+from dicomnode.analysis import CLASS_NAMES, BreastAnalysis, ImageAnalysis
 from dicomnode.results.cad_sr import build_cad_sr
-from dicomnode.results.common import ResultOptions, ResultsError, read_sources
-from dicomnode.results.pmap import build_parametric_map, build_parametric_maps
-from dicomnode.results.seg import SegmentationResult, build_segmentation
+from dicomnode.results.common import (
+    ResultOptions,
+    ResultsError,
+    identify_result,
+    read_sources,
+)
+from dicomnode.results.geometry import saliency_levels
+from dicomnode.results.pmap import (
+    build_parametric_map,
+    build_parametric_maps,
+    pmap_class_indices,
+    pmap_factor,
+)
+from dicomnode.results.seg import SegmentationResult, build_segmentation, seg_factor
 from dicomnode.results.sr import build_sr
 
 __all__ = ["ResultOptions", "ResultSet", "ResultsError", "SegmentationResult", "build_cad_sr",
            "build_results", "build_parametric_map", "build_parametric_maps",
-           "build_segmentation", "build_sr", "read_sources"]
+           "build_segmentation", "build_sr", "identify_result", "read_sources"]
 
 
 @dataclass
@@ -37,7 +49,7 @@ class ResultSet:
 
     sr: Dataset
     seg: Dataset | None
-    pmaps: list[Dataset] = field(default_factory=list)  # [benign, malignant], a series each
+    pmaps: list[Dataset] = field(default_factory=list)  # ResultOptions.pmap_classes, a series each
     segmentation: SegmentationResult | None = None  # the SEG with its flagged-pixel counts
 
     @property
@@ -49,11 +61,29 @@ class ResultSet:
 def build_results(analysis: ImageAnalysis, breast: BreastAnalysis | None = None,
                   options: ResultOptions | None = None) -> ResultSet:
     """SR, SEG and Parametric Maps of one analysed image; `breast` adds the breast-level
-    probabilities to the SR. Source headers are read once from analysis.image.source_paths."""
+    probabilities to the SR. Source headers are read once from analysis.image.source_paths.
+
+    The saliency is resampled to the source grid once per class and shared by the SEG and
+    the Parametric Maps when they are on the same grid (geometry.saliency_levels). Every
+    object gets the IHE AIR identification (common.identify_result)."""
     options = options or ResultOptions()
     sources = read_sources(analysis)
-    segmentation = build_segmentation(analysis, options, sources) if options.make_seg else None
-    pmaps = build_parametric_maps(analysis, options, sources)
+    levels: dict[int, np.ndarray] = {}
+    binary = options.make_seg and options.seg_type == "binary"
+    shared = binary and seg_factor(analysis, sources, options) == pmap_factor(analysis, options)
+    if shared:
+        factor = pmap_factor(analysis, options)
+        levels = {c: saliency_levels(analysis, c, factor)
+                  for c in range(len(CLASS_NAMES))}
+    segmentation = (build_segmentation(analysis, options, sources, levels=levels or None)
+                    if options.make_seg else None)
+    pmaps = build_parametric_maps(
+        analysis, options, sources,
+        levels={c: levels[c] for c in pmap_class_indices(options) if c in levels} or None)
+    levels.clear()
     sr = build_sr(analysis, breast, segmentation, options, sources)
-    return ResultSet(sr=sr, seg=segmentation.dataset if segmentation else None, pmaps=pmaps,
-                     segmentation=segmentation)
+    results = ResultSet(sr=sr, seg=segmentation.dataset if segmentation else None,
+                        pmaps=pmaps, segmentation=segmentation)
+    for ds in results.datasets:
+        identify_result(ds, analysis.algorithm, sources[0])
+    return results

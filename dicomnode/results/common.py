@@ -3,7 +3,9 @@ and the source headers read back from the files the analysis came from."""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -13,10 +15,12 @@ import highdicom as hd
 import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicomnode.analysis import AlgorithmIdentity, ImageAnalysis
+from dicomnode import __version__
+from dicomnode.analysis import CLASS_NAMES, AlgorithmIdentity, ImageAnalysis
 from dicomnode.config import check_cad_operating_points
 from dicomnode.errors import DicomnodeError
 
@@ -56,6 +60,16 @@ class ResultOptions:
         it is marked.
     cad_presentation_required: CAD marks at this operating point or a more specific one
         are "Presentation Required"; the others "Presentation Optional".
+    make_seg: False writes no SEG (the SR then has no flagged-region groups).
+    pmap_classes: which classes (CLASS_NAMES) get a Parametric Map; malignant only by
+        default (docs/viewer.md says why), ("benign", "malignant") on request.
+    pmap_values: "float" (default): float32 values on 256 levels, what OHIF 3.13 shows;
+        "integer": levels 0..255 in 16-bit words with a Real World Value Mapping (slope
+        1/255) for viewers that apply the mapping (see pmap.py).
+    deflate: write Parametric Maps and SEGs with the Deflated Explicit VR Little
+        Endian transfer syntax (lossless; the maps are mostly zero, so a few % of their
+        size). False: Explicit VR Little Endian, for a PACS that refuses deflate (the SCU
+        also falls back by itself when a peer does not accept it).
     """
 
     thresholds: tuple[float, float] = (0.5, 0.5)
@@ -68,6 +82,9 @@ class ResultOptions:
     institution_name: str | None = None
     cad_operating_points: tuple[float, ...] = (0.5, 0.35, 0.25)
     cad_presentation_required: int = 1
+    pmap_classes: tuple[str, ...] = ("malignant",)
+    pmap_values: Literal["float", "integer"] = "float"
+    deflate: bool = True
 
     def __post_init__(self) -> None:
         check_cad_operating_points(self.cad_operating_points, self.cad_presentation_required)
@@ -77,6 +94,11 @@ class ResultOptions:
             raise ValueError(f"seg_type must be binary or fractional, got {self.seg_type!r}")
         if self.max_array_bytes < 1024:
             raise ValueError(f"max_array_bytes is too small: {self.max_array_bytes}")
+        if self.pmap_values not in ("float", "integer"):
+            raise ValueError(f"pmap_values must be float or integer, got {self.pmap_values!r}")
+        unknown = [c for c in self.pmap_classes if c not in CLASS_NAMES]
+        if unknown:
+            raise ValueError(f"pmap_classes: {unknown!r} not in {CLASS_NAMES!r}")
         for name in ("pmap_decimation", "seg_decimation"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -100,10 +122,16 @@ def coding_schemes() -> list[CodingSchemeIdentificationItem]:
 PROBABILITY_UNIT = hd.sr.CodedConcept("{probability}", "UCUM", "probability")
 NO_UNITS = hd.sr.CodedConcept("1", "UCUM", "no units")
 LATERALITY_CODES = {"L": codes.SCT.Left, "R": codes.SCT.Right}
-# SEG segment numbers and the SNOMED CT property types they hold, in CLASS_NAMES order.
+# What a SEG segment is: a region the algorithm selected (saliency above its operating
+# point for one class), not a lesion of known histology. Category "Spatial and Relational
+# Concept" (CID 7150), type "Selected region" (DCM 111099, the mammography CAD code for "a
+# region of an image selected for a particular purpose", CID 6014/6054); the class is in
+# the label. In CLASS_NAMES order: (segment label, property type).
+SEGMENT_CATEGORY = codes.SCT.SpatialAndRelationalConcept
+SELECTED_REGION = hd.sr.CodedConcept("111099", "DCM", "Selected region")
 SEGMENT_PROPERTIES = (
-    ("Benign finding", hd.sr.CodedConcept("3898006", "SCT", "Neoplasm, benign")),
-    ("Malignant finding", hd.sr.CodedConcept("86049000", "SCT", "Malignant neoplasm, primary")),
+    ("Benign-flagged region", SELECTED_REGION),
+    ("Malignant-flagged region", SELECTED_REGION),
 )
 
 
@@ -128,6 +156,74 @@ def result_uid(analysis: ImageAnalysis, options: ResultOptions, *labels: object)
     entropy = [*(p.name for p in analysis.image.source_paths),
                algorithm.checkpoint_sha256, repr(options), *copies, *map(str, labels)]
     return hd.UID(str(generate_uid(entropy_srcs=entropy)))
+
+
+# UIDs under "2.25" (PS3.5 B.2) from name-based UUIDs in the project's own namespace.
+_WEIGHTS_NAMESPACE = uuid.UUID("2f6d9c1e-4b7a-5e38-9a0c-6d1e8b3f4a25")
+PROCESSING_ALGORITHM = hd.sr.CodedConcept("109103", "DCM", "Processing Algorithm")
+
+
+def weights_device_uid(algorithm: AlgorithmIdentity) -> str:
+    """IHE AIR Device UID: derived from the hash of the checkpoint's bytes, so it changes
+    exactly when the weights change (and is the same on every node that runs them)."""
+    identity = algorithm.checkpoint_sha256 or f"unhashed:{algorithm.checkpoint_name}"
+    return f"2.25.{uuid.uuid5(_WEIGHTS_NAMESPACE, f'dicomnode-weights/{identity}').int}"
+
+
+def software_versions(algorithm: AlgorithmIdentity) -> list[str]:
+    """Software Versions (LO, VM 1-n): the node's version and the weights' identity."""
+    weights = (algorithm.checkpoint_sha256[:16] if algorithm.checkpoint_sha256
+               else algorithm.checkpoint_name or "unknown")
+    return [f"dicomnode {algorithm.version or __version__}"[:64],
+            f"{model_name(algorithm)} weights sha256:{weights}"[:64]]
+
+
+def identify_result(ds: Dataset, algorithm: AlgorithmIdentity, source: Dataset | None = None,
+                    *, now: datetime.datetime | None = None) -> Dataset:
+    """IHE AI Results (AIR) identification of a result object, applied the same way to
+    every kind (SR, SEG, Parametric Map, CAD SR) after its builder made it:
+
+    - a Contributing Equipment item with purpose (109103, DCM, "Processing Algorithm"),
+      manufacturer, model name, software versions and a Device UID derived from the
+      weights (weights_device_uid);
+    - Software Versions naming the node and the weights;
+    - Series Date / Time (from the Content Date / Time, else now);
+    - Institution Name as the source has it.
+
+    Idempotent: a second call replaces its own Contributing Equipment item.
+    """
+    device = weights_device_uid(algorithm)
+    versions = software_versions(algorithm)
+    ds.SoftwareVersions = versions
+    institution = source.get("InstitutionName") if source is not None else None
+    if institution:
+        ds.InstitutionName = institution
+    when = now or datetime.datetime.now()
+    if not ds.get("SeriesDate"):
+        ds.SeriesDate = ds.get("ContentDate") or when.strftime("%Y%m%d")
+    if not ds.get("SeriesTime"):
+        ds.SeriesTime = ds.get("ContentTime") or when.strftime("%H%M%S")
+    item = Dataset()
+    item.Manufacturer = MANUFACTURER
+    if ds.get("InstitutionName"):
+        item.InstitutionName = ds.InstitutionName
+    item.ManufacturerModelName = model_name(algorithm)[:64]
+    item.DeviceSerialNumber = serial_number(algorithm)
+    item.SoftwareVersions = versions
+    item.DeviceUID = device
+    purpose = Dataset()
+    purpose.CodeValue = PROCESSING_ALGORITHM.value
+    purpose.CodingSchemeDesignator = PROCESSING_ALGORITHM.scheme_designator
+    purpose.CodeMeaning = PROCESSING_ALGORITHM.meaning
+    item.PurposeOfReferenceCodeSequence = Sequence([purpose])
+    item.ContributionDateTime = f"{ds.SeriesDate}{ds.SeriesTime}"
+    item.ContributionDescription = (
+        f"{model_name(algorithm)} ({algorithm.checkpoint_name}) made this object "
+        f"({NOT_FOR_CLINICAL_USE})")[:1024]
+    kept = [i for i in ds.get("ContributingEquipmentSequence", [])
+            if i.get("DeviceUID") != device]
+    ds.ContributingEquipmentSequence = Sequence([*kept, item])
+    return ds
 
 
 def device_uid(algorithm: AlgorithmIdentity) -> str:

@@ -184,6 +184,32 @@ def saliency_frames(analysis: ImageAnalysis, class_index: int, factor: int):
         yield d, block_mean(full, factor)
 
 
+# Saliency in [0, 1] stored as integers 0..SALIENCY_LEVELS (the Parametric Map's pixels,
+# real-world value = stored / SALIENCY_LEVELS); the BINARY SEG thresholds the same levels,
+# so the SEG is exactly the map's pixels above the operating point.
+SALIENCY_LEVELS = 255
+
+
+def level_threshold(threshold: float) -> int:
+    """The largest stored level at or below `threshold`: flagged <=> level > this
+    (level / SALIENCY_LEVELS > threshold, for integer levels)."""
+    return math.floor(threshold * SALIENCY_LEVELS + 1e-9)
+
+
+def saliency_levels(analysis: ImageAnalysis, class_index: int, factor: int) -> np.ndarray:
+    """One class's saliency on the grid as uint8 levels 0..SALIENCY_LEVELS, (D, rows, cols),
+    resampled a frame at a time (a quarter of a float32 volume's memory)."""
+    _, rows, cols = analysis.image.shape
+    out = np.empty((analysis.saliency.shape[0], math.ceil(rows / factor),
+                    math.ceil(cols / factor)), dtype=np.uint8)
+    for d, frame in saliency_frames(analysis, class_index, factor):
+        frame = np.clip(frame, 0.0, 1.0, out=frame if frame.flags.writeable else None)
+        frame *= SALIENCY_LEVELS
+        np.rint(frame, out=frame)
+        out[d] = frame
+    return out
+
+
 def finish_result(obj: Dataset, analysis: ImageAnalysis, src: Dataset, *,
                   series_laterality: bool = False) -> None:
     """Attributes a breast result image needs beyond what highdicom copies: the series'
@@ -224,10 +250,20 @@ def projection_orientation(src: Dataset) -> list[float]:
     return [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
+def projection_frame_of_reference(src: Dataset) -> str:
+    """The frame of reference of a 2D image's results: one per source image, the same on
+    every rerun, never the source's own."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["dicomnode projection frame of reference",
+                                          str(src.get("SOPInstanceUID", ""))]))
+
+
 def with_projection_geometry(src: Dataset) -> Dataset:
     """A copy of a 2D (projection) image's header with a plane geometry: orientation from
-    PatientOrientation, position at the frame of reference's origin (BreastImage gives 2D
-    images position 0 too), pixel spacing, and the breast thickness as slice thickness.
+    PatientOrientation, position at the origin of a frame of reference of the image's own
+    (projection_frame_of_reference), pixel spacing, and the breast thickness as slice
+    thickness.
 
     Objects whose IOD requires plane position and orientation (the Parametric Map) need
     it; the pixel grid is the source's, so the result overlays the image pixel for pixel.
@@ -237,9 +273,11 @@ def with_projection_geometry(src: Dataset) -> Dataset:
         out.add(element)
     if hasattr(src, "file_meta"):
         out.file_meta = src.file_meta
-    if "FrameOfReferenceUID" not in out:
-        out.FrameOfReferenceUID = hd.UID()
-        out.PositionReferenceIndicator = ""
+    # A frame of reference of its own: the source's (often the study's DBT volumes' one)
+    # would place the projection at a made-up position inside the DBT's space, and viewers
+    # would draw reference lines and synchronise scrolling from it.
+    out.FrameOfReferenceUID = projection_frame_of_reference(src)
+    out.PositionReferenceIndicator = ""
     out.ImageOrientationPatient = projection_orientation(src)
     out.ImagePositionPatient = [0.0, 0.0, 0.0]
     if "PixelSpacing" not in out:

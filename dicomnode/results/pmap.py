@@ -1,15 +1,33 @@
-"""Parametric Maps of the benign and malignant saliency (float32) on the source image's
-frames, optionally on a decimated grid (see geometry).
+"""Parametric Maps of the saliency on the source image's frames, optionally on a decimated
+grid (see geometry).
 
-One single-channel PM per class, each in its own series ("malignant saliency", "benign
-saliency"), so a viewer shows each class as its own overlay: the frames of a two-channel PM
-share their positions and differ only by their real-world value mapping, which a viewer
-stacking frames by position may not separate, and OHIF (3.13) makes one display set per PM
-series from its first instance, so a second PM in the same series would never be shown.
+The saliency in [0, 1] is quantised to 256 levels (geometry.saliency_levels, the levels the
+BINARY SEG thresholds too) and stored either as
+
+- float32 values level/255 (ResultOptions.pmap_values "float", the default), with an
+  identity Real World Value Mapping: OHIF 3.13 colours a map's stored values x100 on a
+  fixed 0-100 scale (its PMAP viewport sets window 50/100 and ignores the mapping), so only
+  stored values in 0..1 show in OHIF; or as
+- levels 0..255 in 16-bit words ("integer"), with a Real World Value Mapping of slope 1/255
+  carrying the 0-1 saliency, for viewers that apply it (in OHIF 3.13 every non-zero pixel
+  would be drawn at the top of the scale). Not 8-bit words: OHIF 3.13 reads integer pixel
+  data as 16-bit or else 32-bit.
+
+Either way written with the Deflated Explicit VR Little Endian transfer syntax by default
+(ResultOptions.deflate): lossless, and a map on 256 levels, mostly zero, deflates to about
+1-2 % of its size (float32 on 256 levels about 1.3x the 16-bit one).
+
+One single-channel PM per class, each in its own series, and by default the malignant
+class only (ResultOptions.pmap_classes): a viewer shows each class as its own overlay: the
+frames of a two-channel PM share their positions and differ only by their real-world value
+mapping, which a viewer stacking frames by position may not separate, and OHIF (3.13) makes
+one display set per PM series from its first instance, so a second PM in the same series
+would never be shown.
 
 The PM IOD requires plane position and orientation, which a 2D mammogram lacks: for those
 the PM gets a geometry derived from the source's PatientOrientation (geometry.
-with_projection_geometry) in the source's frame of reference.
+with_projection_geometry) in a frame of reference of its own, derived from the source
+image, never the DBT's: a 2D projection has no place in the tomosynthesis volume.
 """
 
 from __future__ import annotations
@@ -17,7 +35,9 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.common import (
@@ -31,19 +51,24 @@ from dicomnode.results.common import (
     result_uid,
     serial_number,
     series_description,
+    software_versions,
     source_series_number,
 )
 from dicomnode.results.geometry import (
+    SALIENCY_LEVELS,
     decimation_factor,
     finish_result,
     has_patient_geometry,
     result_grid,
-    saliency_frames,
+    saliency_levels,
     with_projection_geometry,
 )
 
 LUT_LABELS = ("BENIGN_SAL", "MALIG_SAL")
-_BYTES_PER_PIXEL = 4  # float32, one class per object
+# the array built for highdicom: float32 (or uint16), one class per object, plus the uint8
+# levels it is made from
+_BYTES_PER_PIXEL = 5
+BREAST = codes.SCT.Breast
 
 
 def pm_sources(sources: list[Dataset]) -> list[Dataset]:
@@ -59,43 +84,69 @@ def pmap_factor(analysis: ImageAnalysis, options: ResultOptions) -> int:
                              options.pmap_decimation)
 
 
-def _mapping(class_index: int, algorithm_name: str) -> hd.pm.RealWorldValueMapping:
+def _mapping(class_index: int, algorithm_name: str, integer: bool
+             ) -> hd.pm.RealWorldValueMapping:
+    """Stored levels 0..255 -> saliency 0..1 (integer maps); identity on 0..1 (float)."""
     return hd.pm.RealWorldValueMapping(
         lut_label=LUT_LABELS[class_index],
-        lut_explanation=f"{algorithm_name} {CLASS_NAMES[class_index]} saliency",
+        lut_explanation=f"{algorithm_name} {CLASS_NAMES[class_index]} saliency 0-1",
         unit=NO_UNITS,
-        value_range=(0.0, 1.0),
-        slope=1.0,
+        value_range=(0, SALIENCY_LEVELS) if integer else (0.0, 1.0),
+        slope=1.0 / SALIENCY_LEVELS if integer else 1.0,
         intercept=0.0,
         quantity_definition=codes.DCM.ClassActivation,
     )
 
 
+def real_world_values(pm: Dataset) -> np.ndarray:
+    """A PM's pixels through its Real World Value Mapping (float64, frames x rows x cols)."""
+    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
+    stored = pm.pixel_array.reshape(int(pm.get("NumberOfFrames", 1)), pm.Rows, pm.Columns)
+    return (stored.astype(np.float64) * float(mapping.RealWorldValueSlope)
+            + float(mapping.RealWorldValueIntercept))
+
+
+def pmap_class_indices(options: ResultOptions) -> list[int]:
+    """The classes (CLASS_NAMES indices) that get a Parametric Map, in CLASS_NAMES order."""
+    return [i for i, name in enumerate(CLASS_NAMES) if name in options.pmap_classes]
+
+
 def build_parametric_maps(analysis: ImageAnalysis, options: ResultOptions | None = None,
-                          sources: list[Dataset] | None = None) -> list[Dataset]:
-    """[benign PM, malignant PM], each its own series in the source's study and frame of
-    reference."""
+                          sources: list[Dataset] | None = None,
+                          levels: dict[int, np.ndarray] | None = None) -> list[Dataset]:
+    """One PM per class of options.pmap_classes (CLASS_NAMES order), each its own series in
+    the source's study. `levels`: saliency_levels already computed on the PM's grid."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = pmap_factor(analysis, options)
-    return [build_parametric_map(analysis, class_index, options, sources, factor=factor)
-            for class_index in range(len(CLASS_NAMES))]
+    return [build_parametric_map(analysis, class_index, options, sources, factor=factor,
+                                 levels=(levels or {}).get(class_index))
+            for class_index in pmap_class_indices(options)]
 
 
 def build_parametric_map(analysis: ImageAnalysis, class_index: int,
                          options: ResultOptions | None = None,
-                         sources: list[Dataset] | None = None, *, factor: int | None = None
-                         ) -> Dataset:
+                         sources: list[Dataset] | None = None, *, factor: int | None = None,
+                         levels: np.ndarray | None = None) -> Dataset:
     """The saliency of one class (CLASS_NAMES order) as a Parametric Map, the only instance
     of its own series."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = factor or pmap_factor(analysis, options)
     grid = result_grid(analysis, sources, factor)
-    depth = analysis.image.shape[0]
-    array = np.empty((depth, grid.rows, grid.columns), dtype=np.float32)
-    for d, frame in saliency_frames(analysis, class_index, factor):
-        array[d] = frame
+    if levels is None:
+        levels = saliency_levels(analysis, class_index, factor)
+    if levels.shape != (analysis.image.shape[0], grid.rows, grid.columns):
+        raise ValueError(f"levels of shape {levels.shape} are not on the PM's grid")
+    integer = options.pmap_values == "integer"
+    array: np.ndarray
+    if integer:
+        array = levels.astype(np.uint16)
+        top = float(SALIENCY_LEVELS)
+    else:  # float32 values on the same 1/255 steps: 256 bit patterns, deflate well
+        array = levels.astype(np.float32)
+        array *= np.float32(1.0 / SALIENCY_LEVELS)
+        top = 1.0
     name = model_name(analysis.algorithm)
     label = CLASS_NAMES[class_index]
     with building("Parametric Map", analysis):
@@ -108,12 +159,15 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=name,
-            software_versions=analysis.algorithm.version or "unknown",
+            # several values (dicomnode, the weights); highdicom's hint says one
+            software_versions=software_versions(analysis.algorithm),  # type: ignore[arg-type]
             device_serial_number=serial_number(analysis.algorithm),
             contains_recognizable_visual_features=False,
-            real_world_value_mappings=[_mapping(class_index, name)],
+            real_world_value_mappings=[_mapping(class_index, name, integer)],
+            # a list: highdicom splits a plain string into one value per character
             voi_lut_transformations=[hd.VOILUTTransformation(
-                window_center=0.5, window_width=1.0, window_explanation="SALIENCY 0-1")],
+                window_center=[top / 2], window_width=[top + 1 if integer else top],
+                window_explanation=["SALIENCY 0-1"])],
             content_description=f"{name} {label} saliency, pixel grid 1/{factor}"[:64],
             content_label=LUT_LABELS[class_index],
             content_creator_name=_creator(name),
@@ -129,9 +183,32 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
         f"{name} {analysis.algorithm.version} {label} saliency; checkpoint "
         f"{analysis.algorithm.checkpoint_name} sha256 {analysis.algorithm.checkpoint_sha256}"
     )[:1024]
-    finish_result(pm, analysis, sources[0], series_laterality=True)
+    # Frame Laterality in Frame Anatomy; General Series Laterality must then be absent
+    finish_result(pm, analysis, sources[0])
+    add_frame_anatomy(pm, analysis.image.laterality)
     frames_along_normal(pm)
+    if options.deflate:
+        pm.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return pm
+
+
+def frame_anatomy(laterality: str | None) -> Dataset:
+    """Frame Anatomy functional group item: the breast, with its Frame Laterality (L, R;
+    U when unknown)."""
+    item = Dataset()
+    region = Dataset()
+    region.CodeValue = BREAST.value
+    region.CodingSchemeDesignator = BREAST.scheme_designator
+    region.CodeMeaning = BREAST.meaning
+    item.AnatomicRegionSequence = Sequence([region])
+    item.FrameLaterality = laterality if laterality in ("L", "R") else "U"
+    return item
+
+
+def add_frame_anatomy(obj: Dataset, laterality: str | None) -> None:
+    """Frame Anatomy in the shared functional groups (the same breast for every frame)."""
+    obj.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = Sequence(
+        [frame_anatomy(laterality)])
 
 
 def frames_along_normal(pm: Dataset) -> None:
@@ -151,8 +228,12 @@ def frames_along_normal(pm: Dataset) -> None:
     order = np.argsort(distances, kind="stable")
     if np.array_equal(order, np.arange(len(order))):
         return
-    pixels = np.frombuffer(pm.FloatPixelData, dtype="<f4")  # the maps are float32
-    pm.FloatPixelData = pixels.reshape(len(groups), -1)[order].tobytes()
+    keyword, dtype = (("FloatPixelData", "<f4") if "FloatPixelData" in pm
+                      else ("PixelData", "<u2"))  # float32 or 16-bit integer maps
+    frames = np.frombuffer(getattr(pm, keyword), dtype=dtype).reshape(len(groups), -1)
+    # highdicom's order is usually the exact reverse: a view, copied once by tobytes
+    reverse = np.array_equal(order, np.arange(len(order))[::-1])
+    setattr(pm, keyword, (frames[::-1] if reverse else frames[order]).tobytes())
     pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
 
 

@@ -1,6 +1,13 @@
 """Segmentation of the regions the model flags: segment 1 benign, 2 malignant.
 
-BINARY (default): saliency above the class's operating point (ResultOptions.thresholds).
+A segment is a region the algorithm selected for a class, not a lesion of known histology:
+category "Spatial and Relational Concept", type "Selected region" (common.SEGMENT_PROPERTIES),
+the class in the segment label and description, the breast and its laterality in the
+Anatomic Region Sequence (Breast, with a Left/Right modifier).
+
+BINARY (default): the saliency levels of the Parametric Map (0..255, geometry.
+saliency_levels) above the class's operating point (ResultOptions.thresholds), so the SEG
+is exactly the map's pixels above it.
 FRACTIONAL (PROBABILITY): the saliency itself, 8-bit; OHIF does not display it.
 Both segments are always described, so "nothing flagged" is a valid SEG with empty frames
 (and the SR says how much was flagged: 0). Each segment has its display colour (benign
@@ -14,12 +21,15 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sr.codedict import codes
+from pydicom.sequence import Sequence
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.common import (
+    LATERALITY_CODES,
     MANUFACTURER,
     SEG_SERIES_OFFSET,
+    SEGMENT_CATEGORY,
     SEGMENT_PROPERTIES,
     ResultOptions,
     algorithm_sequence,
@@ -29,19 +39,23 @@ from dicomnode.results.common import (
     result_uid,
     serial_number,
     series_description,
+    software_versions,
     source_series_number,
 )
 from dicomnode.results.geometry import (
     decimation_factor,
     finish_result,
     has_patient_geometry,
+    level_threshold,
     result_grid,
     saliency_frames,
+    saliency_levels,
 )
 
 # bytes per pixel of the array handed to highdicom: bool per segment (BINARY); FRACTIONAL
 # must be float32 (highdicom reads integer input as 0/1 masks)
 _BYTES_PER_PIXEL = {"binary": len(CLASS_NAMES), "fractional": 4 * len(CLASS_NAMES)}
+BREAST = hd.sr.CodedConcept("76752008", "SCT", "Breast")
 # Recommended display colour per segment (CLASS_NAMES order), sRGB 0-255
 SEGMENT_RGB = ((0, 200, 0), (230, 0, 0))
 
@@ -104,16 +118,36 @@ def _segments(analysis: ImageAnalysis, options: ResultOptions, tracking_uids: li
         out.append(hd.seg.SegmentDescription(
             segment_number=index + 1,
             segment_label=label,
-            segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+            segmented_property_category=SEGMENT_CATEGORY,
             segmented_property_type=property_type,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm_sequence(analysis.algorithm, extra),
-            anatomic_regions=[codes.SCT.Breast],
+            anatomic_regions=[BREAST],
             tracking_uid=tracking_uids[index],
             tracking_id=tracking_id(index),
             display_color=hd.color.CIELabColor.from_rgb(*SEGMENT_RGB[index]),
         ))
     return out
+
+
+def describe_segments(seg: Dataset, analysis: ImageAnalysis, options: ResultOptions) -> None:
+    """What highdicom's SegmentDescription cannot say: the class and operating point in
+    words (Segment Description) and the breast's laterality as a modifier of its Anatomic
+    Region (Left/Right; no modifier when the image has no laterality)."""
+    laterality = LATERALITY_CODES.get(analysis.image.laterality or "")
+    name = model_name(analysis.algorithm)
+    for index, item in enumerate(seg.SegmentSequence):
+        what = (f"saliency above {options.thresholds[index]:g}"
+                if options.seg_type == "binary" else "saliency (probability)")
+        item.SegmentDescription = (f"Region {name} flags for the {CLASS_NAMES[index]} class: "
+                                   f"{what}; not a diagnosis")[:64]
+        if laterality is not None:
+            modifier = Dataset()
+            modifier.CodeValue = laterality.value
+            modifier.CodingSchemeDesignator = laterality.scheme_designator
+            modifier.CodeMeaning = laterality.meaning
+            for region in item.get("AnatomicRegionSequence", []):
+                region.AnatomicRegionModifierSequence = Sequence([modifier])
 
 
 def _flagged_box(mask: np.ndarray, frame_index: int, factor: int,
@@ -150,8 +184,10 @@ def slice_spacing(analysis: ImageAnalysis) -> float | None:
 
 
 def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = None,
-                       sources: list[Dataset] | None = None) -> SegmentationResult:
-    """The SEG of one analysis, in the source's study and frame of reference."""
+                       sources: list[Dataset] | None = None,
+                       levels: dict[int, np.ndarray] | None = None) -> SegmentationResult:
+    """The SEG of one analysis, in the source's study and frame of reference. `levels`:
+    saliency_levels per class already computed on the SEG's grid (BINARY only)."""
     options = options or ResultOptions()
     sources = sources if sources is not None else read_sources(analysis)
     factor = seg_factor(analysis, sources, options)
@@ -165,19 +201,31 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
     flagged = [0] * len(CLASS_NAMES)
     boxes: list[FlaggedBox | None] = [None] * len(CLASS_NAMES)
     for class_index in range(len(CLASS_NAMES)):
-        threshold = options.thresholds[class_index]
+        if binary:
+            class_levels = (levels or {}).get(class_index)
+            if class_levels is None:
+                class_levels = saliency_levels(analysis, class_index, factor)
+            if class_levels.shape != array.shape:
+                raise ValueError(f"levels of shape {class_levels.shape} are not on the "
+                                 "SEG's grid")
+            above = level_threshold(options.thresholds[class_index])
+            frames = ((d, class_levels[d]) for d in range(depth))
+        else:
+            frames = saliency_frames(analysis, class_index, factor)
         most = 0
-        for d, frame in saliency_frames(analysis, class_index, factor):
-            mask = frame > threshold
-            count = int(mask.sum())
+        for d, frame in frames:
+            mask = frame > above if binary else frame > options.thresholds[class_index]
+            count = int(np.count_nonzero(mask))
+            if not binary:
+                array[d, :, :, class_index] = np.clip(frame, 0.0, 1.0)
+            if not count:
+                continue
             flagged[class_index] += count
             if count > most:
                 most = count
                 boxes[class_index] = _flagged_box(mask, d, factor, analysis.image.shape[1:])
             if binary:
                 array[d] |= mask.view(np.uint8) << class_index
-            else:
-                array[d, :, :, class_index] = np.clip(frame, 0.0, 1.0)
     if binary:
         array = _segment_stack(array)
     name = model_name(analysis.algorithm)
@@ -196,7 +244,7 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
             instance_number=1,
             manufacturer=MANUFACTURER,
             manufacturer_model_name=name,
-            software_versions=analysis.algorithm.version or "unknown",
+            software_versions=software_versions(analysis.algorithm),
             device_serial_number=serial_number(analysis.algorithm),
             content_label="GMIC_FINDINGS",
             content_description=f"{name} flagged regions ({options.seg_type})"[:64],
@@ -212,6 +260,9 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
         )
     del array
     finish_result(seg, analysis, sources[0])
+    describe_segments(seg, analysis, options)
+    if options.deflate:
+        seg.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     if grid.plane_positions is None:
         # a 2D image's SEG: the breast thickness is the only extent along the beam
         measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")

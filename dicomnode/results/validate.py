@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
@@ -31,10 +32,53 @@ def _run(argv: list[str], timeout: float) -> str:
 
 
 def dciodvfy_output(path: str | Path, timeout: float = 120) -> str:
-    """Full dciodvfy report of one file."""
+    """Full dciodvfy report of one file. dciodvfy (dicom3tools 1.00) cannot read the
+    Deflated Explicit VR Little Endian transfer syntax: such a file is checked as the same
+    dataset written uncompressed (deflate is a lossless encoding of the whole dataset)."""
     if not shutil.which("dciodvfy"):
         raise ValidatorMissingError("dciodvfy is not installed (Debian package dicom3tools)")
-    return _run(["dciodvfy", str(path)], timeout)
+    with _inflated(path) as readable:
+        return _run(["dciodvfy", str(readable)], timeout)
+
+
+class _inflated:
+    """Context manager: `path`, or an Explicit VR Little Endian copy of it when deflated."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.tmp: tempfile.TemporaryDirectory | None = None
+
+    def __enter__(self) -> Path:
+        import pydicom
+        from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+
+        try:
+            meta = pydicom.filereader.read_file_meta_info(self.path)
+        except Exception:  # not a DICOM file: let the tool say so
+            return self.path
+        if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            return self.path
+        ds = pydicom.dcmread(self.path)
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        self.tmp = tempfile.TemporaryDirectory(prefix="dicomnode-inflated-")
+        out = Path(self.tmp.name) / self.path.name
+        ds.save_as(out, enforce_file_format=True)
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def instance_validator_output(path: str | Path, timeout: float = 300) -> str:
+    """Full report of PixelMed's DicomInstanceValidator (IOD and module rules)."""
+    java = shutil.which("java")
+    if not PIXELMED_JAR.exists() or not java:
+        raise ValidatorMissingError(
+            f"PixelMed DicomInstanceValidator needs {PIXELMED_JAR} and java "
+            "(Debian package pixelmed-apps)")
+    return _run([java, *_JAVA_XPATH_LIMITS, "-cp", str(PIXELMED_JAR),
+                 "com.pixelmed.validate.DicomInstanceValidator", str(path)], timeout)
 
 
 def dciodvfy_error_lines(report: str) -> list[str]:
