@@ -286,3 +286,16 @@ def test_sr_passes_pixelmed_template_validation(tmp_path_factory, tmp_path, layo
                                                 modality) -> None:
     *_, path = _build(tmp_path_factory, tmp_path, layout, modality)
     assert sr_validator_errors(path) == []
+
+
+def test_sr_uid_follows_the_images_its_breast_figures_come_from(tmp_path_factory) -> None:
+    """A study that grew gives the breast other figures: other UIDs, never other content
+    under the UID already sent; the same breast gives the same UID."""
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    other = analysis_for(tmp_path_factory, "enhanced", "s2d")
+    alone = make_breast(analysis)
+    grown = make_breast(analysis)
+    grown.images = [analysis, other]
+    first = build_sr(analysis, alone).SOPInstanceUID
+    assert build_sr(analysis, make_breast(analysis)).SOPInstanceUID == first
+    assert build_sr(analysis, grown).SOPInstanceUID != first

@@ -283,7 +283,12 @@ def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
             uid=device_uid(alg), name=model_name(alg), manufacturer_name=MANUFACTURER,
             model_name=f"{model_name(alg)} {alg.checkpoint_name}"[:64],
             serial_number=serial_number(alg)))
-    sop_uid = result_uid(analysis, options, "sr")
+    # The breast-level figures come from every image of the breast: a breast that gained an
+    # image (the study grew) has other figures, so its SRs get other UIDs (and the old ones
+    # are superseded) instead of other content under the same UID.
+    breast_sources = sorted(p.name for image in (breast.images if breast else [])
+                            for p in image.image.source_paths)
+    sop_uid = result_uid(analysis, options, "sr", *breast_sources)
     groups = [_summary_group(analysis, breast, sources, algorithm, sop_uid)]
     groups += _region_groups(analysis, sources, algorithm, sop_uid)
     groups += _flagged_groups(analysis, options, sources, algorithm, sop_uid, seg)
