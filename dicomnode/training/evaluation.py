@@ -39,12 +39,15 @@ class LoadedCheckpoint:
     modality: str
     identity: AlgorithmIdentity  # as the node would name it; one plain pass
 
-    def as_node_runs_it(self, tta: int, augment_px: int) -> LoadedModel:
-        """The model as the worker holds it with [model] test_time_augmentations = tta."""
+    def as_node_runs_it(self, tta: int, augment_px: int, whole_breast: bool = True
+                        ) -> LoadedModel:
+        """The model as the worker holds it with [model] test_time_augmentations = tta and
+        [model] whole_breast."""
         from dicomnode.models import LoadedModel
 
         identity = dataclasses.replace(self.identity, test_time_augmentations=max(tta, 0),
-                                       augment_px=augment_px if tta > 0 else 0)
+                                       augment_px=augment_px if tta > 0 else 0,
+                                       whole_breast=whole_breast)
         return LoadedModel(self.model, identity, next(self.model.parameters()).device)
 
 
@@ -107,7 +110,8 @@ def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
 def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
                  masks: dict[str, dict[str, np.ndarray]], *, tta: int = 0,
                  augment_px: int = 100, threshold: float = 0.5, seed: int = 0,
-                 progress: bool = False) -> dict[str, list[ImageScore]]:
+                 progress: bool = False, whole_breast: bool = True
+                 ) -> dict[str, list[ImageScore]]:
     """Run every checkpoint on every image of its modality as the node's worker does
     (dicomnode.inference.analyse_image, with tta test-time copies drawn from seed: the
     worker's [model] test_time_augmentations and augment_px); localisation where a mask
@@ -116,7 +120,7 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
 
     by_modality: dict[str, list[LoadedModel]] = defaultdict(list)
     for c in checkpoints:
-        by_modality[c.modality].append(c.as_node_runs_it(tta, augment_px))
+        by_modality[c.modality].append(c.as_node_runs_it(tta, augment_px, whole_breast))
     results: dict[str, list[ImageScore]] = defaultdict(list)
     todo = [e for e in examples if e.header.modality in by_modality]
     for n, example in enumerate(todo, start=1):
