@@ -356,6 +356,7 @@ def projection_image(ctx: ImageContext, pixels: np.ndarray, bits: int, kind: str
     ds.WindowCenterWidthExplanation = style.window_explanation
     if style.monochrome1:
         ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PresentationLUTShape = "INVERSE"  # required with MONOCHROME1 (DX, PS3.3 C.8.11.6)
         ds.PixelIntensityRelationshipSign = -1
         ds.WindowCenter = (2**bits - 1) - ds.WindowCenter
     ds.BodyPartThickness = round(thickness_mm, 1)
