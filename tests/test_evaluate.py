@@ -145,8 +145,14 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(config), "evaluate", "--labels", str(images / "labels.csv"),
               "--images", str(images), "--checkpoint", str(checkpoint), "--out",
-              str(tmp_path / "report"), "--bootstrap", "10", "--montages", "0"])
+              str(tmp_path / "report"), "--bootstrap", "10", "--montages", "0",
+              "--group-by", "family", "--group-by", "size"])
     assert not exc.value.code, capsys.readouterr().err
+    groups = json.loads((tmp_path / "report" / "groups.json").read_text())
+    assert [g["grouping"] for g in groups] == ["family", "size"]
+    assert groups[0]["groups"] == ["powerlaw"]  # the default family, recorded per image
+    assert groups[0]["rows"][0]["malignant_breasts"] == 4
+    assert "Breast-wise AUC by family" in (tmp_path / "report" / "report.md").read_text()
     scored = {row["sop_instance_uid"]: row for row in
               json.loads((tmp_path / "report" / "report.json").read_text())["images"]}
 

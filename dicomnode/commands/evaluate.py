@@ -36,6 +36,11 @@ from dicomnode.commands.usage import OneLineCommand
               help="whole: the model reads the whole breast (input grown to the breast crop "
                    "where it is larger than the input size); chest-wall: a window of the "
                    "input size at the chest wall. Default: [model] whole_breast.")
+@click.option("--group-by", "group_by", multiple=True,
+              type=click.Choice(["family", "vendor", "density", "lesion_kind", "margin", "size"]),
+              help="Also breast-wise AUC per group, from the labels file's columns as "
+                   "`dicomnode synth` writes them (repeatable): texture family, vendor style, "
+                   "density; or the findings' kind, margin, size (<5, 5-10, 10-20, >=20 mm).")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="Saliency threshold for DSC.")
 @click.option("--bootstrap", "resamples", type=int, default=1000, show_default=True)
@@ -46,8 +51,8 @@ from dicomnode.commands.usage import OneLineCommand
 @click.pass_context
 def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], out: Path,
              images: Path | None, subset: str, split_text: str, split_file: Path | None,
-             tta: int | None, augment_px: int | None, window: str | None, threshold: float,
-             resamples: int,
+             tta: int | None, augment_px: int | None, window: str | None,
+             group_by: tuple[str, ...], threshold: float, resamples: int,
              montages: int, seed: int, device: str | None) -> None:
     """Evaluate checkpoints on labelled images and write a report to OUT."""
     from dicomnode.cli import load_cli_config
@@ -95,6 +100,14 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
         with open(out / "report.md", "a") as fh:
             fh.write(ev.hidden_findings_markdown(hidden))
         (out / "hidden_findings.json").write_text(json.dumps(hidden, indent=1))
+    if group_by:
+        attributes = ev.read_attributes(labels)
+        tables = [ev.group_auc_table(results, attributes, g, resamples=resamples, seed=seed)
+                  for g in group_by]
+        with open(out / "report.md", "a") as fh:
+            for table in tables:
+                fh.write(ev.group_markdown(table))
+        (out / "groups.json").write_text(json.dumps(tables, indent=1))
     report.roc_figures(out, aucs["curves"])
     if montages > 0:
         folder = out / "montages"
