@@ -62,8 +62,9 @@ def intensity_jitter(volume: Tensor, strength: float,
     """A (D, H, W) z-scored volume as another machine might have shown it, then z-scored
     again: a random monotone tone curve (gamma in [1/(1+s), 1+s] over the volume's range),
     contrast and offset changes, Gaussian blur (sigma up to 1.5 s px) and added noise (up to
-    0.15 s of the volume's standard deviation), all drawn from ``generator``. The padding
-    (the volume's minimum) stays the minimum; strength 0 returns the input unchanged."""
+    0.15 s of the volume's standard deviation, inside the image, not on the padding), all
+    drawn from ``generator``. Every step is monotone or local, so the padding (the volume's
+    minimum) stays the darkest; strength 0 returns the input unchanged."""
     if strength <= 0:
         return volume
     lo, hi = volume.min(), volume.max()
@@ -87,7 +88,8 @@ def intensity_jitter(volume: Tensor, strength: float,
     x = x + uniform(-strength, strength, generator) * 0.5
     noise_sd = uniform(0.0, 0.15 * strength, generator) * float(x.std())
     if noise_sd > 0:
-        x = x + noise_sd * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = x + noise_sd * noise * (volume > lo)
     x = (x - x.mean()) / torch.clamp(x.std(), min=1e-6)
     return x.contiguous()
 
