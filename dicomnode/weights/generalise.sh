@@ -21,6 +21,7 @@
 #   MASK_WEIGHT   weight of the SEG mask loss in stage A (0: image labels only)
 #   INTENSITY     --augment-intensity of stage A
 #   INIT          where stage A starts (builtin: the shipped dbt.pt)
+#   SPLIT         patient fractions train,val,test of each training set (0.85,0.15,0)
 #   DEVICE, DICOMNODE (how to call the command line), SEED_BASE
 #
 # Issue 17's targets (DBT, breast-wise malignant AUC, held-out): >= 0.95 on the training
@@ -42,6 +43,7 @@ INIT=${INIT:-builtin}
 DEVICE=${DEVICE:-auto}
 DICOMNODE=${DICOMNODE:-dicomnode}
 SEED_BASE=${SEED_BASE:-3000}
+SPLIT=${SPLIT:-0.85,0.15,0}  # patient fractions train,val,test of each training set
 HERE=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$WORK"
 
@@ -60,11 +62,11 @@ synth() {  # OUT STUDIES SEED FAMILIES [extra synth options]
 train_dbt() {  # DATA OUT
     local data=$1 out=$2
     $DICOMNODE train --images "$data" --labels "$data/labels.csv" --modality dbt \
-        --split 0.85,0.15,0 --init "$INIT" --device "$DEVICE" --no-progress \
+        --split "$SPLIT" --init "$INIT" --device "$DEVICE" --no-progress \
         --batch-size 4 --lr 3e-4 --patience 6 --epochs "$EPOCHS" --augment-px 24 \
         --augment-intensity "$INTENSITY" --mask-weight "$MASK_WEIGHT" --out "$out/a"
     $DICOMNODE train --images "$data" --labels "$data/labels.csv" --modality dbt \
-        --split 0.85,0.15,0 --init "$out/a/best.pt" --device "$DEVICE" --no-progress \
+        --split "$SPLIT" --init "$out/a/best.pt" --device "$DEVICE" --no-progress \
         --lesion-crops --batch-size 16 --lr 1e-4 --patience 6 --epochs "$LOCAL_EPOCHS" \
         --out "$out/b"
 }
