@@ -28,6 +28,10 @@ class AlgorithmIdentity:
     # 0: one plain pass ([model] test_time_augmentations).
     test_time_augmentations: int = 0
     augment_px: int = 0
+    # The model reads the whole breast crop, the input window grown past the checkpoint's
+    # input size where the breast is larger ([model] whole_breast); False: a window of the
+    # input size at the chest wall, which leaves most of a full-size breast unread.
+    whole_breast: bool = True
 
 
 @dataclass(frozen=True)

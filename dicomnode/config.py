@@ -128,6 +128,11 @@ class ModelConfig:
     # Largest shift/resize of a copy in model-input pixels: the paper's 100 px were for its
     # 2116-px-high input; 24 is what the built-in weights (448-px input) were trained with.
     augment_px: int = 24
+    # Read the whole breast: where the breast crop is larger than the checkpoint's input size
+    # (a full-size study and the built-in 448x320 weights), the input window grows to the
+    # crop rounded up to the network's stride (64), instead of a window of the input size at
+    # the chest wall that never looks at the rest. Costs time and memory in proportion.
+    whole_breast: bool = True
 
 
 @dataclass

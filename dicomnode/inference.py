@@ -43,8 +43,12 @@ class ModelPass:
 
 
 def run_model(model: GMIC, image: BreastImage, *, test_time_augmentations: int = 0,
-              augment_px: int = 0, seed: int = TTA_SEED, dtype: str = "fp32") -> ModelPass:
+              augment_px: int = 0, seed: int = TTA_SEED, dtype: str = "fp32",
+              whole_breast: bool = True) -> ModelPass:
     """Preprocess one image at the model's input size and run the model. With
+    whole_breast the input window grows to the whole breast crop where the breast is larger
+    than the input size (rounded up to the network's stride); otherwise a window of the input
+    size sits at the chest wall. With
     test_time_augmentations > 0 the final scores are the mean over that many copies
     shifted and resized at random by up to augment_px pixels (paper V-D.3); the output
     (what is drawn on the image) is always the plain pass's."""
@@ -54,7 +58,8 @@ def run_model(model: GMIC, image: BreastImage, *, test_time_augmentations: int =
     from gmic.preprocess import preprocess
 
     model_input, transform = preprocess(image.pixels, image.modality, image.laterality,
-                                        input_size=model.cfg.input_size)
+                                        input_size=model.cfg.input_size,
+                                        whole_breast=whole_breast)
     volume = torch.from_numpy(model_input)
     output = predict(model, volume, dtype=dtype)
     final = output.y.float().cpu()
@@ -78,7 +83,8 @@ def analyse_image(image: BreastImage, loaded: LoadedModel, *, dtype: str = "fp32
     identity = loaded.identity
     result = run_model(loaded.model, image,
                        test_time_augmentations=identity.test_time_augmentations,
-                       augment_px=identity.augment_px, seed=seed, dtype=dtype)
+                       augment_px=identity.augment_px, seed=seed, dtype=dtype,
+                       whole_breast=identity.whole_breast)
     output, transform = result.output, result.transform
     crop_h, crop_w = loaded.model.cfg.crop_size
     regions = []

@@ -82,8 +82,8 @@ def _sha256(path: Path) -> str:
 
 
 def algorithm_identity(modality: str, path: Path, meta: dict, *, builtin: bool = False,
-                       test_time_augmentations: int = 0, augment_px: int = 0
-                       ) -> AlgorithmIdentity:
+                       test_time_augmentations: int = 0, augment_px: int = 0,
+                       whole_breast: bool = True) -> AlgorithmIdentity:
     """Which model a checkpoint file is, as written into every result object."""
     return AlgorithmIdentity(
         name="3D-GMIC" if modality == "dbt" else "GMIC",
@@ -93,6 +93,7 @@ def algorithm_identity(modality: str, path: Path, meta: dict, *, builtin: bool =
         description=str(meta.get("description") or (BUILTIN_DESCRIPTION if builtin else "")),
         test_time_augmentations=test_time_augmentations,
         augment_px=augment_px if test_time_augmentations else 0,
+        whole_breast=whole_breast,
     )
 
 
@@ -149,7 +150,7 @@ class ModelRegistry:
         identity = algorithm_identity(
             modality, path, meta, builtin=builtin,
             test_time_augmentations=self.config.test_time_augmentations,
-            augment_px=self.config.augment_px)
+            augment_px=self.config.augment_px, whole_breast=self.config.whole_breast)
         log.info("event=model_loaded %s", kv(modality=modality, checkpoint=identity.checkpoint_name,
                                              sha256=identity.checkpoint_sha256[:12],
                                              device=str(self.device)))

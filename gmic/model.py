@@ -118,9 +118,14 @@ class GMIC(nn.Module):
                      generator: torch.Generator | None) -> GMICOutput:
         cfg = self.cfg
         saliency = self.saliency_maps(volume, slice_chunk).float()
-        y_global = top_t_aggregate(saliency, cfg.percent_t)
-
         image_size = (int(volume.shape[-2]), int(volume.shape[-1]))
+        # t is relative to the trained input's area: an input larger than cfg.input_size (the
+        # whole breast of a larger image) pools the same number of voxels (paper eq. 3 at a
+        # fixed input size).
+        area = image_size[0] * image_size[1]
+        trained = cfg.input_size[0] * cfg.input_size[1]
+        y_global = top_t_aggregate(saliency, cfg.percent_t, min(1.0, trained / area))
+
         map_size = (int(saliency.shape[-2]), int(saliency.shape[-1]))
         window = crop_window_on_map(cfg.crop_size, image_size, map_size)
         selection = retrieve_roi_from_3d_image(saliency, cfg.num_crops, window, cfg.zeta,

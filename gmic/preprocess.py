@@ -11,7 +11,11 @@ Steps, for a volume (D, H, W) in the MONOCHROME2 sense (higher = denser):
    with ``flip_by="laterality"``);
 4. a window of the model's input size, its left edge on the chest wall, its rows placed
    where it covers the most breast pixels (centred on the breast when the breast is
-   shorter than the window); zero padding where the window leaves the crop;
+   shorter than the window); zero padding where the window leaves the crop. With
+   ``whole_breast`` the window grows, where the breast is larger than the input size, to
+   the breast crop's own size rounded up to a multiple of the global network's stride
+   (64), so that the convolutional global network reads the whole breast at any field of
+   view; a fixed window would silently leave most of a full-size breast unread;
 5. z-score: by default over the whole output volume, breast and padding (as the paper
    says "z-score the whole volume"); ``normalise="breast"`` takes the statistics over the
    breast mask only.
@@ -28,6 +32,8 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage
+
+from gmic.config import GLOBAL_DOWNSAMPLING
 
 Modality = Literal["dbt", "ffdm", "s2d"]
 Side = Literal["left", "right"]
@@ -47,6 +53,9 @@ class PreprocessConfig:
     # "laterality": flip right breasts, whatever the image shows.
     flip_by: Literal["content", "laterality"] = "content"
     normalise: Literal["volume", "breast"] = "volume"
+    # Grow the window to cover the whole breast crop where it is larger than the input size
+    # (rounded up to the global network's stride). Training keeps fixed-size windows (batches).
+    whole_breast: bool = False
 
     def input_size(self, modality: str) -> tuple[int, int]:
         sizes = {"dbt": self.input_size_dbt, "s2d": self.input_size_s2d,
@@ -300,12 +309,16 @@ def _window_rows(row_counts: np.ndarray, r0: int, r1: int, in_h: int) -> int:
 def preprocess(volume: np.ndarray, modality: str = "dbt", laterality: str | None = None,
                config: PreprocessConfig | None = None,
                input_size: tuple[int, int] | None = None,
+               whole_breast: bool | None = None,
                ) -> tuple[np.ndarray, PreprocessTransform]:
     """Model input (D, H_in, W_in) float32 and the transform back to the source.
 
     ``volume`` is (D, H, W) or (H, W); ``laterality`` ("L"/"R") breaks ties when the image
     content does not show the chest-wall side (and decides alone with flip_by="laterality").
     ``input_size`` overrides the config's size for the modality (small test images).
+    ``whole_breast`` (default: the config's) makes the window at least the breast crop's size,
+    rounded up to a multiple of the network's stride: the output is then larger than
+    ``input_size`` wherever the breast is, and the transform says so (``input_shape``).
     """
     config = config or PreprocessConfig()
     vol = np.asarray(volume)
@@ -337,6 +350,9 @@ def preprocess(volume: np.ndarray, modality: str = "dbt", laterality: str | None
     fvol = vol[:, :, ::-1] if flipped else vol  # views, no copies
     fmask = mask[:, ::-1] if flipped else mask
     fc0, fc1 = (src_w - c1, src_w - c0) if flipped else (c0, c1)
+    if config.whole_breast if whole_breast is None else whole_breast:
+        in_h = max(in_h, _round_up(r1 - r0, GLOBAL_DOWNSAMPLING))
+        in_w = max(in_w, _round_up(fc1 - fc0, GLOBAL_DOWNSAMPLING))
 
     wc = fc0  # chest wall at the window's left edge
     row_counts = fmask[:, wc:wc + in_w].sum(axis=1, dtype=np.int64)
@@ -370,6 +386,10 @@ def preprocess(volume: np.ndarray, modality: str = "dbt", laterality: str | None
         std=std,
     )
     return out, transform
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 def _moments(out: np.ndarray, region: np.ndarray | None) -> tuple[float, float]:

@@ -18,13 +18,16 @@ def top_t_count(map_h: int, map_w: int, percent_t: float, num_slices: int) -> in
     return max(1, min(t, num_slices * map_h * map_w))
 
 
-def top_t_aggregate(saliency: Tensor, percent_t: float) -> Tensor:
+def top_t_aggregate(saliency: Tensor, percent_t: float, area_scale: float = 1.0) -> Tensor:
     """Mean of the top t saliency values of each class over the whole volume.
 
-    saliency: (D, C, h, w) -> (C,).
+    saliency: (D, C, h, w) -> (C,). ``area_scale`` (<= 1) counts t on that share of the
+    map's area: a model reading an input larger than the one it was trained at (the whole
+    breast of a full-size image) pools as many voxels as it learnt to, so a small lesion is
+    not diluted by the extra area.
     """
     d, c, h, w = saliency.shape
-    t = top_t_count(h, w, percent_t, d)
+    t = top_t_count(h, w, percent_t * area_scale, d)
     flat = saliency.transpose(0, 1).reshape(c, -1)
     return flat.topk(t, dim=1).values.mean(dim=1)
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmic.augment import shift_resize_with_masks
+from gmic.augment import intensity_jitter, shift_resize_with_masks
 from gmic.checkpoint import save_checkpoint
 from gmic.lesion_crops import find_lesions, sample_lesion_crops
 from gmic.loss import crop_mask_loss, gmic_loss_terms, saliency_mask_loss
@@ -71,6 +71,9 @@ class TrainSettings:
     batch_size: int = 4  # images per optimizer step over all processes (paper: 4)
     patience: int = 15  # epochs without a better validation malignant AUC before stopping
     augment_px: int = 100  # random shift/resize of the window, pixels (paper V-D.3)
+    # strength of random intensity changes (tone curve, contrast, blur, noise; 0 = none, as
+    # the paper): for models that must read other machines' images than they trained on
+    augment_intensity: float = 0.0
     seed: int = 0
     precision: str = "auto"  # auto (bf16/fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     checkpoint_every_steps: int = 0  # also save the resumable state every N optimizer steps
@@ -103,6 +106,8 @@ class TrainSettings:
             problems.append(f"patience must be >= 1, got {self.patience}")
         if self.augment_px < 0:
             problems.append(f"augment_px must be >= 0, got {self.augment_px}")
+        if not 0 <= self.augment_intensity <= 1:
+            problems.append(f"augment_intensity must be in [0, 1], got {self.augment_intensity}")
         if self.mask_weight < 0:
             problems.append(f"mask_weight must be >= 0, got {self.mask_weight}")
         if self.crop_weight < 0:
@@ -370,6 +375,7 @@ class Trainer:
             masks = torch.from_numpy(np.asarray(item[2], dtype=np.float32)).to(self.device)
         x = torch.from_numpy(np.asarray(volume, dtype=np.float32)).to(self.device)
         x, masks = shift_resize_with_masks(x, masks, self.settings.augment_px, self.generator)
+        x = intensity_jitter(x, self.settings.augment_intensity, self.generator)
         target = torch.as_tensor(np.asarray(label, dtype=np.float32), device=self.device)
         # self.net is DistributedDataParallel when dist.active (typed as its Module)
         context = (self.net.no_sync()  # type: ignore[operator]

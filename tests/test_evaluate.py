@@ -89,7 +89,10 @@ def test_test_time_augmentation_averages_copies() -> None:
                      seed=1)
     again = run_model(model, image, test_time_augmentations=3, augment_px=10,  # type: ignore[arg-type]
                       seed=1)
-    assert plain.model_input.shape == (1, *model.cfg.input_size)
+    # The 140-row breast is taller than the 128x96 input: the whole breast is read, the
+    # window grown to multiples of the network's stride (64).
+    assert model.cfg.input_size == (128, 96)
+    assert plain.model_input.shape == (1, 192, 128)
     np.testing.assert_allclose(plain.final, plain.output.y.numpy())
     np.testing.assert_allclose(once.final, again.final)  # seeded
     assert not np.allclose(plain.final, once.final)
@@ -142,8 +145,14 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     with pytest.raises(SystemExit) as exc:
         main(["--config", str(config), "evaluate", "--labels", str(images / "labels.csv"),
               "--images", str(images), "--checkpoint", str(checkpoint), "--out",
-              str(tmp_path / "report"), "--bootstrap", "10", "--montages", "0"])
+              str(tmp_path / "report"), "--bootstrap", "10", "--montages", "0",
+              "--group-by", "family", "--group-by", "size"])
     assert not exc.value.code, capsys.readouterr().err
+    groups = json.loads((tmp_path / "report" / "groups.json").read_text())
+    assert [g["grouping"] for g in groups] == ["family", "size"]
+    assert groups[0]["groups"] == ["powerlaw"]  # the default family, recorded per image
+    assert groups[0]["rows"][0]["malignant_breasts"] == 4
+    assert "Breast-wise AUC by family" in (tmp_path / "report" / "report.md").read_text()
     scored = {row["sop_instance_uid"]: row for row in
               json.loads((tmp_path / "report" / "report.json").read_text())["images"]}
 

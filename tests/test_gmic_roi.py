@@ -116,3 +116,15 @@ def test_crops_outside_the_image_are_padded_with_the_slice_minimum() -> None:
     assert torch.all(crops[0, 0, 3:, :] == vol[1].min())
     assert torch.all(crops[0, 0, :, 3:] == vol[1].min())
     assert torch.equal(crops[1, 0], vol[0, :4, :4])
+
+
+def test_top_t_on_a_larger_input_pools_as_many_voxels_as_trained() -> None:
+    """A lesion read inside the whole breast of a larger image scores as it did in the
+    trained input size: area_scale keeps t at the trained count."""
+    trained = torch.zeros(4, 2, 7, 5)
+    trained[1, :, 2:4, 1:3] = 0.9
+    larger = torch.zeros(4, 2, 14, 15)
+    larger[1, :, 2:4, 1:3] = 0.9
+    scale = (7 * 5) / (14 * 15)
+    assert torch.allclose(top_t_aggregate(larger, 0.5, scale), top_t_aggregate(trained, 0.5))
+    assert (top_t_aggregate(larger, 0.5) < top_t_aggregate(trained, 0.5)).all()

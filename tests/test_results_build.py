@@ -51,6 +51,12 @@ def test_a_rerun_reproduces_the_uids_and_new_options_do_not(tmp_path_factory) ->
     assert uids(ResultOptions()) == first
     changed = uids(ResultOptions(thresholds=(0.3, 0.3)))
     assert not {sop for _, sop in changed} & {sop for _, sop in first}
+    # the chest-wall window reads another part of a large breast: other objects too
+    windowed = dataclasses.replace(analysis, algorithm=dataclasses.replace(
+        analysis.algorithm, whole_breast=False))
+    other = [ds.SOPInstanceUID for ds in build_results(
+        windowed, make_breast(windowed), ResultOptions()).datasets]
+    assert not set(other) & {sop for _, sop in first}
 
 
 def test_no_seg_when_not_asked(tmp_path_factory) -> None:

@@ -32,6 +32,15 @@ from dicomnode.commands.usage import OneLineCommand
 @click.option("--augment-px", type=int, default=None,
               help="Largest shift/resize of a copy, model-input pixels; default: [model] "
                    "augment_px.")
+@click.option("--window", type=click.Choice(["whole", "chest-wall"]), default=None,
+              help="whole: the model reads the whole breast (input grown to the breast crop "
+                   "where it is larger than the input size); chest-wall: a window of the "
+                   "input size at the chest wall. Default: [model] whole_breast.")
+@click.option("--group-by", "group_by", multiple=True,
+              type=click.Choice(["family", "vendor", "density", "lesion_kind", "margin", "size"]),
+              help="Also breast-wise AUC per group, from the labels file's columns as "
+                   "`dicomnode synth` writes them (repeatable): texture family, vendor style, "
+                   "density; or the findings' kind, margin, size (<5, 5-10, 10-20, >=20 mm).")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="Saliency threshold for DSC.")
 @click.option("--bootstrap", "resamples", type=int, default=1000, show_default=True)
@@ -42,7 +51,8 @@ from dicomnode.commands.usage import OneLineCommand
 @click.pass_context
 def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], out: Path,
              images: Path | None, subset: str, split_text: str, split_file: Path | None,
-             tta: int | None, augment_px: int | None, threshold: float, resamples: int,
+             tta: int | None, augment_px: int | None, window: str | None,
+             group_by: tuple[str, ...], threshold: float, resamples: int,
              montages: int, seed: int, device: str | None) -> None:
     """Evaluate checkpoints on labelled images and write a report to OUT."""
     from dicomnode.cli import load_cli_config
@@ -57,6 +67,7 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
     # Scored as the worker scores: the node's test-time augmentation unless told otherwise.
     tta = config.model.test_time_augmentations if tta is None else tta
     augment_px = config.model.augment_px if augment_px is None else augment_px
+    whole_breast = config.model.whole_breast if window is None else window == "whole"
     loaded = ev.load_checkpoints(checkpoints, resolve_device(device or config.model.device))
     data = load_labelled(config, labels, None, images)
     examples = data.examples
@@ -68,13 +79,15 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
     ev.require_examples(examples, loaded, data.labels_path)
     masks = seg_masks(data.index.seg_paths)
     results = ev.score_images(examples, loaded, masks, tta=tta, augment_px=augment_px,
-                              threshold=threshold, seed=seed, progress=True)
+                              threshold=threshold, seed=seed, progress=True,
+                              whole_breast=whole_breast)
     aucs = ev.auc_tables(results, resamples=resamples, seed=seed)
     localisation = ev.localisation_table(results)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"labels": str(labels), "source": data.index.source, "subset": subset,
             "checkpoints": [str(c.path) for c in loaded], "resamples": resamples,
-            "threshold": threshold, "tta": tta, "augment_px": augment_px if tta > 0 else 0}
+            "threshold": threshold, "tta": tta, "augment_px": augment_px if tta > 0 else 0,
+            "window": "whole breast" if whole_breast else "chest wall"}
     per_image = [{"sop_instance_uid": s.example.uid, "modality": m,
                   "study_uid": s.example.header.study_uid, "laterality": s.example.laterality,
                   "view": s.example.header.view, "benign": s.example.benign,
@@ -87,6 +100,14 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
         with open(out / "report.md", "a") as fh:
             fh.write(ev.hidden_findings_markdown(hidden))
         (out / "hidden_findings.json").write_text(json.dumps(hidden, indent=1))
+    if group_by:
+        attributes = ev.read_attributes(labels)
+        tables = [ev.group_auc_table(results, attributes, g, resamples=resamples, seed=seed)
+                  for g in group_by]
+        with open(out / "report.md", "a") as fh:
+            for table in tables:
+                fh.write(ev.group_markdown(table))
+        (out / "groups.json").write_text(json.dumps(tables, indent=1))
     report.roc_figures(out, aucs["curves"])
     if montages > 0:
         folder = out / "montages"

@@ -26,17 +26,26 @@ from dicomnode.errors import DicomnodeError
               help="One multi-frame DBT object per view, or one file per slice.")
 @click.option("--dbt-geometry", default="shared", show_default=True, metavar="shared|per-frame",
               help="Where DBT plane orientation and pixel measures go.")
+@click.option("--families", default="powerlaw", show_default=True,
+              help="Texture families to draw each study's from: a comma-separated subset of "
+                   "powerlaw, ligament, lumpy, mixture, or 'all'; '-lumpy' is all but lumpy "
+                   "(leave one family out). Recorded per image in labels.csv (family).")
+@click.option("--variety/--no-variety", default=False, show_default=True,
+              help="Vary lesions (margins, 3-30 mm masses, calcification morphologies, "
+                   "contrasts) and acquisition (noise, blur, tone curve, bit depth, vendor "
+                   "header style) per study; off: the original generator, byte for byte.")
 def synth(out: Path, studies: int, size: str, seed: int, transfer_syntax: str, modalities: str,
-          dbt_layout: str, dbt_geometry: str) -> None:
+          dbt_layout: str, dbt_geometry: str, families: str, variety: bool) -> None:
     """Write synthetic combo-exam studies (DBT, FFDM, synthetic 2D; 4 views each) to OUT,
     with OUT/labels.csv, OUT/findings.json and a ground-truth SEG per image."""
-    from dicomnode.synth import SynthOptions, generate_studies, parse_modalities
+    from dicomnode.synth import SynthOptions, generate_studies, parse_families, parse_modalities
 
     try:
         options = SynthOptions(studies=studies, size=size, seed=seed,
                                transfer_syntax=transfer_syntax,
                                modalities=parse_modalities(modalities), dbt_layout=dbt_layout,
-                               dbt_geometry=dbt_geometry)
+                               dbt_geometry=dbt_geometry, families=parse_families(families),
+                               variety=variety)
     except ValueError as exc:
         raise OneLineUsageError(str(exc)) from None
     if out.exists() and not out.is_dir():

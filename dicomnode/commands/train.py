@@ -88,6 +88,10 @@ def model_options(f):
               help="Train only the local network, on crops centred on the ground-truth SEG "
                    "lesions (on the slice each is centred on) and on lesion-free crops; the "
                    "global network stays as --init has it.")
+@click.option("--augment-intensity", type=float, default=0.0, show_default=True,
+              help="Strength (0-1) of random intensity changes per training image: tone "
+                   "curve, contrast, blur, noise, as other machines would show it (0: off, as "
+                   "the paper; 0.3 for models that must read other generators or vendors).")
 @click.option("--max-minutes", type=float, default=0.0, show_default=True,
               help="Stop after this many minutes, checkpointing the weights so far (0: no limit); "
                    "rerun to resume.")
@@ -101,7 +105,7 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
           num_crops: int | None, percent_t: float | None, beta: float | None,
           log10_w: float | None,
           checkpoint_every: int, mask_weight: float, crop_weight: float,
-          lesion_crops: bool, max_minutes: float) -> None:
+          lesion_crops: bool, augment_intensity: float, max_minutes: float) -> None:
     """Train a model on labelled images; rerun the same command to resume."""
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
@@ -132,7 +136,8 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
                                  precision=precision, checkpoint_every_steps=checkpoint_every,
                                  progress=not no_progress, max_seconds=60 * max_minutes,
                                  mask_weight=mask_weight, crop_weight=crop_weight,
-                                 lesion_crops=lesion_crops)
+                                 lesion_crops=lesion_crops,
+                                 augment_intensity=augment_intensity)
     except TrainError as exc:
         raise DicomnodeError(str(exc)) from None
     data = load_labelled(config, labels, modality, images)

@@ -153,6 +153,9 @@ def result_uid(analysis: ImageAnalysis, options: ResultOptions, *labels: object)
     # other test-time copies give other scores: other objects, other UIDs
     copies = ([f"tta={algorithm.test_time_augmentations}x{algorithm.augment_px}"]
               if algorithm.test_time_augmentations else [])
+    # the chest-wall window reads less of a large breast: other findings, other objects
+    if not algorithm.whole_breast:
+        copies.append("window=chest-wall")
     entropy = [*(p.name for p in analysis.image.source_paths),
                algorithm.checkpoint_sha256, repr(options), *copies, *map(str, labels)]
     return hd.UID(str(generate_uid(entropy_srcs=entropy)))
@@ -241,6 +244,8 @@ def algorithm_parameters(algorithm: AlgorithmIdentity) -> dict[str, str]:
     if algorithm.test_time_augmentations:
         params["test_time_augmentations"] = (f"{algorithm.test_time_augmentations} copies, "
                                              f"up to {algorithm.augment_px} px")
+    if not algorithm.whole_breast:
+        params["window"] = "chest wall, the checkpoint's input size"
     return params
 
 

@@ -4,8 +4,8 @@
     records = generate_studies(Path("out"), SynthOptions(studies=2, size="small", seed=1))
 """
 
-from dicomnode.synth.options import SynthOptions, parse_modalities
+from dicomnode.synth.options import FAMILIES, SynthOptions, parse_families, parse_modalities
 from dicomnode.synth.study import FindingRecord, ImageRecord, StudyRecord, generate_studies
 
-__all__ = ["FindingRecord", "ImageRecord", "StudyRecord", "SynthOptions", "generate_studies",
-           "parse_modalities"]
+__all__ = ["FAMILIES", "FindingRecord", "ImageRecord", "StudyRecord", "SynthOptions",
+           "generate_studies", "parse_families", "parse_modalities"]

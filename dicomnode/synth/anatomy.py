@@ -13,7 +13,7 @@ fine-scale texture layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sparse
@@ -112,6 +112,8 @@ class ViewPhantom:
     inside: np.ndarray  # coarse (nz, ny, nx) float32 fraction of each voxel inside the breast
     mu: np.ndarray  # coarse (nz, ny, nx) float32 attenuation, 0 outside
     pectoral: np.ndarray | None  # coarse (ny, nx) bool, MLO only
+    # Texture family and its drawn parameters (dicomnode.synth.texture), recorded per image.
+    texture: dict = field(default_factory=lambda: {"family": "powerlaw"})
 
     @property
     def coarse_shape(self) -> tuple[int, int]:
@@ -131,8 +133,15 @@ def _snap(mm: float, step_mm: float) -> float:
 
 
 def build_view_phantom(rng: np.random.Generator, view: str, spec: SizeSpec,
-                       breast: BreastParams) -> ViewPhantom:
-    """Compressed breast of one view: outline, thickness profile, skin, muscle, glandular tissue."""
+                       breast: BreastParams, family: str = "powerlaw",
+                       texture_rng: np.random.Generator | None = None,
+                       variety: bool = False) -> ViewPhantom:
+    """Compressed breast of one view: outline, thickness profile, skin, muscle, glandular tissue.
+
+    `family` names the glandular texture (dicomnode.synth.texture), drawn from `texture_rng`;
+    the default (powerlaw, no variety) is the original generator, drawn from `rng`, so that
+    its output is unchanged byte for byte.
+    """
     coarse_mm = COARSE_MM
     height = _snap(breast.height_mm, coarse_mm)
     width = _snap(breast.width_mm, coarse_mm)
@@ -192,10 +201,18 @@ def build_view_phantom(rng: np.random.Generator, view: str, spec: SizeSpec,
     # most dense behind the nipple, thresholded to this breast's density.
     # f_min sets the largest tissue "lumps" (~1/f_min mm); larger ones would make every
     # projection a few bright clouds.
-    field = power_law_field(rng, (nz, ny, nx), (SLICE_MM, coarse_mm, coarse_mm), beta=3.0,
-                            f_min=0.04)
+    if family == "powerlaw" and not variety:
+        tissue = power_law_field(rng, (nz, ny, nx), (SLICE_MM, coarse_mm, coarse_mm), beta=3.0,
+                                 f_min=0.04)
+        texture: dict = {"family": "powerlaw", "beta": 3.0, "f_min": 0.04}
+    else:
+        from dicomnode.synth.texture import texture_field
+
+        tissue, texture = texture_field(family, texture_rng or rng, (nz, ny, nx),
+                                        (SLICE_MM, coarse_mm, coarse_mm),
+                                        (float(centre), float(nipple)), variety=variety)
     central = np.exp(-((yy - centre) / (0.9 * half)) ** 2 - ((xx - 0.45 * nipple) / nipple) ** 2)
-    field += np.float32(2.0) * central[None].astype(np.float32)
+    tissue += np.float32(2.0) * central[None].astype(np.float32)
     fat_layer = min(SUBCUTANEOUS_FAT_MM, 0.12 * thickness)
     envelope = np.clip((depth - fat_layer) / min(6.0, 0.2 * thickness), 0, 1)
     if pectoral is not None:
@@ -203,13 +220,13 @@ def build_view_phantom(rng: np.random.Generator, view: str, spec: SizeSpec,
     core = envelope > 0.5
     target = float(np.clip(breast.gland_fraction / max(core.mean() / max(
         (inside > 0.5).mean(), 1e-6), 1e-6), 0.01, 0.95))
-    sample = field[core]
+    sample = tissue[core]
     if sample.size > 200_000:
         sample = sample[rng.integers(0, sample.size, 200_000)]
     threshold = float(np.quantile(sample, 1.0 - target)) if sample.size else 0.0
-    gland = (1.0 / (1.0 + np.exp(-(field - threshold) / 0.25))).astype(np.float32)
+    gland = (1.0 / (1.0 + np.exp(-(tissue - threshold) / 0.25))).astype(np.float32)
     gland *= envelope.astype(np.float32)
-    del field, sample
+    del tissue, sample
 
     mu = np.full_like(inside, MU_FAT)
     mu += gland * np.float32(MU_GLAND - MU_FAT)
@@ -223,7 +240,7 @@ def build_view_phantom(rng: np.random.Generator, view: str, spec: SizeSpec,
     return ViewPhantom(view=view, height_mm=height, width_mm=width, thickness_mm=thickness,
                        nipple_mm=float(nipple), rows=ny * COARSE_FACTOR, cols=nx * COARSE_FACTOR,
                        slices=nz, outline=outline, thickness=local_t, inside=inside, mu=mu,
-                       pectoral=pectoral)
+                       pectoral=pectoral, texture=texture)
 
 
 @dataclass(frozen=True)

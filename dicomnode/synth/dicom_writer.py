@@ -44,6 +44,31 @@ from dicomnode.synth.options import DBT_PIXEL_MM, FFDM_PIXEL_MM, SLICE_MM
 MANUFACTURER = "dicomnode"
 MODEL_NAME = "dicomnode synth"
 DEVICE_SERIAL = "SYNTH-0001"
+
+
+@dataclass(frozen=True)
+class VendorStyle:
+    """How one (fictional) vendor writes its headers: the differences a node meets in real
+    archives, without naming real manufacturers."""
+
+    manufacturer: str
+    model_name: str
+    serial: str
+    voi_lut_function: str = "LINEAR"  # projections: LINEAR or SIGMOID
+    monochrome1: bool = False  # projections stored inverted (bright = less attenuation)
+    detector_type: str = "DIRECT"
+    window_explanation: str = "BREAST"
+
+
+VENDOR_STYLES = {
+    "dicomnode": VendorStyle(MANUFACTURER, MODEL_NAME, DEVICE_SERIAL),
+    "style-a": VendorStyle("Synthetic Vendor A", "SVA Tomo 3000", "SVA-0042",
+                           voi_lut_function="SIGMOID", window_explanation="NORMAL"),
+    "style-b": VendorStyle("Synthetic Vendor B", "SVB Mammo DR", "SVB-1187", monochrome1=True,
+                           detector_type="SCINTILLATOR", window_explanation="STANDARD"),
+    "style-c": VendorStyle("Synthetic Vendor C", "SVC Breast 3D", "SVC-7",
+                           detector_type="SCINTILLATOR", window_explanation="DEFAULT"),
+}
 VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
 BREAST_CODE = ("76752008", "SCT", "Breast")
 TRANSFER_SYNTAX_UIDS = {"explicit": ExplicitVRLittleEndian, "j2k": JPEG2000Lossless}
@@ -74,6 +99,7 @@ class ImageContext:
     series_description: str
     sop_uid: str
     instance_number: int
+    vendor: str = "dicomnode"  # a VENDOR_STYLES key
 
 
 def orientation(laterality: str, view: str) -> tuple[list[float], list[str]]:
@@ -143,18 +169,19 @@ def _common(ctx: ImageContext, sop_class: str) -> Dataset:
     ds.ContentTime = s.study_time
     ds.AccessionNumber = s.accession_number
     ds.Modality = "MG"
-    ds.Manufacturer = MANUFACTURER
+    style = VENDOR_STYLES[ctx.vendor]
+    ds.Manufacturer = style.manufacturer
     ds.InstitutionName = "Synthetic"
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "Synthetic breast screening (DBT + FFDM + synthetic 2D)"
     ds.SeriesDescription = ctx.series_description
-    ds.ManufacturerModelName = MODEL_NAME
+    ds.ManufacturerModelName = style.model_name
     ds.PatientName = s.patient_name
     ds.PatientID = s.patient_id
     ds.PatientBirthDate = s.patient_birth_date
     ds.PatientSex = "F"
     ds.BodyPartExamined = "BREAST"
-    ds.DeviceSerialNumber = DEVICE_SERIAL
+    ds.DeviceSerialNumber = style.serial
     ds.SoftwareVersions = __version__
     ds.StudyInstanceUID = s.study_uid
     ds.SeriesInstanceUID = ctx.series_uid
@@ -318,9 +345,20 @@ def dbt_slice(ctx: ImageContext, frame: np.ndarray, bits: int, k: int,
 def projection_image(ctx: ImageContext, pixels: np.ndarray, bits: int, kind: str,
                      thickness_mm: float, sources: list[tuple[str, str]] | None = None
                      ) -> Dataset:
-    """FFDM (`kind` "ffdm") or synthetic 2D ("s2d", derived from `sources`: (class, instance))."""
+    """FFDM (`kind` "ffdm") or synthetic 2D ("s2d", derived from `sources`: (class, instance)).
+    `pixels` are in the MONOCHROME2 sense; a MONOCHROME1 vendor style stores them inverted
+    (see `stored_pixels`)."""
     spacing = FFDM_PIXEL_MM if kind == "ffdm" else DBT_PIXEL_MM
     ds = _projection_common(ctx, pixels, bits, spacing, _window(pixels))
+    style = VENDOR_STYLES[ctx.vendor]
+    ds.VOILUTFunction = style.voi_lut_function
+    ds.DetectorType = style.detector_type
+    ds.WindowCenterWidthExplanation = style.window_explanation
+    if style.monochrome1:
+        ds.PhotometricInterpretation = "MONOCHROME1"
+        ds.PresentationLUTShape = "INVERSE"  # required with MONOCHROME1 (DX, PS3.3 C.8.11.6)
+        ds.PixelIntensityRelationshipSign = -1
+        ds.WindowCenter = (2**bits - 1) - ds.WindowCenter
     ds.BodyPartThickness = round(thickness_mm, 1)
     if kind == "ffdm":
         ds.ImageType = ["ORIGINAL", "PRIMARY"]
@@ -337,6 +375,13 @@ def projection_image(ctx: ImageContext, pixels: np.ndarray, bits: int, kind: str
             refs.append(ref)
         ds.SourceImageSequence = Sequence(refs)
     return ds
+
+
+def stored_pixels(ctx: ImageContext, pixels: np.ndarray, bits: int) -> np.ndarray:
+    """The projection's pixel values as its vendor style stores them."""
+    if VENDOR_STYLES[ctx.vendor].monochrome1:
+        return (np.uint16(2**bits - 1) - pixels).astype(np.uint16)
+    return pixels
 
 
 def _projection_common(ctx: ImageContext, pixels: np.ndarray, bits: int, spacing: float,

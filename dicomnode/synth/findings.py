@@ -1,5 +1,12 @@
 """Findings: circumscribed benign masses, spiculated or irregular malignant masses, and clusters
-of fine pleomorphic calcifications.
+of fine pleomorphic calcifications; with ``variety`` (``dicomnode synth --variety``) the kinds
+and sizes screening finds: masses of about 3 to 30 mm with circumscribed, lobulated, indistinct,
+irregular or spiculated margins, and clusters of fine pleomorphic, amorphous or punctate
+calcifications, over a wider range of contrasts.
+
+Architectural distortion is not generated: an honest one needs the surrounding tissue pulled
+towards a point (the texture itself displaced), not a shape added on top of it, and a
+spiculated mass without its core would only teach the model a thin-spicule detector.
 
 A finding is drawn once per breast (`FindingSpec`, in breast-relative terms) and placed in each
 view's compressed breast (`PlacedFinding`, phantom mm), so CC and MLO, DBT, synthetic 2D and FFDM
@@ -54,6 +61,16 @@ class FindingSpec:
     edge_mm: float = 0.1  # width of the mass margin (sharp = circumscribed)
     spicules: tuple[Spicule, ...] = ()
     calcifications: tuple[Calcification, ...] = ()
+    # BI-RADS-style descriptor: mass margin (circumscribed, lobulated, indistinct, irregular,
+    # spiculated) or calcification morphology (fine pleomorphic, amorphous, punctate).
+    margin: str = ""
+
+    @property
+    def diameter_mm(self) -> float:
+        """Largest in-plane diameter of the mass core, or of the calcification cluster."""
+        if self.kind == CALCIFICATIONS:
+            return 2 * self.radius_mm
+        return 2 * self.radius_mm * max(self.axes[:2])
 
     @property
     def malignant(self) -> bool:
@@ -70,7 +87,12 @@ class FindingSpec:
         return reach
 
 
-def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec) -> FindingSpec:
+def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec,
+                   variety: bool = False) -> FindingSpec:
+    """One finding of `kind`; `variety` draws from the wider ranges (margins, sizes,
+    morphologies, contrasts) instead of the original generator's."""
+    if variety:
+        return _sample_varied(rng, kind, spec)
     along = float(rng.uniform(0.25, 0.75))
     angle = float(rng.uniform(0, 2 * np.pi))
     radial = float(rng.uniform(0.0, 0.7))
@@ -89,7 +111,7 @@ def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec) -> Findi
                 offset_mm=(float(p[0] * radius), float(p[1] * radius), float(p[2] * radius * 0.5)),
                 radius_mm=diameter / 2, mu_excess=float(rng.uniform(3.0, 10.0))))
         return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
-                           contrast=0.0, calcifications=tuple(calcs))
+                           contrast=0.0, calcifications=tuple(calcs), margin="fine pleomorphic")
     lo, hi = spec.mass_diameter_mm
     radius = float(rng.uniform(lo, hi)) / 2
     axes = (float(rng.uniform(0.85, 1.2)), float(rng.uniform(0.75, 1.0)), 1.0)
@@ -102,7 +124,7 @@ def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec) -> Findi
                       for m in (2, 3))
         return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
                            contrast=contrast, axes=axes, rotation=rotation, lobes=lobes,
-                           edge_mm=0.1)
+                           edge_mm=0.1, margin="circumscribed")
     contrast = float(np.exp(rng.uniform(np.log(0.005), np.log(0.15))))
     irregular = bool(rng.random() < 0.4)
     lobes = tuple((int(m), float(rng.uniform(0.04, 0.14 if irregular else 0.07)),
@@ -119,7 +141,83 @@ def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec) -> Findi
                                     width_mm=float(rng.uniform(0.3, 0.8))))
     return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
                        contrast=contrast, axes=axes, rotation=rotation, lobes=lobes,
-                       edge_mm=float(rng.uniform(0.2, 0.6)), spicules=tuple(spicules))
+                       edge_mm=float(rng.uniform(0.2, 0.6)), spicules=tuple(spicules),
+                       margin="irregular" if irregular else "spiculated")
+
+
+# Margins and their shares (benign / malignant) with variety; calcification morphologies.
+BENIGN_MARGINS = {"circumscribed": 0.55, "lobulated": 0.35, "indistinct": 0.10}
+MALIGNANT_MARGINS = {"spiculated": 0.40, "indistinct": 0.25, "irregular": 0.25,
+                     "circumscribed": 0.10}
+CALC_MORPHOLOGIES = {"fine pleomorphic": 0.5, "amorphous": 0.3, "punctate": 0.2}
+
+
+def _choice(rng: np.random.Generator, shares: dict[str, float]) -> str:
+    names = list(shares)
+    return names[int(rng.choice(len(names), p=np.array(list(shares.values())) / sum(
+        shares.values())))]
+
+
+def _spicules(rng: np.random.Generator, radius: float, count: int) -> tuple[Spicule, ...]:
+    out = []
+    for _ in range(count):
+        d = rng.normal(size=3)
+        d[2] *= 0.6  # compression flattens spicules towards the image plane
+        d /= np.linalg.norm(d)
+        out.append(Spicule(direction=(float(d[0]), float(d[1]), float(d[2])),
+                           start_mm=0.6 * radius,
+                           length_mm=float(radius * rng.uniform(0.6, 2.0) + 2.0),
+                           width_mm=float(rng.uniform(0.2, 0.8))))
+    return tuple(out)
+
+
+def _sample_varied(rng: np.random.Generator, kind: str, spec: SizeSpec) -> FindingSpec:
+    along = float(rng.uniform(0.15, 0.85))
+    angle = float(rng.uniform(0, 2 * np.pi))
+    radial = float(rng.uniform(0.0, 0.8))
+    if kind == CALCIFICATIONS:
+        morphology = _choice(rng, CALC_MORPHOLOGIES)
+        lo, hi = spec.cluster_radius_mm
+        radius = float(rng.uniform(0.6 * lo, 1.5 * hi))
+        count = int(rng.integers(3, 41))
+        median, excess = {"fine pleomorphic": (0.22, (3.0, 10.0)),
+                          "amorphous": (0.15, (1.5, 4.0)),
+                          "punctate": (0.35, (4.0, 12.0))}[morphology]
+        calcs = []
+        for _ in range(count):
+            while True:
+                p = rng.uniform(-1, 1, 3)
+                if p @ p <= 1:
+                    break
+            diameter = float(np.clip(rng.lognormal(np.log(median), 0.4), 0.08, 0.8))
+            calcs.append(Calcification(
+                offset_mm=(float(p[0] * radius), float(p[1] * radius), float(p[2] * radius * 0.5)),
+                radius_mm=diameter / 2, mu_excess=float(rng.uniform(*excess))))
+        return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
+                           contrast=0.0, calcifications=tuple(calcs), margin=morphology)
+    lo, hi = spec.varied_mass_diameter_mm
+    radius = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / 2
+    axes = (float(rng.uniform(0.8, 1.25)), float(rng.uniform(0.7, 1.0)), 1.0)
+    rotation = float(rng.uniform(0, np.pi))
+    if kind == BENIGN_MASS:
+        margin = _choice(rng, BENIGN_MARGINS)
+        contrast = float(rng.uniform(-0.06, 0.12))
+    else:
+        margin = _choice(rng, MALIGNANT_MARGINS)
+        contrast = float(np.exp(rng.uniform(np.log(0.005), np.log(0.2))))
+    amplitude = {"circumscribed": (0.0, 0.04), "lobulated": (0.08, 0.2),
+                 "indistinct": (0.02, 0.08), "irregular": (0.06, 0.16),
+                 "spiculated": (0.03, 0.08)}[margin]
+    orders = (2, 3) if margin in ("circumscribed", "lobulated") else (3, 4, 5, 7, 9)
+    lobes = tuple((int(m), float(rng.uniform(*amplitude)), float(rng.uniform(0, 2 * np.pi)))
+                  for m in orders)
+    edge = {"circumscribed": (0.05, 0.15), "lobulated": (0.05, 0.2), "indistinct": (0.8, 2.5),
+            "irregular": (0.2, 0.6), "spiculated": (0.2, 0.6)}[margin]
+    spicules = (_spicules(rng, radius, int(rng.integers(6, 21))) if margin == "spiculated"
+                else ())
+    return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
+                       contrast=contrast, axes=axes, rotation=rotation, lobes=lobes,
+                       edge_mm=float(rng.uniform(*edge)), spicules=spicules, margin=margin)
 
 
 @dataclass

@@ -50,6 +50,43 @@ FFDM_NOISE = 0.008  # line-integral units
 S2D_MAX_WEIGHT_CM = 0.1  # how much of the maximum through depth a synthetic 2D adds
 FINE_TEXTURE_MU = 0.03  # fine glandular detail layer, 1/cm
 BENIGN, MALIGNANT = 1, 2  # label values (SEG segment numbers)
+TONE_SHOULDER = 1.1  # attenuation at which the for-presentation tone curve bends over
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """Detector and processing of one study's machine. The defaults are the original
+    generator's (every image alike); `sample_acquisition` draws varied ones."""
+
+    dbt_noise_mu: float = DBT_NOISE_MU  # DBT slice noise, 1/cm
+    ffdm_noise: float = FFDM_NOISE  # FFDM noise, line-integral units
+    blur_px: float = 0.0  # detector / reconstruction blur, Gaussian sigma in pixels
+    tone_shoulder: float = TONE_SHOULDER  # for-presentation tone curve of the projections
+    tone_gamma: float = 1.0
+    dbt_gain: float = DBT_GAIN  # stored value per 1/cm at 12 bits
+    dbt_bits: int = DBT_BITS
+    s2d_bits: int = S2D_BITS
+    ffdm_bits: int = FFDM_BITS
+    vendor: str = "dicomnode"  # header style (dicomnode.synth.dicom_writer.VENDOR_STYLES)
+
+    def record(self) -> dict[str, str]:
+        """The columns labels.csv records for each image."""
+        return {"vendor": self.vendor, "noise_scale": f"{self.dbt_noise_mu / DBT_NOISE_MU:.3f}",
+                "blur_px": f"{self.blur_px:.2f}", "tone_gamma": f"{self.tone_gamma:.3f}",
+                "tone_shoulder": f"{self.tone_shoulder:.3f}"}
+
+
+def sample_acquisition(rng: np.random.Generator, vendors: tuple[str, ...]) -> Acquisition:
+    """A machine: noise 0.5-2x, blur up to 1.2 px, tone curve, bit depths, header style."""
+    noise = float(np.exp(rng.uniform(np.log(0.5), np.log(2.0))))
+    dbt_bits = int(rng.choice([10, 12, 14]))
+    return Acquisition(
+        dbt_noise_mu=DBT_NOISE_MU * noise, ffdm_noise=FFDM_NOISE * noise,
+        blur_px=float(rng.uniform(0.0, 1.2)), tone_shoulder=float(rng.uniform(0.8, 1.6)),
+        tone_gamma=float(rng.uniform(0.7, 1.4)),
+        dbt_gain=DBT_GAIN * float(rng.uniform(0.8, 1.2)) * 2.0 ** (dbt_bits - DBT_BITS),
+        dbt_bits=dbt_bits, s2d_bits=int(rng.choice([10, 12])),
+        ffdm_bits=int(rng.choice([12, 14])), vendor=str(rng.choice(list(vendors))))
 
 
 @dataclass
@@ -137,12 +174,14 @@ def _lesion_stack(f: PlacedFinding, phantom: ViewPhantom, up: Upsampler) -> _Les
 
 def render_view(phantom: ViewPhantom, findings: list[PlacedFinding], rng_dbt: np.random.Generator,
                 rng_ffdm: np.random.Generator, want_dbt: bool, want_s2d: bool,
-                want_ffdm: bool, mirror: bool = False) -> RenderedView:
+                want_ffdm: bool, mirror: bool = False,
+                acquisition: Acquisition | None = None) -> RenderedView:
     """Pixel data and lesion label maps of one view in the modalities asked for.
 
     `mirror` flips columns (a right breast hangs with its chest wall on the right); the DBT
     volume is written flipped slice by slice, never copied whole.
     """
+    acq = acquisition or Acquisition()
     rows, cols = phantom.rows, phantom.cols
     up = Upsampler(phantom.coarse_shape, (rows, cols), COARSE_FACTOR)
     stacks = [s for s in (_lesion_stack(f, phantom, up) for f in findings) if s is not None]
@@ -159,12 +198,12 @@ def render_view(phantom: ViewPhantom, findings: list[PlacedFinding], rng_dbt: np
     dbt = s2d = None
     if want_dbt or want_s2d:
         dbt, s2d = _render_dbt(phantom, stacks, up, rng_dbt, keep_volume=want_dbt,
-                               mirror=mirror)
+                               mirror=mirror, acq=acq)
         if not want_s2d:
             s2d = None
     ffdm = ffdm_mask = None
     if want_ffdm:
-        ffdm, ffdm_mask = _render_ffdm(phantom, stacks, rng_ffdm)
+        ffdm, ffdm_mask = _render_ffdm(phantom, stacks, rng_ffdm, acq)
     if ffdm_mask is None:
         ffdm_mask = np.zeros(ffdm_shape(phantom), dtype=np.uint8)
     if mirror:
@@ -184,8 +223,9 @@ def _fine_texture(rng: np.random.Generator, shape: tuple[int, int], pixel_mm: fl
 
 
 def _render_dbt(phantom: ViewPhantom, stacks: list[_LesionStack], up: Upsampler,
-                rng: np.random.Generator, keep_volume: bool, mirror: bool
-                ) -> tuple[np.ndarray | None, np.ndarray]:
+                rng: np.random.Generator, keep_volume: bool, mirror: bool,
+                acq: Acquisition | None = None) -> tuple[np.ndarray | None, np.ndarray]:
+    acq = acq or Acquisition()
     rows, cols, nz = phantom.rows, phantom.cols, phantom.slices
     recon = tomo_blur(phantom.mu, COARSE_MM)
     # One fine-detail field, larger than the image: each slice takes its own window of it
@@ -198,7 +238,7 @@ def _render_dbt(phantom: ViewPhantom, stacks: list[_LesionStack], up: Upsampler,
     total = np.zeros((rows, cols), dtype=np.float32)  # sum through depth, 1/cm * slices
     peak = np.zeros((rows, cols), dtype=np.float32)
     gland = np.empty((rows, cols), dtype=np.float32)
-    top = float(2**DBT_BITS - 1)
+    top = float(2**acq.dbt_bits - 1)
     for k in range(nz):
         value = up(recon[k])
         inside = up(phantom.inside[k])
@@ -212,8 +252,10 @@ def _render_dbt(phantom: ViewPhantom, stacks: list[_LesionStack], up: Upsampler,
             j = k - s.first
             if 0 <= j < s.recon.shape[0]:
                 value[s.roi.slices()] += s.recon[j]
+        if acq.blur_px > 0:
+            value = ndimage.gaussian_filter(value, acq.blur_px, mode="nearest")
         noise = rng.standard_normal((rows, cols), dtype=np.float32)
-        noise *= np.float32(DBT_NOISE_MU)
+        noise *= np.float32(acq.dbt_noise_mu)
         value += noise
         excess = inside
         excess *= np.float32(-MU_FAT)
@@ -221,7 +263,7 @@ def _render_dbt(phantom: ViewPhantom, stacks: list[_LesionStack], up: Upsampler,
         total += excess
         np.maximum(peak, excess, out=peak)
         if volume is not None:
-            value *= np.float32(DBT_GAIN)
+            value *= np.float32(acq.dbt_gain)
             value += np.float32(DBT_OFFSET)
             np.clip(value, 0, top, out=value)
             np.rint(value, out=value)
@@ -232,7 +274,7 @@ def _render_dbt(phantom: ViewPhantom, stacks: list[_LesionStack], up: Upsampler,
     thickness = up(phantom.thickness)
     s2d_att = total * np.float32(SLICE_MM * 0.1) + np.float32(S2D_MAX_WEIGHT_CM) * peak
     s2d_att += _equalised_thickness(thickness, phantom.thickness_mm)
-    s2d = _tone(s2d_att, thickness > 0.5, S2D_BITS)
+    s2d = _tone(s2d_att, thickness > 0.5, acq.s2d_bits, acq.tone_shoulder, acq.tone_gamma)
     return volume, s2d
 
 
@@ -242,17 +284,23 @@ def _equalised_thickness(local_t: np.ndarray, thickness_mm: float) -> np.ndarray
     return np.float32(0.3) * np.clip(local_t / np.float32(thickness_mm), 0, 1) ** np.float32(0.35)
 
 
-def _tone(attenuation: np.ndarray, breast: np.ndarray, bits: int) -> np.ndarray:
+def _tone(attenuation: np.ndarray, breast: np.ndarray, bits: int,
+          shoulder: float = TONE_SHOULDER, gamma: float = 1.0) -> np.ndarray:
     """For-presentation look: brighter with attenuation, soft shoulder, dark background."""
     top = 2**bits - 1
-    out = np.float32(0.85 * top) * (1 - np.exp(-np.clip(attenuation, 0, None) / np.float32(1.1)))
+    curve = 1 - np.exp(-np.clip(attenuation, 0, None) / np.float32(shoulder))
+    if gamma != 1.0:
+        curve **= np.float32(gamma)
+    out = np.float32(0.85 * top) * curve
     out += np.float32(0.01 * top)
     out[~breast] = np.float32(0.01 * top)
     return np.rint(np.clip(out, 0, top)).astype(np.uint16)
 
 
 def _render_ffdm(phantom: ViewPhantom, stacks: list[_LesionStack],
-                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                 rng: np.random.Generator, acq: Acquisition | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    acq = acq or Acquisition()
     shape = ffdm_shape(phantom)
     up = Upsampler(phantom.coarse_shape, shape, COARSE_MM / FFDM_PIXEL_MM)
     excess = (phantom.mu - np.float32(MU_FAT) * phantom.inside).sum(axis=0)
@@ -287,8 +335,11 @@ def _render_ffdm(phantom: ViewPhantom, stacks: list[_LesionStack],
             any_slice |= m
         lesion = ndimage.map_coordinates(any_slice, grid, order=0, mode="constant") > 0
         _paint(mask, window, lesion, _label(f))
+    if acq.blur_px > 0:
+        attenuation = ndimage.gaussian_filter(attenuation, acq.blur_px, mode="nearest")
     noise = rng.standard_normal(shape, dtype=np.float32)
-    noise = ndimage.gaussian_filter(noise, 0.6) * np.float32(FFDM_NOISE / 0.47)
+    noise = ndimage.gaussian_filter(noise, 0.6) * np.float32(acq.ffdm_noise / 0.47)
     attenuation += noise
     attenuation += _equalised_thickness(thickness, phantom.thickness_mm)
-    return _tone(attenuation, thickness > 0.5, FFDM_BITS), mask
+    return (_tone(attenuation, thickness > 0.5, acq.ffdm_bits, acq.tone_shoulder,
+                  acq.tone_gamma), mask)

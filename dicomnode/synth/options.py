@@ -10,6 +10,8 @@ SIZES = ("small", "full")
 TRANSFER_SYNTAXES = ("explicit", "j2k")
 DBT_LAYOUTS = ("enhanced", "single-frame")
 DBT_GEOMETRIES = ("shared", "per-frame")
+# Anatomical texture families (dicomnode.synth.texture); "powerlaw" is the original generator.
+FAMILIES = ("powerlaw", "ligament", "lumpy", "mixture")
 
 # Clinical sampling, the same for `small` and `full`: small studies have a smaller field of
 # view, never coarser pixels.
@@ -31,11 +33,15 @@ class SizeSpec:
     thickness_mm: tuple[float, float]  # compressed thickness = number of 1 mm DBT slices
     mass_diameter_mm: tuple[float, float]
     cluster_radius_mm: tuple[float, float]
+    # Mass diameters with --variety (log-uniform): screening finds masses of ~3 to 30 mm; a
+    # small field of view (~45 x 31 mm) holds them up to about half its width.
+    varied_mass_diameter_mm: tuple[float, float] = (3.0, 30.0)
 
 
 SIZE_SPECS: dict[str, SizeSpec] = {
     # ~450x310 px DBT slices, 10-16 slices: one 4-view, 3-modality study in about a second.
-    "small": SizeSpec((42.0, 48.0), (29.0, 33.0), (10.0, 16.0), (5.0, 14.0), (2.5, 4.0)),
+    "small": SizeSpec((42.0, 48.0), (29.0, 33.0), (10.0, 16.0), (5.0, 14.0), (2.5, 4.0),
+                      (3.0, 16.0)),
     # Cropped clinical DBT: ~1900-2600 x 1250-1750 px, 40-85 slices.
     "full": SizeSpec((190.0, 260.0), (125.0, 175.0), (40.0, 85.0), (5.0, 25.0), (3.0, 6.0)),
 }
@@ -52,8 +58,26 @@ class SynthOptions:
     modalities: tuple[str, ...] = field(default=MODALITIES)
     dbt_layout: Literal["enhanced", "single-frame"] = "enhanced"
     dbt_geometry: Literal["shared", "per-frame"] = "shared"
+    # Texture families to draw each study's from (uniformly); one family: all studies.
+    families: tuple[str, ...] = ("powerlaw",)
+    # Vary lesions (margins, 3-30 mm, morphologies, contrasts) and acquisition (noise, blur,
+    # tone curve, bit depth, vendor header style) per study. Off: the original generator's
+    # fixed choices, byte for byte (what the built-in weights were trained on).
+    variety: bool = False
 
     def __post_init__(self) -> None:
+        if isinstance(self.families, str):
+            object.__setattr__(self, "families", parse_families(self.families))
+        else:
+            object.__setattr__(self, "families", tuple(self.families))
+        if not self.families:
+            raise ValueError(f"families must name at least one of {', '.join(FAMILIES)}")
+        unknown_families = [f for f in self.families if f not in FAMILIES]
+        if unknown_families:
+            raise ValueError(f"unknown families {', '.join(unknown_families)}; use "
+                             f"{', '.join(FAMILIES)}")
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families repeat: {','.join(self.families)}")
         if isinstance(self.modalities, str):
             object.__setattr__(self, "modalities", parse_modalities(self.modalities))
         else:
@@ -83,3 +107,24 @@ def parse_modalities(text: str) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"unknown modalities {', '.join(unknown)}; use dbt, ffdm, s2d")
     return tuple(m for m in MODALITIES if m in names)
+
+
+def parse_families(text: str) -> tuple[str, ...]:
+    """'lumpy, powerlaw' -> ('powerlaw', 'lumpy') (canonical order); 'all' -> every family;
+    '-lumpy' (or 'all,-lumpy') -> every family but lumpy (leave one family out)."""
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    if names and all(n.startswith("-") for n in names):
+        names = ["all", *names]
+    keep = set(FAMILIES) if "all" in names else set()
+    for n in names:
+        if n == "all":
+            continue
+        if n.startswith("-"):
+            keep.discard(n[1:])
+            if n[1:] not in FAMILIES:
+                raise ValueError(f"unknown family {n[1:]!r}; use {', '.join(FAMILIES)}")
+        elif n not in FAMILIES:
+            raise ValueError(f"unknown family {n!r}; use {', '.join(FAMILIES)}")
+        else:
+            keep.add(n)
+    return tuple(f for f in FAMILIES if f in keep)

@@ -43,7 +43,12 @@ from dicomnode.synth.findings import (
     place_finding,
     sample_finding,
 )
-from dicomnode.synth.imaging import DBT_BITS, FFDM_BITS, S2D_BITS, RenderedView, render_view
+from dicomnode.synth.imaging import (
+    Acquisition,
+    RenderedView,
+    render_view,
+    sample_acquisition,
+)
 from dicomnode.synth.options import (
     DBT_PIXEL_MM,
     FFDM_PIXEL_MM,
@@ -62,7 +67,11 @@ VIEWS = ("CC", "MLO")
 CATEGORIES = ("normal", "benign", "malignant")
 LABEL_COLUMNS = ["study_uid", "patient_id", "laterality", "view", "modality", "sop_instance_uid",
                  "benign", "malignant", "series_uid", "path", "seg_path", "lesion_count",
-                 "frames", "rows", "columns", "pixel_spacing_mm", "density", "size", "seed"]
+                 "frames", "rows", "columns", "pixel_spacing_mm", "density", "size", "seed",
+                 # what evaluation can group by (dicomnode evaluate --group-by)
+                 "family", "texture", "vendor", "noise_scale", "blur_px", "tone_gamma",
+                 "tone_shoulder", "bits_stored", "lesion_kinds", "lesion_margins",
+                 "lesion_sizes_mm"]
 SERIES_NUMBERS = {"ffdm": 1, "dbt": 11, "s2d": 21}
 DESCRIPTIONS = {"ffdm": "FFDM", "dbt": "Tomosynthesis", "s2d": "Synthetic 2D"}
 
@@ -80,6 +89,9 @@ class FindingRecord:
     frame: int | None
     radius_px: float
     frame_sop_instance_uid: str | None = None  # single-frame DBT: the slice holding the centre
+    margin: str = ""  # mass margin or calcification morphology
+    size_mm: float = 0.0  # largest in-plane diameter (mass core or cluster)
+    contrast: float = 0.0  # mass attenuation above glandular tissue, 1/cm (0: calcifications)
 
 
 @dataclass
@@ -99,6 +111,8 @@ class ImageRecord:
     malignant: int
     findings: list[FindingRecord] = field(default_factory=list)
     frame_sop_instance_uids: list[str] = field(default_factory=list)
+    texture: dict = field(default_factory=dict)  # the view's texture family and parameters
+    bits_stored: int = 0
 
     @property
     def path(self) -> Path:
@@ -120,6 +134,8 @@ class StudyRecord:
     density: str
     category: str  # "normal" | "benign" | "malignant"
     images: list[ImageRecord] = field(default_factory=list)
+    family: str = "powerlaw"  # texture family of both breasts
+    acquisition: Acquisition = field(default_factory=Acquisition)
 
 
 def generate_studies(out_dir: Path, options: SynthOptions) -> list[StudyRecord]:
@@ -143,8 +159,8 @@ def _rng(*key: int) -> np.random.Generator:
     return np.random.default_rng(list(key))
 
 
-def _draw_findings(rng: np.random.Generator, category: str, spec: SizeSpec
-                   ) -> dict[str, list[FindingSpec]]:
+def _draw_findings(rng: np.random.Generator, category: str, spec: SizeSpec,
+                   variety: bool = False) -> dict[str, list[FindingSpec]]:
     """Per breast: findings usually in one breast only; sometimes several in one breast."""
     out: dict[str, list[FindingSpec]] = {"L": [], "R": []}
     if category == "normal":
@@ -152,19 +168,19 @@ def _draw_findings(rng: np.random.Generator, category: str, spec: SizeSpec
     main = str(rng.choice(LATERALITIES))
     other = "R" if main == "L" else "L"
     if category == "benign":
-        out[main].append(sample_finding(rng, BENIGN_MASS, spec))
+        out[main].append(sample_finding(rng, BENIGN_MASS, spec, variety))
         if rng.random() < 0.3:
-            out[main].append(sample_finding(rng, BENIGN_MASS, spec))
+            out[main].append(sample_finding(rng, BENIGN_MASS, spec, variety))
     else:
         kind = MALIGNANT_MASS if rng.random() < 0.6 else CALCIFICATIONS
-        out[main].append(sample_finding(rng, kind, spec))
+        out[main].append(sample_finding(rng, kind, spec, variety))
         if rng.random() < 0.15:
             out[main].append(sample_finding(rng, CALCIFICATIONS if kind == MALIGNANT_MASS
-                                            else MALIGNANT_MASS, spec))
+                                            else MALIGNANT_MASS, spec, variety))
         if rng.random() < 0.2:
-            out[main].append(sample_finding(rng, BENIGN_MASS, spec))
+            out[main].append(sample_finding(rng, BENIGN_MASS, spec, variety))
     if rng.random() < 0.1:
-        out[other].append(sample_finding(rng, BENIGN_MASS, spec))
+        out[other].append(sample_finding(rng, BENIGN_MASS, spec, variety))
     return out
 
 
@@ -175,7 +191,7 @@ def generate_study(out_dir: Path, options: SynthOptions, index: int) -> StudyRec
     rng = _rng(seed, index, 0)
     density = str(rng.choice(list(DENSITY_PREVALENCE), p=list(DENSITY_PREVALENCE.values())))
     category = str(rng.choice(CATEGORIES))
-    findings = _draw_findings(rng, category, spec)
+    findings = _draw_findings(rng, category, spec, options.variety)
     base = sample_breast(rng, spec, density)
     breasts = {lat: _jitter(rng, base, spec) for lat in LATERALITIES}
     day = dt.date(2024, 1, 2) + dt.timedelta(days=int(rng.integers(0, 700)))
@@ -188,24 +204,38 @@ def generate_study(out_dir: Path, options: SynthOptions, index: int) -> StudyRec
         study_time=clock, accession_number=f"S{seed}A{index + 1:05d}"[:16],
         study_id=f"{index + 1}", frame_of_reference_uid=make_uid(seed, index, "frame-of-reference"))
     folder = out_dir / patient_id
+    # Family and machine from their own generators: the original generator's draws above
+    # stay as they were.
+    families = options.families
+    family = families[0] if len(families) == 1 else str(_rng(seed, index, 5).choice(families))
+    acquisition = (sample_acquisition(_rng(seed, index, 6), tuple(w.VENDOR_STYLES))
+                   if options.variety else Acquisition())
     record = StudyRecord(study_uid=study.study_uid, patient_id=patient_id,
                          patient_name=study.patient_name,
                          frame_of_reference_uid=study.frame_of_reference_uid, folder=folder,
-                         density=density, category=category)
+                         density=density, category=category, family=family,
+                         acquisition=acquisition)
     for li, lat in enumerate(LATERALITIES):
         for vi, view in enumerate(VIEWS):
             vrng = _rng(seed, index, li, vi, 1)
-            phantom = build_view_phantom(vrng, view, spec, breasts[lat])
+            phantom = build_view_phantom(vrng, view, spec, breasts[lat], family=family,
+                                         texture_rng=_rng(seed, index, li, vi, 4),
+                                         variety=options.variety)
+            texture = phantom.texture
             placed = [place_finding(f, phantom, n) for n, f in enumerate(findings[lat])]
             rendered = render_view(
                 phantom, placed, _rng(seed, index, li, vi, 2), _rng(seed, index, li, vi, 3),
                 want_dbt="dbt" in options.modalities, want_s2d="s2d" in options.modalities,
-                want_ffdm="ffdm" in options.modalities, mirror=lat == "R")
+                want_ffdm="ffdm" in options.modalities, mirror=lat == "R",
+                acquisition=acquisition)
             del phantom
             labels = (int(any(not f.malignant for f in findings[lat])),
                       int(any(f.malignant for f in findings[lat])))
-            record.images.extend(_write_view(folder, options, study, index, lat, view, rendered,
-                                             placed, labels))
+            images = _write_view(folder, options, study, index, lat, view, rendered, placed,
+                                 labels, acquisition)
+            for image in images:
+                image.texture = texture
+            record.images.extend(images)
             del rendered  # before the next view is rendered: one view in memory at a time
     return record
 
@@ -238,13 +268,17 @@ def _finding_records(placed: list[PlacedFinding], lat: str, pixel_mm: float, col
         out.append(FindingRecord(index=f.index, kind=f.spec.kind, benign=int(not f.spec.malignant),
                                  malignant=int(f.spec.malignant), row=round(y / pixel_mm - 0.5, 2),
                                  col=round(col, 2), frame=frame,
-                                 radius_px=round(radius / pixel_mm, 2)))
+                                 radius_px=round(radius / pixel_mm, 2), margin=f.spec.margin,
+                                 size_mm=round(f.spec.diameter_mm, 2),
+                                 contrast=round(f.spec.contrast, 4)))
     return out
 
 
 def _write_view(folder: Path, options: SynthOptions, study: w.StudyContext, index: int, lat: str,
                 view: str, rendered: RenderedView, placed: list[PlacedFinding],
-                labels: tuple[int, int]) -> list[ImageRecord]:
+                labels: tuple[int, int], acquisition: Acquisition | None = None
+                ) -> list[ImageRecord]:
+    acq = acquisition or Acquisition()
     seed, ts = options.seed, options.transfer_syntax
     name = f"{lat}_{view}"
     offset = LATERALITIES.index(lat) * 2 + VIEWS.index(view)
@@ -256,7 +290,7 @@ def _write_view(folder: Path, options: SynthOptions, study: w.StudyContext, inde
             series_uid=make_uid(seed, index, modality, lat, view, "series"),
             series_number=SERIES_NUMBERS[modality] + offset,
             series_description=f"{DESCRIPTIONS[modality]} {lat} {view}",
-            sop_uid=sop_uid, instance_number=instance)
+            sop_uid=sop_uid, instance_number=instance, vendor=acq.vendor)
 
     def seg_for(modality: str, sources: list[Dataset], masks) -> tuple[Path, str]:
         seg_uid = make_uid(seed, index, modality, lat, view, "seg")
@@ -273,7 +307,7 @@ def _write_view(folder: Path, options: SynthOptions, study: w.StudyContext, inde
         context = ctx("dbt", make_uid(seed, index, "dbt", lat, view))
         findings = _finding_records(placed, lat, DBT_PIXEL_MM, volume.shape[2], frames)
         if options.dbt_layout == "enhanced":
-            ds = w.dbt_enhanced(context, volume, DBT_BITS, options.dbt_geometry)
+            ds = w.dbt_enhanced(context, volume, acq.dbt_bits, options.dbt_geometry)
             path = folder / "dbt" / f"{name}.dcm"
             w.write(ds, volume, path, ts)
             paths, frame_uids = [path], []
@@ -285,7 +319,7 @@ def _write_view(folder: Path, options: SynthOptions, study: w.StudyContext, inde
             slices, paths, frame_uids = [], [], []
             for k in range(frames):
                 uid = make_uid(seed, index, "dbt", lat, view, "slice", k)
-                ds = w.dbt_slice(ctx("dbt", uid, k + 1), volume[k], DBT_BITS, k, window)
+                ds = w.dbt_slice(ctx("dbt", uid, k + 1), volume[k], acq.dbt_bits, k, window)
                 path = folder / "dbt" / name / f"slice_{k:03d}.dcm"
                 w.write(ds, volume[k], path, ts)
                 slices.append(ds)
@@ -301,27 +335,28 @@ def _write_view(folder: Path, options: SynthOptions, study: w.StudyContext, inde
             series_instance_uid=context.series_uid, sop_class_uid=str(ds.SOPClassUID),
             paths=paths, seg_path=seg_path, seg_sop_instance_uid=seg_uid, shape=volume.shape,
             pixel_spacing_mm=DBT_PIXEL_MM, benign=labels[0], malignant=labels[1],
-            findings=findings, frame_sop_instance_uids=frame_uids))
+            findings=findings, frame_sop_instance_uids=frame_uids, bits_stored=acq.dbt_bits))
         rendered.dbt = None  # the largest array: free it before the projections' SEGs
         del volume
 
     for modality, pixels, mask, bits, spacing in (
-            ("s2d", rendered.s2d, rendered.masks.s2d, S2D_BITS, DBT_PIXEL_MM),
-            ("ffdm", rendered.ffdm, rendered.masks.ffdm, FFDM_BITS, FFDM_PIXEL_MM)):
+            ("s2d", rendered.s2d, rendered.masks.s2d, acq.s2d_bits, DBT_PIXEL_MM),
+            ("ffdm", rendered.ffdm, rendered.masks.ffdm, acq.ffdm_bits, FFDM_PIXEL_MM)):
         if pixels is None:
             continue
         context = ctx(modality, make_uid(seed, index, modality, lat, view))
         sources = dbt_refs if modality == "s2d" else None
         ds = w.projection_image(context, pixels, bits, modality, rendered.thickness_mm, sources)
         path = folder / modality / f"{name}.dcm"
-        w.write(ds, pixels, path, ts)
+        w.write(ds, w.stored_pixels(context, pixels, bits), path, ts)
         seg_path, seg_uid = seg_for(modality, [ds], np.ascontiguousarray(mask))
         out.append(ImageRecord(
             modality=modality, laterality=lat, view=view, sop_instance_uid=context.sop_uid,
             series_instance_uid=context.series_uid, sop_class_uid=str(ds.SOPClassUID),
             paths=[path], seg_path=seg_path, seg_sop_instance_uid=seg_uid, shape=pixels.shape,
             pixel_spacing_mm=spacing, benign=labels[0], malignant=labels[1],
-            findings=_finding_records(placed, lat, spacing, pixels.shape[1], None)))
+            findings=_finding_records(placed, lat, spacing, pixels.shape[1], None),
+            bits_stored=bits))
     return out
 
 
@@ -354,7 +389,13 @@ def _write_labels(out_dir: Path, records: list[StudyRecord], options: SynthOptio
                 "frames": str(im.shape[0] if len(im.shape) == 3 else 1),
                 "rows": str(im.shape[-2]), "columns": str(im.shape[-1]),
                 "pixel_spacing_mm": str(im.pixel_spacing_mm), "density": study.density,
-                "size": options.size, "seed": str(options.seed)})
+                "size": options.size, "seed": str(options.seed), "family": study.family,
+                "texture": ";".join(f"{k}={v}" for k, v in im.texture.items()
+                                    if k != "family"),
+                **study.acquisition.record(), "bits_stored": str(im.bits_stored),
+                "lesion_kinds": ";".join(f.kind for f in im.findings),
+                "lesion_margins": ";".join(f.margin for f in im.findings),
+                "lesion_sizes_mm": ";".join(f"{f.size_mm:g}" for f in im.findings)})
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LABEL_COLUMNS, extrasaction="ignore")
@@ -373,7 +414,8 @@ def _write_findings(out_dir: Path, records: list[StudyRecord]) -> None:
         for im in study.images:
             for f in im.findings:
                 entry = {"study_uid": study.study_uid, "patient_id": study.patient_id,
-                         "modality": im.modality, "laterality": im.laterality, "view": im.view,
+                         "family": study.family, "modality": im.modality,
+                         "laterality": im.laterality, "view": im.view,
                          "sop_instance_uid": im.sop_instance_uid,
                          "seg_sop_instance_uid": im.seg_sop_instance_uid,
                          "path": _relative(im.path, out_dir)}

@@ -39,12 +39,15 @@ class LoadedCheckpoint:
     modality: str
     identity: AlgorithmIdentity  # as the node would name it; one plain pass
 
-    def as_node_runs_it(self, tta: int, augment_px: int) -> LoadedModel:
-        """The model as the worker holds it with [model] test_time_augmentations = tta."""
+    def as_node_runs_it(self, tta: int, augment_px: int, whole_breast: bool = True
+                        ) -> LoadedModel:
+        """The model as the worker holds it with [model] test_time_augmentations = tta and
+        [model] whole_breast."""
         from dicomnode.models import LoadedModel
 
         identity = dataclasses.replace(self.identity, test_time_augmentations=max(tta, 0),
-                                       augment_px=augment_px if tta > 0 else 0)
+                                       augment_px=augment_px if tta > 0 else 0,
+                                       whole_breast=whole_breast)
         return LoadedModel(self.model, identity, next(self.model.parameters()).device)
 
 
@@ -107,7 +110,8 @@ def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
 def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
                  masks: dict[str, dict[str, np.ndarray]], *, tta: int = 0,
                  augment_px: int = 100, threshold: float = 0.5, seed: int = 0,
-                 progress: bool = False) -> dict[str, list[ImageScore]]:
+                 progress: bool = False, whole_breast: bool = True
+                 ) -> dict[str, list[ImageScore]]:
     """Run every checkpoint on every image of its modality as the node's worker does
     (dicomnode.inference.analyse_image, with tta test-time copies drawn from seed: the
     worker's [model] test_time_augmentations and augment_px); localisation where a mask
@@ -116,7 +120,7 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
 
     by_modality: dict[str, list[LoadedModel]] = defaultdict(list)
     for c in checkpoints:
-        by_modality[c.modality].append(c.as_node_runs_it(tta, augment_px))
+        by_modality[c.modality].append(c.as_node_runs_it(tta, augment_px, whole_breast))
     results: dict[str, list[ImageScore]] = defaultdict(list)
     todo = [e for e in examples if e.header.modality in by_modality]
     for n, example in enumerate(todo, start=1):
@@ -317,4 +321,170 @@ def hidden_findings_markdown(table: dict[str, Any]) -> str:
             cells.append("n/a" if cell is None else
                          f"{cell['auc']:.3f} ({cell['ci_low']:.3f}-{cell['ci_high']:.3f})")
         lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ AUC by group (transfer)
+
+# What `evaluate --group-by` can split by: attributes of the breast (its study's texture
+# family, vendor style, density; labels.csv columns of those names) or of its findings
+# (labels.csv lesion_kinds, lesion_margins, lesion_sizes_mm: ';'-separated, one per finding,
+# as `dicomnode synth` writes them).
+BREAST_GROUPINGS = ("family", "vendor", "density")
+FINDING_GROUPINGS = ("lesion_kind", "margin", "size")
+GROUPINGS = BREAST_GROUPINGS + FINDING_GROUPINGS
+SIZE_BINS_MM = (5.0, 10.0, 20.0)  # "<5 mm", "5-10 mm", "10-20 mm", ">=20 mm"
+
+
+def size_bin(diameter_mm: float) -> str:
+    edges = SIZE_BINS_MM
+    if diameter_mm < edges[0]:
+        return f"<{edges[0]:g} mm"
+    for lo, hi in itertools.pairwise(edges):
+        if diameter_mm < hi:
+            return f"{lo:g}-{hi:g} mm"
+    return f">={edges[-1]:g} mm"
+
+
+@dataclass(frozen=True)
+class FindingAttributes:
+    kind: str
+    margin: str
+    size_mm: float | None
+
+    @property
+    def class_index(self) -> int:
+        """The class the finding counts for: benign for a kind that says so, else malignant."""
+        return 0 if "benign" in self.kind.lower() else 1
+
+
+@dataclass
+class BreastAttributes:
+    values: dict[str, str] = field(default_factory=dict)  # family, vendor, density
+    findings: list[FindingAttributes] = field(default_factory=list)
+
+
+def read_attributes(labels_path: Path) -> dict[str, dict[str, Any]]:
+    """Per SOP Instance UID: the labels file's grouping columns (family, vendor, density) and
+    its findings (lesion_kinds, lesion_margins, lesion_sizes_mm). Rows without the columns
+    give empty values."""
+    import csv
+
+    out: dict[str, dict[str, Any]] = {}
+    with Path(labels_path).open(newline="", encoding="utf-8-sig") as fh:
+        for row in csv.DictReader(fh):
+            uid = (row.get("sop_instance_uid") or "").strip()
+            if not uid:
+                continue
+            kinds = [k for k in (row.get("lesion_kinds") or "").split(";") if k]
+            margins = (row.get("lesion_margins") or "").split(";")
+            sizes = (row.get("lesion_sizes_mm") or "").split(";")
+            findings = []
+            for n, kind in enumerate(kinds):
+                size = sizes[n] if n < len(sizes) else ""
+                findings.append(FindingAttributes(
+                    kind=kind, margin=margins[n] if n < len(margins) else "",
+                    size_mm=float(size) if size else None))
+            out[uid] = {"values": {k: (row.get(k) or "").strip() for k in BREAST_GROUPINGS},
+                        "findings": findings}
+    return out
+
+
+def breast_attributes(scores: Sequence[ImageScore], attributes: dict[str, dict[str, Any]]
+                      ) -> dict[tuple[str, str], BreastAttributes]:
+    """A breast's attributes: the first non-empty value over its images, and the findings of
+    the image that lists the most (every view of a breast shows the same findings)."""
+    out: dict[tuple[str, str], BreastAttributes] = defaultdict(BreastAttributes)
+    for s in scores:
+        found = next((attributes[u] for u in s.example.header.sop_instance_uids
+                      if u in attributes), None)
+        if found is None:
+            continue
+        breast = out[s.example.breast_key]
+        for key, value in found["values"].items():
+            if value and not breast.values.get(key):
+                breast.values[key] = value
+        if len(found["findings"]) > len(breast.findings):
+            breast.findings = list(found["findings"])
+    return dict(out)
+
+
+def _finding_group(finding: FindingAttributes, grouping: str) -> str | None:
+    if grouping == "lesion_kind":
+        return finding.kind or None
+    if grouping == "margin":
+        return f"{finding.kind}: {finding.margin}" if finding.margin else None
+    if grouping == "size":
+        return None if finding.size_mm is None else size_bin(finding.size_mm)
+    raise ValueError(f"not a finding grouping: {grouping}")
+
+
+def group_auc_table(results: dict[str, list[ImageScore]], attributes: dict[str, dict[str, Any]],
+                    grouping: str, *, resamples: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Breast-wise AUC of each modality per group, with bootstrap CIs.
+
+    Breast attributes (family, vendor, density): each group's breasts, positive and negative,
+    on their own: how well the model does on, e.g., a texture family it never saw. Finding
+    attributes (lesion_kind, margin, size): for each class, the breasts positive for it that
+    hold a finding of that class in the group, against every breast negative for it: how
+    well the model finds, e.g., 3-5 mm masses."""
+    if grouping not in GROUPINGS:
+        raise DicomnodeError(f"--group-by {grouping}: use one of {', '.join(GROUPINGS)}")
+    rows: list[dict[str, Any]] = []
+    groups_seen: set[str] = set()
+    for m in [m for m in MODALITY_ORDER if m in results]:
+        breasts = breast_predictions(results[m])
+        attrs = breast_attributes(results[m], attributes)
+        membership: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        per_class: dict[tuple[str, int], set[tuple[str, str]]] = defaultdict(set)
+        for key, a in attrs.items():
+            if grouping in BREAST_GROUPINGS:
+                if a.values.get(grouping):
+                    membership[a.values[grouping]].add(key)
+                continue
+            for f in a.findings:
+                group = _finding_group(f, grouping)
+                if group is not None:
+                    membership[group].add(key)
+                    per_class[(group, f.class_index)].add(key)
+        for group in sorted(membership):
+            groups_seen.add(group)
+            row: dict[str, Any] = {"name": MODALITY_NAMES[m], "modality": m, "group": group}
+            for c, cls in enumerate(CLASSES):
+                if grouping in BREAST_GROUPINGS:
+                    chosen = [k for k in membership[group] if k in breasts]
+                else:
+                    positives = [k for k in per_class.get((group, c), ())
+                                 if k in breasts and breasts[k][0][c]]
+                    chosen = positives + [k for k, (lab, _) in breasts.items() if not lab[c]]
+                labels = np.array([breasts[k][0][c] for k in chosen])
+                preds = np.array([breasts[k][1][c] for k in chosen])
+                row[cls] = _auc_cell(labels, preds, resamples, seed) if len(chosen) else None
+                row[f"{cls}_positive"] = int(labels.sum()) if len(chosen) else 0
+                row[f"{cls}_breasts"] = len(chosen)
+            rows.append(row)
+    return {"grouping": grouping, "groups": sorted(groups_seen), "rows": rows}
+
+
+def group_markdown(table: dict[str, Any]) -> str:
+    grouping = table["grouping"]
+    if grouping in BREAST_GROUPINGS:
+        how = (f"each {grouping}'s breasts on their own (positive and negative)")
+    else:
+        how = ("per class, the breasts positive for it with a finding of that class in the "
+               "group, against every breast negative for it")
+    lines = ["", f"## Breast-wise AUC by {grouping}", "",
+             f"95% bootstrap CIs; {how}. Small groups have wide intervals.", "",
+             f"| model | {grouping} | malignant | pos / breasts | benign | pos / breasts |",
+             "|---|---|---|---:|---|---:|"]
+
+    def cell(value: dict[str, Any] | None) -> str:
+        return ("n/a" if value is None else
+                f"{value['auc']:.3f} ({value['ci_low']:.3f}-{value['ci_high']:.3f})")
+
+    for row in table["rows"]:
+        lines.append(f"| {row['name']} | {row['group']} | {cell(row['malignant'])} | "
+                     f"{row['malignant_positive']} / {row['malignant_breasts']} | "
+                     f"{cell(row['benign'])} | {row['benign_positive']} / "
+                     f"{row['benign_breasts']} |")
     return "\n".join(lines) + "\n"

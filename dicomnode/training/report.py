@@ -36,7 +36,8 @@ def markdown(aucs: dict[str, Any], localisation: list[dict[str, Any]], meta: dic
               "- scores: as the node's worker computes them, "
               + (f"mean over {meta['tta']} shifted/resized copies (up to "
                  f"{meta['augment_px']} px) per image" if meta.get("tta")
-                 else "one plain pass per image"),
+                 else "one plain pass per image")
+              + (f"; input window: {meta['window']}" if meta.get("window") else ""),
               f"- 95% CIs: percentile bootstrap, {meta['resamples']} resamples", ""]
     lines += ["## Breast-wise AUC (paper Table II)", "",
               "| Modality | Malignant | Benign | Breasts |", "|---|---|---|---|"]
