@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -346,7 +346,8 @@ class Worker:
         if not with_results:
             raise JobFailed(f"study {job.study_uid}: no image's results could be built: "
                             f"{times.skipped[-1]}")
-        for dataset, kind in self._build_study(job, with_results):  # the study's CAD SR
+        # the study's CAD SR, which names the images left out
+        for dataset, kind in self._build_study(job, with_results, list(times.skipped)):
             produced.append(self._archive_and_queue(job, dataset, kind, destinations))
         self._supersede(job, produced)
         times.results = time.perf_counter() - t0
@@ -492,20 +493,23 @@ def _source_header(analysis: ImageAnalysis):
 
 
 def _default_study_result_builder(config: Config) -> Callable:
-    """(Job, [ImageAnalysis]) -> [(dataset, kind), ...]: the Mammography CAD SR of the
-    study's DBT images, when [results] cad_sr is on and the study has DBT. One that cannot
-    be built is logged and left out: the per-image results are already queued."""
+    """(Job, [ImageAnalysis], left out) -> [(dataset, kind), ...]: the Mammography CAD SR of
+    the study's DBT images, when [results] cad_sr is on and the study has DBT; "left out"
+    are the reasons the study's other images got no analysis (the CAD SR says "Not all
+    algorithms succeeded" and names them). One that cannot be built is logged and left
+    out: the per-image results are already queued."""
     from dicomnode.results import ResultsError, identify_result
     from dicomnode.results.cad_sr import build_cad_sr
 
     options = result_options(config)
 
-    def build(job: Job, analyses: list[ImageAnalysis]) -> list:
+    def build(job: Job, analyses: list[ImageAnalysis], left_out: Sequence[str] = ()) -> list:
         dbt = [a for a in analyses if a.image.modality == "dbt"]
         if not config.results.cad_sr or not dbt:
             return []
         try:
-            ds = build_cad_sr(dbt, options, breasts=combine_breasts(analyses))
+            ds = build_cad_sr(dbt, options, breasts=combine_breasts(analyses),
+                              left_out=left_out)
             # IHE AIR identification, as on every result (build_results does the others)
             identify_result(ds, dbt[0].algorithm, _source_header(dbt[0]))
         except ResultsError as exc:

@@ -92,7 +92,7 @@ def fake_builders(bad: set[str]):
             raise ResultsError(f"cannot build the SEG of image {uid}: no frame of reference")
         return [(result_dataset(list(analysis.image.source_paths), BASIC_TEXT_SR, "sr"), "sr")]
 
-    def per_study(job, analyses: list[ImageAnalysis]) -> list:
+    def per_study(job, analyses: list[ImageAnalysis], left_out=()) -> list:
         paths = [p for a in analyses for p in a.image.source_paths]
         return [(result_dataset(paths, MAMMO_CAD_SR, "cad-sr"), "cad-sr")]
 

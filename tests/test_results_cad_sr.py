@@ -293,6 +293,19 @@ def test_nothing_above_the_floor_no_mark_and_without_findings(tmp_path_factory) 
     assert _summary_code(lower) == ("111242", "DCM") and _impressions(lower)
 
 
+def test_images_left_out_make_not_all_algorithms_succeeded(tmp_path_factory) -> None:
+    """The reader must know the case was not read whole: CID 6047's "Not all algorithms
+    succeeded", with the images left out named in the summary's description."""
+    reason = "cannot build the SEG of image 1.2.3: no frame of reference"
+    with_marks = build_cad_sr(_dbt_analyses(tmp_path_factory, "enhanced"), OPTIONS,
+                              left_out=[reason])
+    assert _summary_code(with_marks) == ("111244", "DCM") and _impressions(with_marks)
+    text = str(_child(_child(with_marks, ("111017", "DCM")), ("111033", "DCM")).TextValue)
+    assert text.endswith("not analysed: " + reason)
+    quiet = _dbt_analyses(tmp_path_factory, "enhanced", (0.1, 0.2, 0.24, 0.125))
+    assert _summary_code(build_cad_sr(quiet, OPTIONS, left_out=[reason])) == ("111243", "DCM")
+
+
 def test_breast_scores_come_from_the_breast_results(tmp_path_factory) -> None:
     analyses = _dbt_analyses(tmp_path_factory, "enhanced")
     breasts = {lat: BreastAnalysis(lat, ClassProbabilities(0.5, p)) for lat, p in
@@ -365,11 +378,14 @@ def test_dsrdump_renders_the_cad_sr(tmp_path_factory, tmp_path) -> None:
     pytest.param("enhanced", PEAKS, id="dbt-enhanced"),
     pytest.param("single-frame", PEAKS, id="dbt-single-frame-series"),
     pytest.param("enhanced", (0.1, 0.2, 0.15, 0.125), id="without-findings"),
+    pytest.param("enhanced", PEAKS, id="image-left-out"),
 ])
 def test_cad_sr_passes_pixelmed_template_validation(tmp_path_factory, tmp_path, layout,
-                                                    peaks) -> None:
-    path = _save(build_cad_sr(_dbt_analyses(tmp_path_factory, layout, peaks), OPTIONS),
-                 tmp_path / "cad.dcm")
+                                                    peaks, request) -> None:
+    left_out = ["image 1.2.3: no frame of reference"] \
+        if request.node.callspec.id == "image-left-out" else []
+    path = _save(build_cad_sr(_dbt_analyses(tmp_path_factory, layout, peaks), OPTIONS,
+                              left_out=left_out), tmp_path / "cad.dcm")
     assert sr_validator_errors(path) == []
 
 

@@ -98,6 +98,9 @@ VERTICAL_SPACING = _dcm("111066", "Vertical Pixel Spacing")
 FINDINGS_SUMMARY = _dcm("111017", "CAD Processing and Findings Summary")
 WITH_FINDINGS = _dcm("111242", "All algorithms succeeded; with findings")
 WITHOUT_FINDINGS = _dcm("111241", "All algorithms succeeded; without findings")
+# CID 6047, where an image of the study could not be analysed (left out by the worker)
+PARTLY_WITH_FINDINGS = _dcm("111244", "Not all algorithms succeeded; with findings")
+PARTLY_WITHOUT_FINDINGS = _dcm("111243", "Not all algorithms succeeded; without findings")
 INDIVIDUAL_IMPRESSION = _dcm("111034", "Individual Impression/Recommendation")
 RENDERING_INTENT = _dcm("111056", "Rendering Intent")
 PRESENTATION_REQUIRED = _dcm("111150", "Presentation Required: Rendering device is expected to "
@@ -386,7 +389,7 @@ def summary_text(scores: dict[str, float]) -> str:
 
 
 def _summary_body(analyses: list[ImageAnalysis], scores: dict[str, float],
-                  options: ResultOptions) -> list[Dataset]:
+                  options: ResultOptions, left_out: Sequence[str] = ()) -> list[Dataset]:
     """TID 4002 on the findings summary: the case's and each breast's probability of
     cancer as its Impression Description (row 5), and the algorithm (TID 4019).
 
@@ -395,20 +398,25 @@ def _summary_body(analyses: list[ImageAnalysis], scores: dict[str, float],
     template. The TID 1500 SRs carry the same breast probabilities as numbers."""
     if not scores:
         return []
-    return [hd.sr.TextContentItem(IMPRESSION_DESCRIPTION, summary_text(scores),
-                                  Relation.HAS_PROPERTIES),
+    text = summary_text(scores)
+    if left_out:  # the reader must know the case was not read whole
+        text += "; not analysed: " + "; ".join(left_out)
+    return [hd.sr.TextContentItem(IMPRESSION_DESCRIPTION, text, Relation.HAS_PROPERTIES),
             *_algorithm_items(analyses[0].algorithm, options)]
 
 
 def build_cad_sr(analyses: Sequence[ImageAnalysis], options: ResultOptions | None = None,
                  sources: Sequence[list[Dataset]] | None = None,
-                 breasts: Mapping[str, BreastAnalysis] | None = None) -> Dataset:
+                 breasts: Mapping[str, BreastAnalysis] | None = None,
+                 left_out: Sequence[str] = ()) -> Dataset:
     """The Mammography CAD SR of the analysed images of one study (see the module doc).
 
     sources: the source headers of each analysis (as read_sources returns them), in the
     order of `analyses`; read from the files when not given.
     breasts: the breast-level results by laterality (all modalities of the study); when
     not given, a breast's score is the mean over its images in `analyses`.
+    left_out: the study's images that could not be analysed, each with its reason: the
+    summary then says "Not all algorithms succeeded" and names them.
     """
     options = options or ResultOptions()
     if not analyses:
@@ -420,7 +428,7 @@ def build_cad_sr(analyses: Sequence[ImageAnalysis], options: ResultOptions | Non
         if sources is not None and len(sources) != len(analyses):
             raise ResultsError("sources must hold one header list per analysis")
         headers = list(sources) if sources is not None else [read_sources(a) for a in analyses]
-        return _build(list(analyses), headers, options, breasts)
+        return _build(list(analyses), headers, options, breasts, left_out)
 
 
 def _view_order(analysis: ImageAnalysis) -> tuple:
@@ -430,7 +438,8 @@ def _view_order(analysis: ImageAnalysis) -> tuple:
 
 
 def _build(analyses: list[ImageAnalysis], headers: list[list[Dataset]],
-           options: ResultOptions, breasts: Mapping[str, BreastAnalysis] | None) -> Dataset:
+           options: ResultOptions, breasts: Mapping[str, BreastAnalysis] | None,
+           left_out: Sequence[str] = ()) -> Dataset:
     order = sorted(range(len(analyses)), key=lambda i: _view_order(analyses[i]))
     analyses = [analyses[i] for i in order]
     headers = [headers[i] for i in order]
@@ -458,10 +467,13 @@ def _build(analyses: list[ImageAnalysis], headers: list[list[Dataset]],
     image_library = _nest(hd.sr.ContainerContentItem(
         IMAGE_LIBRARY, is_content_continuous=False, relationship_type=Relation.CONTAINS),
         library.items)
-    summary = _nest(hd.sr.CodeContentItem(FINDINGS_SUMMARY,
-                                          WITH_FINDINGS if impressions else WITHOUT_FINDINGS,
-                                          Relation.CONTAINS),
-                    [*_summary_body(analyses, _case_scores(analyses, breasts), options),
+    if left_out:
+        outcome = PARTLY_WITH_FINDINGS if impressions else PARTLY_WITHOUT_FINDINGS
+    else:
+        outcome = WITH_FINDINGS if impressions else WITHOUT_FINDINGS
+    summary = _nest(hd.sr.CodeContentItem(FINDINGS_SUMMARY, outcome, Relation.CONTAINS),
+                    [*_summary_body(analyses, _case_scores(analyses, breasts), options,
+                                    left_out),
                      *impressions])
     detections = _nest(hd.sr.CodeContentItem(SUMMARY_OF_DETECTIONS, SUCCEEDED,
                                              Relation.CONTAINS),
