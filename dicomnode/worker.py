@@ -426,14 +426,11 @@ class Worker:
         return sorted(self.destinations)
 
     def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> str:
-        import io
+        from dicomnode.results.encode import encode_result
 
-        from pydicom import dcmwrite
-
-        buffer = io.BytesIO()
-        dcmwrite(buffer, dataset, enforce_file_format=True)
+        # deflated maps: level 1 in parallel blocks, not pydicom's level 6 in one go
         result = self.store.store_result(
-            encoded=buffer.getvalue(), sop_instance_uid=str(dataset.SOPInstanceUID),
+            encoded=encode_result(dataset), sop_instance_uid=str(dataset.SOPInstanceUID),
             sop_class_uid=str(dataset.SOPClassUID), study_uid=str(dataset.StudyInstanceUID),
             series_uid=str(dataset.SeriesInstanceUID),
             transfer_syntax=str(dataset.file_meta.TransferSyntaxUID), kind=kind, job_id=job.id)
