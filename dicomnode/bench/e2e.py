@@ -5,9 +5,10 @@ Everything runs on this machine: dcmtk `storescu` sends the study to the node's 
 worker (in this process, so its stage timings can be read) runs the model and sends the
 results to dcmtk `storescp`, run bit-preserving (`+B`): it stores each result as received,
 as a PACS archive stores it (Orthanc keeps what it receives), instead of inflating and
-re-deflating every deflated SEG and Parametric Map (storescp's default re-encodes). Stages: receive (storescu start to its exit), wait (the
-configured idle time that marks the study complete), load, model, build results, send
-(job done to the last result on disk at storescp). Then what came back: the results'
+re-deflating every deflated SEG and Parametric Map (storescp's default re-encodes).
+Stages: receive (storescu start to its exit), wait (the configured idle time that marks
+the study complete), load, model, build results, send (job done to the last result on
+disk at storescp). Then what came back: the results'
 bytes as received (and as a fraction of the study's), how many objects and series.
 """
 
