@@ -58,3 +58,17 @@ def test_same_bytes_whatever_the_threads(tmp_path_factory):
     one = encode_result(pm, threads=1, block=4096)
     assert len(one) > 3  # several blocks
     assert encode_result(pm, threads=3, block=4096) == one
+
+
+def test_bench_results_on_a_small_image(tmp_path_factory):
+    from dicomnode.bench.results import run_results_bench
+    from tests.results_support import findings, study_root
+
+    root = study_root(tmp_path_factory, "enhanced")
+    report = run_results_bench(root / findings(root, "dbt")[0]["path"], runs=1,
+                               workdir=tmp_path_factory.mktemp("bench"))
+    rows = {row["object"]: row for row in report.rows}
+    assert set(rows) == {"SEG", "OT", "SR"}
+    assert rows["OT"]["L1_bytes"] >= rows["OT"]["L9_bytes"] > 0
+    assert rows["SR"]["encode_bytes"] == rows["SR"]["dcmwrite_bytes"]
+    assert any(r.name.startswith("build + dcmwrite") for r in report.ratios)
