@@ -428,9 +428,10 @@ class Worker:
     def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> str:
         from dicomnode.results.encode import encode_result
 
-        # deflated maps: level 1 in parallel blocks, not pydicom's level 6 in one go
+        # deflated maps in parallel blocks at [results] deflate_level (encode.py)
         result = self.store.store_result(
-            encoded=encode_result(dataset), sop_instance_uid=str(dataset.SOPInstanceUID),
+            encoded=encode_result(dataset, level=self.config.results.deflate_level),
+            sop_instance_uid=str(dataset.SOPInstanceUID),
             sop_class_uid=str(dataset.SOPClassUID), study_uid=str(dataset.StudyInstanceUID),
             series_uid=str(dataset.SeriesInstanceUID),
             transfer_syntax=str(dataset.file_meta.TransferSyntaxUID), kind=kind, job_id=job.id)

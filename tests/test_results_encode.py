@@ -72,3 +72,14 @@ def test_bench_results_on_a_small_image(tmp_path_factory):
     assert rows["OT"]["L1_bytes"] >= rows["OT"]["L9_bytes"] > 0
     assert rows["SR"]["encode_bytes"] == rows["SR"]["dcmwrite_bytes"]
     assert any(r.name.startswith("build + dcmwrite") for r in report.ratios)
+
+
+@pytest.mark.parametrize("level", [0, 10, "1"])
+def test_deflate_level_out_of_range_is_a_config_error(level):
+    from dicomnode.config import Config, validate
+    from dicomnode.errors import ConfigError
+
+    config = Config()
+    config.results.deflate_level = level
+    with pytest.raises(ConfigError, match="deflate_level"):
+        validate(config)
