@@ -427,14 +427,12 @@ class Worker:
         return sorted(self.destinations)
 
     def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> str:
-        import io
+        from dicomnode.results.encode import encode_result
 
-        from pydicom import dcmwrite
-
-        buffer = io.BytesIO()
-        dcmwrite(buffer, dataset, enforce_file_format=True)
+        # deflated maps in parallel blocks at [results] deflate_level (encode.py)
         result = self.store.store_result(
-            encoded=buffer.getvalue(), sop_instance_uid=str(dataset.SOPInstanceUID),
+            encoded=encode_result(dataset, level=self.config.results.deflate_level),
+            sop_instance_uid=str(dataset.SOPInstanceUID),
             sop_class_uid=str(dataset.SOPClassUID), study_uid=str(dataset.StudyInstanceUID),
             series_uid=str(dataset.SeriesInstanceUID),
             transfer_syntax=str(dataset.file_meta.TransferSyntaxUID), kind=kind, job_id=job.id)

@@ -216,3 +216,22 @@ def test_seg_passes_dciodvfy(tmp_path_factory, tmp_path, layout, modality, optio
     result = build_segmentation(analysis_for(tmp_path_factory, layout, modality), options)
     _, path = _reread(result, tmp_path)
     assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cheaper_overlap_check_agrees_with_highdicoms(overlap) -> None:
+    from dicomnode.results.seg import _Segmentation
+
+    rng = np.random.default_rng(3)
+    first = rng.random((3, 16, 12)) > 0.7
+    second = rng.random((3, 16, 12)) > 0.7
+    if not overlap:
+        second &= ~first
+    for stack in (np.stack([first, second], axis=-1),
+                  np.moveaxis(np.stack([first, second]), 0, -1)):
+        args = (stack, np.array([1, 2]), hd.seg.SegmentationTypeValues.BINARY, np.uint8)
+        ours = _Segmentation._check_and_cast_pixel_array(*args)
+        theirs = hd.seg.Segmentation._check_and_cast_pixel_array(*args)
+        assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap
+                                        else hd.seg.SegmentsOverlapValues.NO)
+        assert ours[0] is stack and np.array_equal(theirs[0], stack)

@@ -3,9 +3,12 @@ received back, broken down by stage.
 
 Everything runs on this machine: dcmtk `storescu` sends the study to the node's SCP; the
 worker (in this process, so its stage timings can be read) runs the model and sends the
-results to dcmtk `storescp`. Stages: receive (storescu start to its exit), wait (the
-configured idle time that marks the study complete), load, model, build results, send
-(job done to the last result on disk at storescp). Then what came back: the results'
+results to dcmtk `storescp`, run bit-preserving (`+B`): it stores each result as received,
+as a PACS archive stores it (Orthanc keeps what it receives), instead of inflating and
+re-deflating every deflated SEG and Parametric Map (storescp's default re-encodes).
+Stages: receive (storescu start to its exit), wait (the configured idle time that marks
+the study complete), load, model, build results, send (job done to the last result on
+disk at storescp). Then what came back: the results'
 bytes as received (and as a fraction of the study's), how many objects and series.
 """
 
@@ -67,7 +70,7 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
         files = files or synth_dbt_files(tmp, seed)
         dest_port = free_port()
         storescp = subprocess.Popen(
-            [dcmtk_tool("storescp"), "-aet", "RESULTS", "+xa", "-od", str(received), "-uf",
+            [dcmtk_tool("storescp"), "-aet", "RESULTS", "+xa", "+B", "-od", str(received), "-uf",
              str(dest_port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(dest_port)
 

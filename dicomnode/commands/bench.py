@@ -161,3 +161,26 @@ def bench_e2e(input_dir: str | None, checkpoint: str | None, device: str, idle_s
     files = sorted(Path(input_dir).rglob("*.dcm")) if input_dir else None
     emit(run_e2e_bench(files, checkpoint, device, idle_seconds,
                        Path(workdir) if workdir else None, seed), json_path)
+
+
+@bench.command("results")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False),
+              default=None, help="A DBT image (one multi-frame file; default: the first view "
+              "of a synthetic full-size study, removed afterwards).")
+@click.option("--runs", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the temporary study goes (default: system temp).")
+@click.option("--profile", is_flag=True, help="Also print a cProfile of one build and of "
+              "one write of each object (stderr).")
+@json_option
+def bench_results(input_path: str | None, runs: int, seed: int, workdir: str | None,
+                  profile: bool, json_path: str | None) -> None:
+    """Build and write the results of one DBT view (no model): seconds and bytes per object,
+    the worker's writer against pydicom's dcmwrite, zlib levels 1, 6 and 9."""
+    from pathlib import Path
+
+    from dicomnode.bench.results import run_results_bench
+
+    emit(run_results_bench(Path(input_path) if input_path else None, runs,
+                           Path(workdir) if workdir else None, seed, profile), json_path)

@@ -15,7 +15,9 @@ BINARY SEG thresholds too) and stored either as
 
 Either way written with the Deflated Explicit VR Little Endian transfer syntax by default
 (ResultOptions.deflate): lossless, and a map on 256 levels, mostly zero, deflates to about
-1-2 % of its size (float32 on 256 levels about 1.3x the 16-bit one).
+1-2 % of its size at zlib level 6, about 3x that at level 1 (ResultOptions does not choose
+the level: [results] deflate_level, results/encode.py), float32 on 256 levels about 1.3x
+the 16-bit one.
 
 One single-channel PM per class, each in its own series, and by default the malignant
 class only (ResultOptions.pmap_classes): a viewer shows each class as its own overlay: the

@@ -1,0 +1,85 @@
+"""encode_result writes what pydicom's dcmwrite writes: the same file meta and, inflated,
+the same dataset bytes, for every result object (deflated or not), at any level and block
+size; and the same bytes on every run whatever the number of threads."""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import pytest
+from pydicom import dcmread, dcmwrite
+from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+from dicomnode.results import ResultOptions, build_results
+from dicomnode.results.encode import encode_result, encode_result_bytes
+from tests.results_support import analysis_for
+
+
+def _split(data: bytes) -> tuple[bytes, bytes]:
+    """(preamble + file meta, the rest) of a Part 10 file."""
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    return data[:meta_end], data[meta_end:]
+
+
+@pytest.mark.parametrize("modality", ["dbt", "ffdm"])
+@pytest.mark.parametrize("values", ["float", "integer"])
+def test_same_dataset_as_dcmwrite(tmp_path_factory, modality, values):
+    analysis = analysis_for(tmp_path_factory, "enhanced", modality)
+    options = ResultOptions(pmap_values=values, pmap_classes=("benign", "malignant"))
+    results = build_results(analysis, None, options)
+    deflated = 0
+    for ds in results.datasets:
+        buffer = io.BytesIO()
+        dcmwrite(buffer, ds, enforce_file_format=True)
+        old = buffer.getvalue()
+        for level, block in ((1, 1 << 20), (6, 4096), (9, 777)):
+            new = encode_result_bytes(ds, level=level, block=block)
+            if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
+                old_meta, old_body = _split(old)
+                new_meta, new_body = _split(new)
+                assert new_meta == old_meta
+                assert len(new_body) % 2 == 0
+                assert zlib.decompress(new_body, -zlib.MAX_WBITS) == \
+                    zlib.decompress(old_body, -zlib.MAX_WBITS)
+            else:
+                assert new == old
+            read = dcmread(io.BytesIO(new))
+            assert read == dcmread(io.BytesIO(old))
+            if "FloatPixelData" in read or "PixelData" in read:
+                assert (read.pixel_array == dcmread(io.BytesIO(old)).pixel_array).all()
+        deflated += ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert deflated == 3  # the SEG and two maps
+
+
+def test_same_bytes_whatever_the_threads(tmp_path_factory):
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    pm = build_results(analysis).pmaps[0]
+    one = encode_result(pm, threads=1, block=4096)
+    assert len(one) > 3  # several blocks
+    assert encode_result(pm, threads=3, block=4096) == one
+
+
+def test_bench_results_on_a_small_image(tmp_path_factory):
+    from dicomnode.bench.results import run_results_bench
+    from tests.results_support import findings, study_root
+
+    root = study_root(tmp_path_factory, "enhanced")
+    report = run_results_bench(root / findings(root, "dbt")[0]["path"], runs=1,
+                               workdir=tmp_path_factory.mktemp("bench"))
+    rows = {row["object"]: row for row in report.rows}
+    assert set(rows) == {"SEG", "OT", "SR"}
+    assert rows["OT"]["L1_bytes"] >= rows["OT"]["L9_bytes"] > 0
+    assert rows["SR"]["encode_bytes"] == rows["SR"]["dcmwrite_bytes"]
+    assert any(r.name.startswith("build + dcmwrite") for r in report.ratios)
+
+
+@pytest.mark.parametrize("level", [0, 10, "1"])
+def test_deflate_level_out_of_range_is_a_config_error(level):
+    from dicomnode.config import Config, validate
+    from dicomnode.errors import ConfigError
+
+    config = Config()
+    config.results.deflate_level = level
+    with pytest.raises(ConfigError, match="deflate_level"):
+        validate(config)
