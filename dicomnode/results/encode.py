@@ -35,7 +35,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-DEFLATE_LEVEL = 1
+DEFLATE_LEVEL = 6  # zlib's default; [results] deflate_level
 DEFLATE_BLOCK = 8 * 1024 * 1024
 DEFLATE_THREADS = max(1, min(4, os.cpu_count() or 1))
 _WINDOW = 32 * 1024
