@@ -13,12 +13,20 @@ from dicomnode.results.common import SEGMENT_PROPERTIES
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 WITH_FINDINGS, WITHOUT_FINDINGS = ("111242", "DCM"), ("111241", "DCM")
-# the finding codes of the SEG's segments (benign, malignant), as the SR uses them
 # the one dciodvfy warning the TID 1500 SRs keep (docs/viewer.md says why): the project's
 # private coding scheme, declared in the Coding Scheme Identification Sequence
 PRIVATE_SCHEME_WARNING = ("Warning - Unrecognized defined term <99DCMNODE> for value 1 of "
                           "attribute <Coding Scheme Designator>")
-NEOPLASMS = {(c.value, c.scheme_designator): i for i, (_, c) in enumerate(SEGMENT_PROPERTIES)}
+# and on every result object, IHE AIR's Device UID in Contributing Equipment, which this
+# dicom3tools' tables do not list there (docs/viewer.md)
+DEVICE_UID_WARNINGS = (
+    "Warning - Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
+    "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - this is "
+    "a Standard Extended SOP Class")
+# The flagged-region groups: the SEG's segment property type as the Finding (one code for
+# both classes), the class by the segment label that starts the tracking identifier.
+FLAGGED_FINDINGS = {(c.value, c.scheme_designator) for _, c in SEGMENT_PROPERTIES}
+FLAGGED_LABELS = [label for label, _ in SEGMENT_PROPERTIES]  # (benign, malignant)
 
 
 def code(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> tuple[str, str]:
@@ -77,23 +85,26 @@ def cad_marks(ds: Dataset) -> list[Mark]:
 
 
 def finding_groups(ds: Dataset) -> list[tuple[int, str]]:
-    """(class index, tracking identifier) of each TID 1500 measurement group whose Finding
-    is a neoplasm code (a claim about a lesion)."""
+    """(class index, tracking identifier) of each TID 1500 measurement group that claims a
+    region the model flags for a class (its Finding is the flagged-region code)."""
     (measurements,) = _named(ds, ("126010", "DCM"))
     out = []
     for group in _named(measurements, ("125007", "DCM")):
         (finding,) = _named(group, ("121071", "DCM"))
-        cls = NEOPLASMS.get(code(finding, "ConceptCodeSequence"))
-        if cls is not None:
-            (tracking,) = _named(group, ("112039", "DCM"))
-            out.append((cls, str(tracking.TextValue)))
+        if code(finding, "ConceptCodeSequence") not in FLAGGED_FINDINGS:
+            continue
+        (tracking,) = _named(group, ("112039", "DCM"))
+        text = str(tracking.TextValue)
+        (cls,) = [i for i, label in enumerate(FLAGGED_LABELS) if text.startswith(label)]
+        out.append((cls, text))
     return out
 
 
 def dciodvfy_complaints(report: str) -> list[str]:
-    """dciodvfy's error and warning lines but the explained private-scheme warning."""
+    """dciodvfy's error and warning lines but the explained ones (private scheme, AIR's
+    Device UID)."""
     return [line for line in report.splitlines() if line.startswith(("Error", "Warning"))
-            and line != PRIVATE_SCHEME_WARNING]
+            and line.rstrip() not in (PRIVATE_SCHEME_WARNING, *DEVICE_UID_WARNINGS)]
 
 
 def evidence_uids(ds: Dataset) -> set[str]:

@@ -98,7 +98,7 @@ def _most_attended(analysis) -> int:
 
 
 BENIGN = ("BENIGN_PROB", "99DCMNODE")
-NEOPLASMS = {(c.value, c.scheme_designator) for _, c in SEGMENT_PROPERTIES}
+FLAGGED_FINDINGS = {(c.value, c.scheme_designator) for _, c in SEGMENT_PROPERTIES}
 CANCER = ("111047", "DCM")
 
 
@@ -160,7 +160,7 @@ def test_sr_carries_the_probabilities_regions_and_seg_link(tmp_path_factory, tmp
             assert "ReferencedFrameNumber" not in ref
 
     # one finding-coded group per flagged region, on its own region and slice
-    flagged = [g for g in groups if _code(_finding(g), "ConceptCodeSequence") in NEOPLASMS]
+    flagged = [g for g in groups if _code(_finding(g), "ConceptCodeSequence") in FLAGGED_FINDINGS]
     for class_index, (label, _) in enumerate(SEGMENT_PROPERTIES):
         regions = flagged_regions(analysis, class_index, THRESHOLDS[class_index])
         mine = [g for g in flagged if _tracking(g).startswith(label)]
@@ -219,7 +219,7 @@ def test_nothing_flagged_gives_no_finding_coded_group(tmp_path_factory) -> None:
     seg = build_segmentation(analysis, options)
     assert seg.flagged_boxes == (None, None)
     groups = _groups(build_sr(analysis, make_breast(analysis), seg, options))
-    assert groups and not any(_code(_finding(g), "ConceptCodeSequence") in NEOPLASMS
+    assert groups and not any(_code(_finding(g), "ConceptCodeSequence") in FLAGGED_FINDINGS
                               for g in groups)
     # the probabilities stay, on a group that says it covers the image and claims no lesion
     assert _code(_finding(groups[0]), "ConceptCodeSequence") == ("76752008", "SCT")
