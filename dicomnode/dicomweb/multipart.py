@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -224,3 +225,25 @@ def multipart_body(paths: Sequence[Path], boundary: str, content_type: str = "ap
                 yield data
         yield b"\r\n"
     yield f"--{boundary}--".encode("latin-1")
+
+
+def receive_part(reader: MultipartReader, directory: Path) -> tuple[Path, bool]:
+    """The current part's body, written to a new file in `directory` as it arrives; whether
+    it was complete (False: the body ended inside it). The file is removed on any error."""
+    fd, name = tempfile.mkstemp(prefix="part-", dir=directory)
+    path = Path(name)
+    try:
+        with open(fd, "wb", buffering=0) as fh:
+            complete = reader.copy_body(_write_all(fh))
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, complete
+
+
+def _write_all(fh):
+    def write(view: memoryview) -> None:
+        while view:
+            n = fh.write(view)
+            view = view[n:]
+    return write

@@ -25,7 +25,6 @@ import json
 import logging
 import re
 import ssl
-import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -41,7 +40,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from dicomnode import metrics
-from dicomnode.dicomweb.multipart import BodyReader, BodyTooLarge, MalformedBody, MultipartReader
+from dicomnode.dicomweb.multipart import (
+    BodyReader,
+    BodyTooLarge,
+    MalformedBody,
+    MultipartReader,
+    receive_part,
+)
 from dicomnode.errors import ConfigError, DicomnodeError
 from dicomnode.logs import kv
 from dicomnode.scp import (
@@ -222,15 +227,7 @@ class StowReceiver:
     def _receive_body(self, reader: MultipartReader) -> tuple[Path, bool]:
         """The part's content, written to a temporary file as it arrives; whether it was
         complete (False: the body ended inside it)."""
-        fd, name = tempfile.mkstemp(prefix="part-", dir=self.incoming)
-        path = Path(name)
-        try:
-            with open(fd, "wb", buffering=0) as fh:
-                complete = reader.copy_body(_write_all(fh))
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        return path, complete
+        return receive_part(reader, self.incoming)
 
     def _archive_part(self, path: Path, complete: bool, content_type: str, calling_ae: str,
                       study_uid: str | None, request_id: int) -> PartResult:
@@ -323,14 +320,6 @@ class StowReceiver:
                              peer=peer, count=count, status=status, detail=detail)
         except Exception:  # the audit trail must never break receiving
             log.exception("event=audit_failed")
-
-
-def _write_all(fh):
-    def write(view: memoryview) -> None:
-        while view:
-            n = fh.write(view)
-            view = view[n:]
-    return write
 
 
 def _study_uid(path: Path) -> str:

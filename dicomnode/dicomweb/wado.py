@@ -13,14 +13,13 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
-import tempfile
 import urllib.parse
 from collections.abc import Callable
 from email.message import Message
 from pathlib import Path
 
 from dicomnode.dicomweb.client import StowTarget, ssl_context
-from dicomnode.dicomweb.multipart import MalformedBody, MultipartReader
+from dicomnode.dicomweb.multipart import MalformedBody, MultipartReader, receive_part
 
 DICOM_JSON = "application/dicom+json"
 # By default every instance as the peer holds it (transfer-syntax=*): the archive keeps
@@ -179,14 +178,7 @@ class DicomwebClient:
             reader = MultipartReader(rsp.read1, str(boundary))
             parts = 0
             while reader.next_part() is not None:
-                fd, name = tempfile.mkstemp(prefix="part-", dir=directory)
-                part = Path(name)
-                try:
-                    with open(fd, "wb", buffering=0) as fh:
-                        complete = reader.copy_body(_write_all(fh))
-                except BaseException:
-                    part.unlink(missing_ok=True)
-                    raise
+                part, complete = receive_part(reader, directory)
                 parts += 1
                 handle(part, complete)
             if reader.truncated or rsp.will_close:
@@ -205,14 +197,6 @@ class DicomwebClient:
         except BaseException:  # e.g. a part not writable here: the answer is not read out
             self.close()
             raise
-
-
-def _write_all(fh):
-    def write(view: memoryview) -> None:
-        while view:
-            n = fh.write(view)
-            view = view[n:]
-    return write
 
 
 def value(item: dict, tag: str) -> str:
