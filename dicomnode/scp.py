@@ -46,7 +46,7 @@ from dicomnode.wirecheck import (
 )
 
 if TYPE_CHECKING:
-    from dicomnode.config import Config
+    from dicomnode.config import Config, TLSConfig
     from storage import Store
 
 log = logging.getLogger("dicomnode.scp")
@@ -806,8 +806,14 @@ def build_ae(policy: ReceiverPolicy, limits: WireLimits | None = None) -> AE:
 
 def ssl_context_from_config(config: Config) -> ssl.SSLContext | None:
     tls = config.node.tls
-    if tls is None:
-        return None
+    return None if tls is None else server_ssl_context(tls, "[node.tls]")
+
+
+def server_ssl_context(tls: TLSConfig, section: str, *,
+                       optional_client_cert: bool = False) -> ssl.SSLContext:
+    """A listening side's TLS context from a TLS table (`section` names it in errors):
+    client certificates required with require_client_cert; else, where a CA is given and
+    `optional_client_cert`, verified when a client presents one; else not asked for."""
     from dicomnode.errors import ConfigError
 
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -816,9 +822,14 @@ def ssl_context_from_config(config: Config) -> ssl.SSLContext | None:
         if tls.ca:
             context.load_verify_locations(tls.ca)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"[node.tls]: cannot load certificate/key/CA ({exc}); "
+        raise ConfigError(f"{section}: cannot load certificate/key/CA ({exc}); "
                           "check the cert, key and ca paths") from None
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    if tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif optional_client_cert and tls.ca:
+        context.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 

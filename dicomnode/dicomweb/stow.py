@@ -57,6 +57,7 @@ from dicomnode.scp import (
     ReceiverPolicy,
     StoreRefused,
     archive_instance,
+    server_ssl_context,
 )
 
 if TYPE_CHECKING:
@@ -574,20 +575,11 @@ class _Server(ThreadingHTTPServer):
 
 
 def stow_ssl_context(tls: TLSConfig | None) -> ssl.SSLContext | None:
-    """The server context of [dicomweb.tls]: mutual TLS when require_client_cert is set."""
+    """The server context of [dicomweb.tls]: mutual TLS when require_client_cert is set; a
+    client certificate, where one is presented and a CA is given, names the peer."""
     if tls is None:
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(tls.cert, tls.key)
-        if tls.ca:
-            context.load_verify_locations(tls.ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"[dicomweb.tls]: cannot load certificate/key/CA ({exc}); "
-                          "check the cert, key and ca paths") from None
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_OPTIONAL \
-        if tls.ca else ssl.CERT_NONE
-    return context
+    return server_ssl_context(tls, "[dicomweb.tls]", optional_client_cert=True)
 
 
 class StowServer:
