@@ -234,6 +234,17 @@ class ReceiverPolicy:
         return any(ip in network for network in self._addresses.networks(host))
 
 
+def hold_studies(store: Store, uids: set[str]) -> None:
+    """Restart the idle timers of studies still arriving (C-STORE associations, STOW-RS
+    requests); a failure is logged and the next round tries again."""
+    if not uids:
+        return
+    try:
+        store.hold_receiving(uids)
+    except Exception:  # receiving goes on regardless
+        log.exception("event=study_hold_failed")
+
+
 def node_secret(data_dir: Path) -> bytes:
     """A per-installation random salt, so patient keys cannot be reversed by guessing IDs."""
     path = data_dir / "node-secret"
@@ -747,12 +758,7 @@ class Receiver:
         closes, or idle_seconds after its last instance, whichever is later."""
         with self._lock:
             uids = set().union(*self._studies.values())
-        if not uids:
-            return
-        try:
-            self.store.hold_receiving(uids)
-        except Exception:  # the next round tries again; receiving goes on regardless
-            log.exception("event=study_hold_failed")
+        hold_studies(self.store, uids)
 
     def _audit(self, event: str, calling: str, called: str, peer: str, *,
                count: int | None = None, status: str | None = None) -> None:

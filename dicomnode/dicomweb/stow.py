@@ -57,6 +57,7 @@ from dicomnode.scp import (
     ReceiverPolicy,
     StoreRefused,
     archive_instance,
+    hold_studies,
     server_ssl_context,
 )
 
@@ -307,12 +308,7 @@ class StowReceiver:
         SCP does for open associations): a study is not complete while its body streams."""
         with self._lock:
             uids = set().union(*self._studies.values())
-        if not uids:
-            return
-        try:
-            self.store.hold_receiving(uids)
-        except Exception:  # the next round tries again; receiving goes on regardless
-            log.exception("event=study_hold_failed")
+        hold_studies(self.store, uids)
 
     def audit(self, event: str, calling_ae: str | None, peer: str, *, count: int | None = None,
               status: str | None = None, detail: str | None = None) -> None:
