@@ -38,7 +38,10 @@ def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(KeyValueFormatter())
     handler.addFilter(RedactQuotedValues())
-    # warnings (pydicom's, for one) go through the handler too, not straight to stderr
+    # warnings (pydicom's, for one) go through the handler too, not straight to stderr.
+    # Off then on: a second captureWarnings(True) does nothing, even where warnings.showwarning
+    # was swapped back since (warnings.catch_warnings does that when it exits).
+    logging.captureWarnings(False)
     logging.captureWarnings(True)
     root = logging.getLogger()
     root.handlers[:] = [handler]

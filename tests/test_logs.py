@@ -15,6 +15,8 @@ from dicomnode.logs import configure_logging, kv
 def node_logging():
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    with warnings.catch_warnings():  # as an earlier run of the node in this process leaves it
+        configure_logging("INFO")
     configure_logging("INFO")
     out = io.StringIO()
     root.handlers[0].setStream(out)
