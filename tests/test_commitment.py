@@ -12,10 +12,10 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
-from dicomnode.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from dicomnode.config import load_config
-from dicomnode.scp import StorageSCP, policy_from_config
-from dicomnode.scu import Deliverer, destinations_from_config
+from dicomnode.network.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from dicomnode.network.scp import StorageSCP, policy_from_config
+from dicomnode.network.scu import Deliverer, destinations_from_config
 from dicomnode.store import open_store
 from storage.records import CommitmentState
 from tests.breast_dicom import phantom, write_mammo

@@ -26,8 +26,8 @@ from dicomnode.dicomweb.client import StowTarget, post_instances
 from dicomnode.dicomweb.multipart import MultipartReader, multipart_body
 from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token, stow_ssl_context
 from dicomnode.errors import ConfigError
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
-from dicomnode.scu import Deliverer, Destination
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.network.scu import Deliverer, Destination
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 
@@ -531,7 +531,7 @@ def test_deliveries_go_out_by_stow_rs_with_retries(tmp_path: Path, study: Path) 
 def test_stow_sender_splits_requests_by_size(tmp_path: Path, study: Path) -> None:
     from datetime import datetime
 
-    from dicomnode.scu import send_stow
+    from dicomnode.network.scu import send_stow
     from storage.records import DeliveryTask
 
     receiver = Node(tmp_path / "receiver")
@@ -569,7 +569,7 @@ token = "outbound"
 """)
     config = load_config(path, environ={})
     assert config.dicomweb.max_body_mb == 10
-    from dicomnode.scu import destinations_from_config
+    from dicomnode.network.scu import destinations_from_config
 
     dest = destinations_from_config(config)["PACS"]
     assert dest.stow == StowTarget("https://pacs.example.org/dicom-web", token="outbound")

@@ -180,7 +180,7 @@ def test_worker_sigkill_mid_inference_job_finished_by_another_worker_results_sen
 
 def _queue_results(config: Path, files: list[Path], destinations: list[str]) -> int:
     """Archive ``files`` as one study's results queued to ``destinations``; the job id."""
-    from dicomnode.scp import archive_instance, policy_from_config
+    from dicomnode.network.scp import archive_instance, policy_from_config
 
     cfg = load_config(config)
     store = open_store(cfg)

@@ -16,7 +16,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.config import load_config
-from dicomnode.scp import archive_instance, policy_from_config
+from dicomnode.network.scp import archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.ops_support import kill

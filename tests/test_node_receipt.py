@@ -99,7 +99,7 @@ def test_encapsulated_pixel_data_under_a_native_syntax_is_refused(node: Node,
     # body (undefined-length Pixel Data) behind a file meta that says Explicit VR LE
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from dicomnode.scp import (
+    from dicomnode.network.scp import (
         EncodedInstance,
         ReceiverPolicy,
         StoreRefused,

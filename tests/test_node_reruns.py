@@ -26,8 +26,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from dicomnode import worker as worker_module
 from dicomnode.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnalysis
 from dicomnode.config import Config, PeerConfig
+from dicomnode.network.scp import ReceiverPolicy, archive_instance
 from dicomnode.results.common import ResultsError
-from dicomnode.scp import ReceiverPolicy, archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.worker import Worker
 from storage import JobState, Store

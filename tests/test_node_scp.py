@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.conftest import dcmtk
@@ -282,7 +282,7 @@ def test_study_is_not_complete_while_its_association_is_open(tmp_path: Path,
 
 def test_hold_interval_stays_under_the_shortest_idle_time() -> None:
     from dicomnode.config import Config, PeerConfig
-    from dicomnode.scp import HOLD_SECONDS, hold_interval
+    from dicomnode.network.scp import HOLD_SECONDS, hold_interval
 
     config = Config()
     assert hold_interval(config) == HOLD_SECONDS  # the default 30 s idle time

@@ -12,11 +12,11 @@ from pydicom import dcmread
 
 from dicomnode.config import Config
 from dicomnode.models import ModelRegistry
+from dicomnode.network.scp import ReceiverPolicy, archive_instance
 from dicomnode.results import ResultOptions
 from dicomnode.results.common import result_uid
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
-from dicomnode.scp import ReceiverPolicy, archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import Worker, analyse_image, combine_breasts

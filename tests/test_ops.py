@@ -26,7 +26,7 @@ from dicomnode.health import (
     read_status_files,
 )
 from dicomnode.http import HealthServer, parse_listen
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.ops_support import scu
@@ -183,7 +183,7 @@ def test_status_command_reports_queue_disk_model_and_audit(tmp_path: Path, image
     store = Store(f"sqlite:///{tmp_path / 'data' / 'dicomnode.db'}", tmp_path / "data" /
                   "archive")
     try:
-        from dicomnode.scp import archive_instance
+        from dicomnode.network.scp import archive_instance
 
         archive_instance(store, image.read_bytes(), ReceiverPolicy("DICOMNODE"),
                          calling_ae="PACS")

@@ -8,7 +8,7 @@ import pytest
 
 from dicomnode.config import Config, PeerConfig
 from dicomnode.errors import ConfigError
-from dicomnode.retrieve import (
+from dicomnode.network.retrieve import (
     RetrieveError,
     RetrieveReport,
     StudyKey,

@@ -10,9 +10,7 @@ from pynetdicom import AE, evt
 
 from dicomnode.analysis import CLASS_NAMES
 from dicomnode.external import free_port
-from dicomnode.results import ResultOptions, build_parametric_maps
-from dicomnode.results.pmap import real_world_values
-from dicomnode.scu import (
+from dicomnode.network.scu import (
     DEFLATED_LE,
     EXPLICIT_LE,
     PARAMETRIC_MAP_STORAGE,
@@ -20,6 +18,8 @@ from dicomnode.scu import (
     build_scu,
     send_files,
 )
+from dicomnode.results import ResultOptions, build_parametric_maps
+from dicomnode.results.pmap import real_world_values
 from storage.records import DeliveryTask
 from tests.results_support import analysis_for
 

@@ -58,7 +58,7 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
                   idle_seconds: float, workdir: Path | None, seed: int,
                   timeout_s: float = 3600) -> BenchReport:
     from dicomnode.config import Config, PeerConfig
-    from dicomnode.scp import ReceiverPolicy, StorageSCP
+    from dicomnode.network.scp import ReceiverPolicy, StorageSCP
     from dicomnode.worker import Worker
     from storage import Store
 

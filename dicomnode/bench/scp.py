@@ -87,7 +87,7 @@ def run_scp_bench(files: list[Path] | None, runs: int, workdir: Path | None = No
 
 def _send_to_fresh_node(files: list[Path], root: Path) -> float:
     """Send to a node with an empty archive (re-sent identical instances would be skipped)."""
-    from dicomnode.scp import ReceiverPolicy, StorageSCP
+    from dicomnode.network.scp import ReceiverPolicy, StorageSCP
     from storage import Store
 
     store = Store(f"sqlite:///{root / 'bench.db'}", root / "archive")

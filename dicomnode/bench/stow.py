@@ -29,7 +29,7 @@ class _Node:
 
     def __init__(self, root: Path) -> None:
         from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token
-        from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+        from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
         from storage import Store
 
         self.root = root

@@ -31,7 +31,7 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
 @click.pass_context
 def import_(ctx: click.Context, paths: tuple[str, ...], ready: bool) -> None:
     """Archive and index DICOM files (folders are walked); prints what happened to each."""
-    from dicomnode.scp import (
+    from dicomnode.network.scp import (
         SOP_CLASS_NOT_SUPPORTED,
         StoreRefused,
         archive_instance,

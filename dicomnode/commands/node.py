@@ -58,7 +58,7 @@ class StopRequest:
 
 
 def _start_scp(config, store):
-    from dicomnode.scp import (
+    from dicomnode.network.scp import (
         StorageSCP,
         hold_interval,
         limits_from_config,
@@ -83,7 +83,7 @@ def _start_scp(config, store):
 def _start_stow(config, store):
     """The STOW-RS endpoint ([dicomweb] listen), with the SCP's receiving policy."""
     from dicomnode.dicomweb.stow import StowServer
-    from dicomnode.scp import hold_interval, policy_from_config
+    from dicomnode.network.scp import hold_interval, policy_from_config
 
     stow = StowServer.from_config(config, store, policy_from_config(config),
                                   hold_seconds=hold_interval(config))

@@ -36,14 +36,14 @@ def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | No
     studies that are missing at the PACS or did not arrive complete."""
     from dicomnode.errors import DicomnodeError
     from dicomnode.external import port_open
-    from dicomnode.retrieve import (
+    from dicomnode.network.retrieve import (
         METHOD_NAMES,
         Retriever,
         read_study_keys,
         retrieve_peer,
         write_complete_labels,
     )
-    from dicomnode.scp import StorageSCP, policy_from_config
+    from dicomnode.network.scp import StorageSCP, policy_from_config
     from dicomnode.store import open_store, storage_errors
 
     config = load_cli_config(ctx)

@@ -4,7 +4,7 @@ study completion as C-STORE.
 
 Each part streams to a temporary file under the data directory as it arrives (a 500 MB DBT
 never sits in memory), then goes through the SCP's own checks and archive function
-(:func:`dicomnode.scp.archive_instance`), which storage completes by renaming the file into
+(:func:`dicomnode.network.scp.archive_instance`), which storage completes by renaming the file into
 the archive, fsyncing and indexing it. The response (application/dicom+json) is sent only
 once every part is durable: its Referenced SOP Sequence lists what was stored, its Failed
 SOP Sequence what was refused, with the C-STORE status as Failure Reason. 200: all stored;
@@ -49,7 +49,7 @@ from dicomnode.dicomweb.multipart import (
 )
 from dicomnode.errors import ConfigError, DicomnodeError
 from dicomnode.logs import kv
-from dicomnode.scp import (
+from dicomnode.network.scp import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
     TRANSFER_SYNTAXES,

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from pynetdicom.association import Association
 
     from dicomnode.config import Config, PeerConfig
-    from dicomnode.scp import ReceiverPolicy
+    from dicomnode.network.scp import ReceiverPolicy
     from storage import Store
 
 log = logging.getLogger("dicomnode.retrieve")
@@ -263,7 +263,7 @@ class DimseTransport(Transport):
         self._lock = threading.Lock()
 
     def _ae(self, storage_classes: list[str]) -> AE:
-        from dicomnode.scp import TRANSFER_SYNTAXES
+        from dicomnode.network.scp import TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.r.ae_title)
         ae.acse_timeout = 15
@@ -320,7 +320,7 @@ class DimseTransport(Transport):
 
     def _handle_store(self, event: evt.Event) -> int:
         """C-STORE sub-operations of a C-GET: archived as if received."""
-        from dicomnode.scp import EncodedInstance, StoreRefused, archive_instance
+        from dicomnode.network.scp import EncodedInstance, StoreRefused, archive_instance
 
         encoded = EncodedInstance.from_c_store(event)
         try:
@@ -595,7 +595,7 @@ class WadoTransport(Transport):
         from pydicom.errors import InvalidDicomError
         from pydicom.filereader import read_file_meta_info
 
-        from dicomnode.scp import (
+        from dicomnode.network.scp import (
             TRANSFER_SYNTAXES,
             EncodedInstance,
             StoreRefused,
@@ -676,7 +676,7 @@ class Retriever:
     def __init__(self, store: Store, policy: ReceiverPolicy, peer: PeerConfig,
                  ae_title: str, *, method: str | None = None,
                  data_dir: Path | None = None, timeout_s: float = 120.0) -> None:
-        from dicomnode.scp import BREAST_SOP_CLASSES
+        from dicomnode.network.scp import BREAST_SOP_CLASSES
 
         self.store = store
         self.policy = policy

@@ -12,7 +12,8 @@ only (nothing is decoded), and what fails is refused with the standard C-STORE s
 - 0xC000 (cannot understand): Pixel Data encoded otherwise than its transfer syntax says
   (native under an encapsulated syntax, encapsulated under a native one).
 
-Each function returns ``(status, comment)`` or None; :mod:`dicomnode.scp` raises the refusal.
+Each function returns ``(status, comment)`` or None; :mod:`dicomnode.network.scp` raises the
+refusal.
 """
 
 from __future__ import annotations

@@ -24,9 +24,10 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom import _config as _pynetdicom_config
 
-from dicomnode import commitment, metrics
+from dicomnode import metrics
 from dicomnode.dicomweb.client import StowError, StowTarget, post_instances
 from dicomnode.logs import kv
+from dicomnode.network import commitment
 
 if TYPE_CHECKING:
     from dicomnode.config import Config, PeerConfig

@@ -34,16 +34,17 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from dicomnode import commitment, metrics
+from dicomnode import metrics
 from dicomnode.errors import UnusableImageError
 from dicomnode.logs import kv
-from dicomnode.volume import describe_dataset
-from dicomnode.wire_guard import WireLimits, start_guarded_server, sweep_incoming
-from dicomnode.wirecheck import (
+from dicomnode.network import commitment
+from dicomnode.network.guard import WireLimits, start_guarded_server, sweep_incoming
+from dicomnode.network.instance_checks import (
     frame_of_reference_problem,
     pixel_encoding_problem,
     pixel_module_problem,
 )
+from dicomnode.volume import describe_dataset
 
 if TYPE_CHECKING:
     from dicomnode.config import Config, TLSConfig
@@ -436,7 +437,8 @@ def check_instance(ds: Dataset, context_sop_class: str, request_sop_instance: st
     if sop_class == "1.2.840.10008.5.1.4.1.1.13.1.3" and (
             "NumberOfFrames" not in ds or "SharedFunctionalGroupsSequence" not in ds):
         raise StoreRefused(DATASET_DOES_NOT_MATCH, "DBT without frames or functional groups")
-    # what the worker needs to decode the image and place results on it (dicomnode.wirecheck)
+    # what the worker needs to decode the image and place results on it
+    # (dicomnode.network.instance_checks)
     problem = frame_of_reference_problem(ds) or pixel_module_problem(ds)
     if problem is not None:
         raise StoreRefused(*problem)
