@@ -99,13 +99,8 @@ def test_encapsulated_pixel_data_under_a_native_syntax_is_refused(node: Node,
     # body (undefined-length Pixel Data) behind a file meta that says Explicit VR LE
     from pydicom.uid import ExplicitVRLittleEndian
 
-    from dicomnode.network.scp import (
-        EncodedInstance,
-        ReceiverPolicy,
-        StoreRefused,
-        archive_instance,
-        dataset_offset,
-    )
+    from dicomnode.network.instance_checks import EncodedInstance, StoreRefused, dataset_offset
+    from dicomnode.network.scp import ReceiverPolicy, archive_instance
 
     ds = _mammo(study)
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60])

@@ -19,8 +19,9 @@ import pytest
 
 from dicomnode.config import Config, NodeConfig, PeerConfig
 from dicomnode.errors import ConfigError
+from dicomnode.network.instance_checks import EncodedInstance
 from dicomnode.network.retrieve import RetrieveError, Retriever, StudyKey, retrieve_method
-from dicomnode.network.scp import EncodedInstance, archive_instance, policy_from_config
+from dicomnode.network.scp import archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.test_dicomweb_stow import pki  # noqa: F401 (a fixture)
@@ -273,7 +274,7 @@ def _in_syntax(path: Path, out: Path, syntax: str) -> Path:
     """The file with its meta saying ``syntax`` (the dataset bytes as they are)."""
     from pynetdicom.dsutils import encode_file_meta
 
-    from dicomnode.network.scp import dataset_offset
+    from dicomnode.network.instance_checks import dataset_offset
 
     encoded = EncodedInstance(path.read_bytes())
     offset = dataset_offset(encoded)

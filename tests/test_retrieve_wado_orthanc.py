@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from dicomnode.config import load_config
-from dicomnode.network.scp import EncodedInstance, archive_instance, policy_from_config
+from dicomnode.network.instance_checks import EncodedInstance
+from dicomnode.network.scp import archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.peers import free_port, orthanc, write_config

@@ -49,13 +49,15 @@ from dicomnode.dicomweb.multipart import (
 )
 from dicomnode.errors import ConfigError, DicomnodeError
 from dicomnode.logs import kv
-from dicomnode.network.scp import (
+from dicomnode.network.instance_checks import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
-    TRANSFER_SYNTAXES,
     EncodedInstance,
-    ReceiverPolicy,
     StoreRefused,
+)
+from dicomnode.network.scp import (
+    TRANSFER_SYNTAXES,
+    ReceiverPolicy,
     archive_instance,
     hold_studies,
     server_ssl_context,

@@ -320,7 +320,8 @@ class DimseTransport(Transport):
 
     def _handle_store(self, event: evt.Event) -> int:
         """C-STORE sub-operations of a C-GET: archived as if received."""
-        from dicomnode.network.scp import EncodedInstance, StoreRefused, archive_instance
+        from dicomnode.network.instance_checks import EncodedInstance, StoreRefused
+        from dicomnode.network.scp import archive_instance
 
         encoded = EncodedInstance.from_c_store(event)
         try:
@@ -595,12 +596,8 @@ class WadoTransport(Transport):
         from pydicom.errors import InvalidDicomError
         from pydicom.filereader import read_file_meta_info
 
-        from dicomnode.network.scp import (
-            TRANSFER_SYNTAXES,
-            EncodedInstance,
-            StoreRefused,
-            archive_instance,
-        )
+        from dicomnode.network.instance_checks import EncodedInstance, StoreRefused
+        from dicomnode.network.scp import TRANSFER_SYNTAXES, archive_instance
 
         sop_instance = ""
         try:
@@ -676,7 +673,7 @@ class Retriever:
     def __init__(self, store: Store, policy: ReceiverPolicy, peer: PeerConfig,
                  ae_title: str, *, method: str | None = None,
                  data_dir: Path | None = None, timeout_s: float = 120.0) -> None:
-        from dicomnode.network.scp import BREAST_SOP_CLASSES
+        from dicomnode.network.instance_checks import BREAST_SOP_CLASSES
 
         self.store = store
         self.policy = policy

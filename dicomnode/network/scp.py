@@ -12,12 +12,8 @@ a peer sends.
 from __future__ import annotations
 
 import hashlib
-import io
 import ipaddress
-import itertools
 import logging
-import mmap
-import os
 import secrets
 import ssl
 import threading
@@ -26,11 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, _config, evt
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -40,9 +33,18 @@ from dicomnode.logs import kv
 from dicomnode.network import commitment
 from dicomnode.network.guard import WireLimits, start_guarded_server, sweep_incoming
 from dicomnode.network.instance_checks import (
-    frame_of_reference_problem,
-    pixel_encoding_problem,
-    pixel_module_problem,
+    BREAST_SOP_CLASSES,
+    CANNOT_UNDERSTAND,
+    NOT_AUTHORISED,
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    SUCCESS,
+    EncodedInstance,
+    StoreRefused,
+    check_encoding,
+    check_instance,
+    check_pixel_data,
+    parse_header,
 )
 from dicomnode.volume import describe_dataset
 
@@ -52,19 +54,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dicomnode.scp")
 
-# Breast image SOP classes the node processes.
-BREAST_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.13.1.4": "Breast Projection X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.13.1.5": "Breast Projection X-Ray Image Storage - For Processing",
-    # single-frame classes some vendors use for DBT slices
-    "1.2.840.10008.5.1.4.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
-}
 
 # What images arrive in: uncompressed, and the compressed syntaxes modalities and PACS use.
 TRANSFER_SYNTAXES = [
@@ -83,13 +72,6 @@ TRANSFER_SYNTAXES = [
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old devices)
 ]
 
-# C-STORE statuses (PS3.4 Annex B.2.3, PS3.7 C.4.2)
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-SOP_CLASS_NOT_SUPPORTED = 0x0122
-NOT_AUTHORISED = 0x0124
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
@@ -99,40 +81,6 @@ REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limi
 # How often the studies of open associations get their idle timers restarted (seconds);
 # shorter where a study's idle time is short (hold_interval).
 HOLD_SECONDS = 1.0
-
-# Largest pixel data the node accepts in one instance: far above any breast image
-# (a 90-slice 3328x4096 DBT is 2.4 GB), so only absurd declarations are refused.
-MAX_PIXEL_BYTES = 4 * 2**30
-# (FFFE,E0DD) with length 0, little endian: closes encapsulated Pixel Data, the last element.
-_SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
-_VRS = {vr.encode() for vr in (
-    "AE AS AT CS DA DS DT FL FD IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN "
-    "UR US UT UV").split()}
-_LONG_VRS = {vr.encode() for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR",
-                                     "UT", "SV", "UV")}
-_ITEM_TAG = b"\xfe\xff\x00\xe0"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
-             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
-_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-         "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
-_RLE = "1.2.840.10008.1.2.5"
-_J2K_CODESTREAM = b"\xff\x4f\xff\x51"  # SOC then SIZ marker
-_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
-# BTO and the 2D breast classes must carry these to be what they claim.
-_IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
-                     "PhotometricInterpretation")
-
-
-class StoreRefused(Exception):
-    """A C-STORE the node refuses: the status and the Error Comment the peer receives."""
-
-    def __init__(self, status: int, comment: str) -> None:
-        super().__init__(comment)
-        self.status = status
-        # Error Comment is LO: one value (no backslash, which separates values), at most 64
-        # characters; the message may quote what the peer sent
-        self.comment = comment.replace("\\", "/")[:64]
 
 
 @dataclass(frozen=True)
@@ -294,249 +242,6 @@ def patient_key(ds: Dataset, salt: bytes) -> str:
     if not ident.strip("|"):
         ident = "study:" + str(ds.get("StudyInstanceUID", ""))
     return hashlib.sha256(salt + ident.encode()).hexdigest()[:32]
-
-
-class EncodedInstance:
-    """A DICOM file's bytes held as buffers (file meta, then the dataset as received),
-    read in place: slices and a stream for the header parser, never one joined copy of a
-    DBT of several hundred MB."""
-
-    def __init__(self, *parts: bytes | memoryview, path: Path | None = None) -> None:
-        self.parts = [memoryview(p).cast("B") for p in parts if len(p)]
-        self._starts = list(itertools.accumulate((len(p) for p in self.parts), initial=0))
-        self.path = path  # the bytes are this file's: storage takes it over instead of copying
-        self._mapping: mmap.mmap | None = None
-
-    @classmethod
-    def from_c_store(cls, event: evt.Event) -> EncodedInstance:
-        if _config.STORE_RECV_CHUNKED_DATASET:
-            return cls.from_file(Path(event.dataset_path))
-        prefix = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-        return cls(prefix, event.request.DataSet.getbuffer())
-
-    @classmethod
-    def from_file(cls, path: Path) -> EncodedInstance:
-        with open(path, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size == 0:
-                return cls(path=path)
-            mapping = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-        instance = cls(mapping, path=path)
-        instance._mapping = mapping
-        return instance
-
-    @property
-    def storable(self) -> list[memoryview] | Path:
-        """What storage writes: the file to take over, or the buffers."""
-        return self.path if self.path is not None else self.parts
-
-    def close(self) -> None:
-        if self._mapping is not None:
-            self.parts.clear()
-            self._mapping.close()
-            self._mapping = None
-
-    def __len__(self) -> int:
-        return self._starts[-1]
-
-    def __getitem__(self, key: slice) -> bytes:
-        start, stop, _ = key.indices(len(self))
-        out = bytearray()
-        for part, first in zip(self.parts, self._starts, strict=False):
-            lo, hi = max(start - first, 0), min(stop - first, len(part))
-            if lo < hi:
-                out += part[lo:hi]
-        return bytes(out)
-
-    def stream(self) -> io.BufferedReader:
-        return io.BufferedReader(_PartsReader(self), buffer_size=65536)
-
-    def header_source(self) -> _HeaderSource:
-        """A stream for pydicom that its deferred reads come back to (see parse_header)."""
-        return _HeaderSource(self.stream())
-
-
-class _HeaderSource:
-    """A readable, seekable buffer that pydicom keeps as the dataset's source.
-
-    pydicom takes an io.BufferedReader for an open file and re-opens it by name to read a
-    deferred value (a large Per-frame Functional Groups Sequence, say); the received bytes
-    have no such name ("Deferred read -- original file <received> is missing"). Any other
-    object with read/seek/tell is kept and read again in place, for as long as the
-    EncodedInstance is open."""
-
-    def __init__(self, stream: io.BufferedReader) -> None:
-        self._stream = stream
-        self.read, self.seek, self.tell = stream.read, stream.seek, stream.tell
-
-    @property
-    def closed(self) -> bool:
-        return self._stream.closed
-
-
-class _PartsReader(io.RawIOBase):
-    name = "<received>"  # pydicom names its source in messages
-
-    def __init__(self, data: EncodedInstance) -> None:
-        self.data, self.pos = data, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.data)}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def tell(self) -> int:
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        chunk = self.data[self.pos:self.pos + len(buffer)]
-        buffer[:len(chunk)] = chunk
-        self.pos += len(chunk)
-        return len(chunk)
-
-
-def parse_header(encoded: EncodedInstance) -> Dataset:
-    """The dataset without reading large values (pixel data stays as its length)."""
-    try:
-        return dcmread(encoded.header_source(), defer_size=1024, force=False)
-    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError) as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"cannot parse dataset: {exc}") from None
-
-
-def _declared_pixel_bytes(ds: Dataset) -> int:
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    bits = int(ds.BitsAllocated)
-    # bits rounded up to whole bytes: 1-bit (BINARY SEG) pixel data is packed
-    return (int(ds.Rows) * int(ds.Columns) * frames * int(ds.SamplesPerPixel) * bits + 7) // 8
-
-
-def check_instance(ds: Dataset, context_sop_class: str, request_sop_instance: str) -> None:
-    """Refuse what cannot be archived and processed; the status says why (PS3.4 B.2.3)."""
-    sop_class = str(ds.get("SOPClassUID", ""))
-    sop_instance = str(ds.get("SOPInstanceUID", ""))
-    missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
-                           "SeriesInstanceUID") if not str(ds.get(k, "")).strip()]
-    if missing:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"missing {', '.join(missing)}")
-    if sop_class != context_sop_class:
-        raise StoreRefused(DATASET_DOES_NOT_MATCH,
-                           f"SOP Class {sop_class} sent as {context_sop_class}")
-    if request_sop_instance and sop_instance != request_sop_instance:
-        raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request")
-    if sop_class not in BREAST_SOP_CLASSES:
-        return
-    absent = [k for k in _IMAGE_ATTRIBUTES if k not in ds]
-    if absent or "PixelData" not in ds:
-        raise StoreRefused(DATASET_DOES_NOT_MATCH,
-                           f"image without {', '.join(absent or ['Pixel Data'])}")
-    if sop_class == "1.2.840.10008.5.1.4.1.1.13.1.3" and (
-            "NumberOfFrames" not in ds or "SharedFunctionalGroupsSequence" not in ds):
-        raise StoreRefused(DATASET_DOES_NOT_MATCH, "DBT without frames or functional groups")
-    # what the worker needs to decode the image and place results on it
-    # (dicomnode.network.instance_checks)
-    problem = frame_of_reference_problem(ds) or pixel_module_problem(ds)
-    if problem is not None:
-        raise StoreRefused(*problem)
-    try:
-        declared = _declared_pixel_bytes(ds)
-    except (TypeError, ValueError) as exc:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"bad image dimensions: {exc}") from None
-    if declared <= 0 or declared > MAX_PIXEL_BYTES:
-        raise StoreRefused(CANNOT_UNDERSTAND, f"declared pixel data of {declared} bytes")
-
-
-def check_pixel_data(ds: Dataset, encoded: EncodedInstance) -> None:
-    """Pixel Data must be all there: a native value as long as the dimensions declare, an
-    encapsulated one closed by its sequence delimiter (a truncated send fails here)."""
-    element = ds.get_item("PixelData", keep_deferred=True)
-    length = getattr(element, "length", None)
-    offset = getattr(element, "value_tell", None)
-    if length is None or offset is None:
-        return
-    problem = pixel_encoding_problem(str(ds.file_meta.TransferSyntaxUID), length)
-    if problem is not None:
-        raise StoreRefused(*problem)
-    if ds.file_meta.TransferSyntaxUID == _DEFLATED:
-        return  # offsets are in the inflated stream: parsing it already proved it whole
-    if length == 0xFFFFFFFF:  # encapsulated: ends with the sequence delimitation item
-        if encoded[-8:] != _SEQUENCE_DELIMITER:
-            raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated pixel data is truncated")
-        check_first_fragment(encoded, offset, str(ds.file_meta.TransferSyntaxUID))
-        return
-    if offset + length > len(encoded):
-        raise StoreRefused(CANNOT_UNDERSTAND,
-                           f"pixel data truncated: {len(encoded) - offset} of {length} bytes")
-    if "Rows" in ds and not ds.file_meta.TransferSyntaxUID.is_compressed:
-        declared = _declared_pixel_bytes(ds)
-        if length not in (declared, declared + 1):
-            raise StoreRefused(CANNOT_UNDERSTAND,
-                               f"pixel data is {length} bytes, dimensions say {declared}")
-
-
-def dataset_offset(encoded: EncodedInstance) -> int | None:
-    """Where the dataset starts after the preamble and the File Meta (always Explicit VR
-    Little Endian); None without a preamble."""
-    if encoded[128:132] != b"DICM":
-        return None
-    pos = 132
-    while len(encoded) >= pos + 8 and encoded[pos:pos + 2] == b"\x02\x00":
-        if encoded[pos + 4:pos + 6] in _LONG_VRS:
-            pos += 12 + int.from_bytes(encoded[pos + 8:pos + 12], "little")
-        else:
-            pos += 8 + int.from_bytes(encoded[pos + 6:pos + 8], "little")
-    return pos
-
-
-def check_encoding(encoded: EncodedInstance, transfer_syntax: str) -> None:
-    """The dataset must be encoded as the negotiated transfer syntax says: a body sent as
-    Implicit VR on an Explicit VR context (or the reverse) is parsed by guesswork, and would
-    be archived as a file whose meta lies. Checks the first element's VR bytes only."""
-    if transfer_syntax == _DEFLATED:
-        return
-    offset = dataset_offset(encoded)
-    if offset is None or len(encoded) < offset + 8:
-        return
-    looks_explicit = encoded[offset + 4:offset + 6] in _VRS
-    explicit = transfer_syntax != "1.2.840.10008.1.2"
-    if looks_explicit != explicit:
-        raise StoreRefused(CANNOT_UNDERSTAND, "dataset not encoded in its transfer syntax "
-                           f"({'explicit' if looks_explicit else 'implicit'} VR)")
-
-
-def check_first_fragment(encoded: EncodedInstance, offset: int, transfer_syntax: str) -> None:
-    """Encapsulated Pixel Data must be items (Basic Offset Table, then fragments) and its
-    first fragment must start as its codec's stream does, so that a frame that is not what
-    the transfer syntax says is refused now, not found undecodable by the worker later.
-    Only a few bytes are read: nothing is decoded."""
-    items = []
-    pos = offset
-    for _ in range(2):  # the Basic Offset Table item, then the first fragment
-        if encoded[pos:pos + 4] != _ITEM_TAG or pos + 8 > len(encoded):
-            raise StoreRefused(CANNOT_UNDERSTAND,
-                               "encapsulated pixel data without its items (no fragments)")
-        size = int.from_bytes(encoded[pos + 4:pos + 8], "little")
-        if size == 0xFFFFFFFF or pos + 8 + size > len(encoded):
-            raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated fragment length is invalid")
-        items.append(encoded[pos + 8:pos + 8 + min(size, 64)])
-        pos += 8 + size
-    fragment = items[1]
-    if transfer_syntax in _JPEG2000:
-        ok = fragment.startswith(_J2K_CODESTREAM) or fragment.startswith(_JP2_SIGNATURE)
-    elif transfer_syntax in _JPEG:
-        ok = fragment.startswith(b"\xff\xd8")
-    elif transfer_syntax == _RLE:
-        segments = int.from_bytes(fragment[:4], "little") if len(fragment) >= 64 else 0
-        ok = 1 <= segments <= 15
-    else:
-        return
-    if not ok:
-        raise StoreRefused(CANNOT_UNDERSTAND,
-                           f"first frame is not a {transfer_syntax} stream")
 
 
 def archive_instance(store: Store, encoded: bytes | EncodedInstance, policy: ReceiverPolicy, *,
