@@ -14,15 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicomnode.analysis import (
+from dicomnode.pipeline.analysis import (
     AlgorithmIdentity,
     AttendedRegion,
     BreastAnalysis,
     ClassProbabilities,
     ImageAnalysis,
 )
+from dicomnode.pipeline.images import load_image, load_images
 from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.volume import load_image, load_images
 from gmic.preprocess import preprocess
 
 ALGORITHM = AlgorithmIdentity(name="3D-GMIC", version="0.0.test", checkpoint_name="builtin:dbt",

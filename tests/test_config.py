@@ -132,7 +132,7 @@ def test_cad_operating_points_from_file_and_environment(tmp_path: Path) -> None:
     assert config.results.cad_presentation_required == 2
     config = load_config(path, environ={"DICOMNODE_RESULTS_CAD_OPERATING_POINTS": "0.7, 0.3"})
     assert config.results.cad_operating_points == [0.7, 0.3]
-    from dicomnode.worker import result_options
+    from dicomnode.pipeline.worker import result_options
 
     options = result_options(config)
     assert options.cad_operating_points == (0.7, 0.3) and options.cad_presentation_required == 2

@@ -175,9 +175,9 @@ def test_archive_items_carry_each_lesion_on_its_slice(tmp_path_factory) -> None:
     """From a synthetic study's SEGs through the training cache to find_lesions: every DBT
     finding is a lesion of its class within a slice of the finding's frame, near its
     centre."""
+    from dicomnode.pipeline.images import load_image
     from dicomnode.training.data import CachedVolumes, seg_masks
     from dicomnode.training.run import load_labelled
-    from dicomnode.volume import load_image
     from gmic.preprocess import preprocess
     from tests.results_support import findings, study_root
 

@@ -10,7 +10,9 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Config
-from dicomnode.models import ModelRegistry
+from dicomnode.pipeline.images import load_image
+from dicomnode.pipeline.weights import ModelRegistry
+from dicomnode.pipeline.worker import analyse_image, result_options
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
 from dicomnode.results.validate import (
@@ -20,8 +22,6 @@ from dicomnode.results.validate import (
     sr_validator_errors,
 )
 from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.volume import load_image
-from dicomnode.worker import analyse_image, result_options
 from tests.conftest import dcmtk
 from tests.peers import (
     free_port,

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.analysis import (
+from dicomnode.pipeline.analysis import (
     AttendedRegion,
     BreastAnalysis,
     ClassProbabilities,
@@ -393,7 +393,7 @@ def test_worker_builds_it_for_dbt_only_when_enabled(tmp_path_factory) -> None:
     from types import SimpleNamespace
 
     from dicomnode.config import Config
-    from dicomnode.worker import _default_study_result_builder
+    from dicomnode.pipeline.worker import _default_study_result_builder
 
     analyses = _dbt_analyses(tmp_path_factory, "enhanced")
     job = SimpleNamespace(id=1, study_uid=analyses[0].image.study_uid)

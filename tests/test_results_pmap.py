@@ -8,7 +8,7 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from dicomnode.analysis import BENIGN, CLASS_NAMES, MALIGNANT
+from dicomnode.pipeline.analysis import BENIGN, CLASS_NAMES, MALIGNANT
 from dicomnode.results import ResultOptions, build_parametric_maps
 from dicomnode.results.geometry import block_mean
 from dicomnode.results.pmap import real_world_values

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.analysis import CLASS_NAMES
+from dicomnode.pipeline.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_segmentation, build_sr
 from dicomnode.results.common import SEGMENT_PROPERTIES
 from dicomnode.results.findings import flagged_regions

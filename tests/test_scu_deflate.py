@@ -8,7 +8,6 @@ import datetime
 import pytest
 from pynetdicom import AE, evt
 
-from dicomnode.analysis import CLASS_NAMES
 from dicomnode.external import free_port
 from dicomnode.network.scu import (
     DEFLATED_LE,
@@ -18,6 +17,7 @@ from dicomnode.network.scu import (
     build_scu,
     send_files,
 )
+from dicomnode.pipeline.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_parametric_maps
 from dicomnode.results.pmap import real_world_values
 from storage.records import DeliveryTask

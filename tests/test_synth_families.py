@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from scipy import ndimage
 
 from dicomnode.cli import cli
+from dicomnode.pipeline.images import load_image
 from dicomnode.synth import FAMILIES, SynthOptions, generate_studies, parse_families
 from dicomnode.synth.findings import (
     BENIGN_MARGINS,
@@ -25,7 +26,6 @@ from dicomnode.synth.findings import (
 from dicomnode.synth.imaging import sample_acquisition
 from dicomnode.synth.options import SIZE_SPECS
 from dicomnode.synth.texture import texture_field
-from dicomnode.volume import load_image
 
 
 def _coherence(field: np.ndarray) -> float:

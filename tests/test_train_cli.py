@@ -266,7 +266,7 @@ def _trained_config(out: Path) -> dict:
 
 def test_init_builtin_trains_the_shipped_model_without_architecture_flags(
         synth: Path, tmp_path: Path, capsys) -> None:
-    from dicomnode.models import BUILTIN_DIR
+    from dicomnode.pipeline.weights import BUILTIN_DIR
     from gmic.checkpoint import checkpoint_config
 
     out = tmp_path / "run"

@@ -75,7 +75,7 @@ def test_train_dbt_from_builtin_with_breast_labels_and_no_masks(tmp_path: Path, 
     assert records[-1]["train_loss"] > 0
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["augment_intensity"] == 0.3 and run["settings"]["mask_weight"] == 0
-    from dicomnode.models import BUILTIN_DIR
+    from dicomnode.pipeline.weights import BUILTIN_DIR
 
     before = torch.load(BUILTIN_DIR / "dbt.pt", map_location="cpu", weights_only=True)
     after = torch.load(out / "epoch_001.pt", map_location="cpu", weights_only=True)

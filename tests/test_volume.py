@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
 
 from dicomnode.errors import UnusableImageError
-from dicomnode.volume import (
+from dicomnode.pipeline.images import (
     DecodeError,
     FrameSizeMismatchError,
     NoPixelDataError,

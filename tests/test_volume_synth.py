@@ -13,7 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.volume import BreastImage, load_image, load_images
+from dicomnode.pipeline.images import BreastImage, load_image, load_images
 from gmic.preprocess import preprocess
 
 SLOW = pytest.mark.slow

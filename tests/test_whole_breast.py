@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from dicomnode.config import ModelConfig
-from dicomnode.inference import analyse_image
-from dicomnode.models import ModelRegistry
+from dicomnode.pipeline.images import BreastImage
+from dicomnode.pipeline.inference import analyse_image
+from dicomnode.pipeline.weights import ModelRegistry
 from dicomnode.synth.anatomy import BreastParams, build_view_phantom
 from dicomnode.synth.findings import MALIGNANT_MASS, place_finding, sample_finding
 from dicomnode.synth.imaging import render_view
 from dicomnode.synth.options import DBT_PIXEL_MM, SizeSpec
-from dicomnode.volume import BreastImage
 from gmic.preprocess import preprocess
 
 # A breast 45 mm high and 76 mm from the chest wall to the nipple: more than twice the

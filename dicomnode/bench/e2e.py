@@ -59,7 +59,7 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
                   timeout_s: float = 3600) -> BenchReport:
     from dicomnode.config import Config, PeerConfig
     from dicomnode.network.scp import ReceiverPolicy, StorageSCP
-    from dicomnode.worker import Worker
+    from dicomnode.pipeline.worker import Worker
     from storage import Store
 
     tmp = Path(tempfile.mkdtemp(prefix="dicomnode-bench-e2e-", dir=workdir))

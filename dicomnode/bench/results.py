@@ -43,8 +43,8 @@ SALIENCY_STRIDE = 64  # model input pixels per saliency pixel (the published GMI
 
 def bench_analysis(path: Path):
     """An ImageAnalysis of the DBT image at `path` with a synthetic saliency blob."""
-    from dicomnode.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnalysis
-    from dicomnode.volume import load_image
+    from dicomnode.pipeline.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnalysis
+    from dicomnode.pipeline.images import load_image
     from gmic.preprocess import preprocess
 
     image = load_image(path)

@@ -56,7 +56,7 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
              montages: int, seed: int, device: str | None) -> None:
     """Evaluate checkpoints on labelled images and write a report to OUT."""
     from dicomnode.cli import load_cli_config
-    from dicomnode.models import resolve_device
+    from dicomnode.pipeline.weights import resolve_device
     from dicomnode.training import evaluation as ev
     from dicomnode.training import report
     from dicomnode.training.data import seg_masks, split_by_patient

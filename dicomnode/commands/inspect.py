@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from dicomnode.volume import ImageHeader, read_pixels, scan_images
+from dicomnode.pipeline.images import ImageHeader, read_pixels, scan_images
 
 
 def describe(header: ImageHeader) -> str:

@@ -163,7 +163,7 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
                 stow = _start_stow(config, store)
                 click.echo(f"STOW-RS on {stow.url}/studies", err=True)
         if infer:
-            from dicomnode.worker import Worker
+            from dicomnode.pipeline.worker import Worker
 
             worker = Worker(config, store)
             worker_thread = threading.Thread(target=worker.run_forever, name="worker",

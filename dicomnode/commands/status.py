@@ -79,7 +79,7 @@ def _probe_stow(config) -> tuple[bool, str] | None:
 
 
 def _model_lines(config, processes) -> tuple[list[str], str]:
-    from dicomnode.models import ModelUnavailable, checkpoint_path
+    from dicomnode.pipeline.weights import ModelUnavailable, checkpoint_path
 
     lines = []
     for modality in ("dbt", "ffdm", "s2d"):
@@ -94,7 +94,7 @@ def _model_lines(config, processes) -> tuple[list[str], str]:
         lines.append(f"{modality}: {spec} -> {state}"
                      + (f"; loaded in {', '.join(loaded)}" if loaded else ""))
     try:
-        from dicomnode.models import resolve_device
+        from dicomnode.pipeline.weights import resolve_device
 
         device = f"{config.model.device} -> {resolve_device(config.model.device)}"
     except ModelUnavailable as exc:

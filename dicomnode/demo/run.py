@@ -102,7 +102,7 @@ class Progress:
 def resolve_models(model: ModelConfig, model_dir: Path | None, modalities: tuple[str, ...]
                    ) -> ModelConfig:
     """The node's [model]: checked checkpoint files for the demo's modalities, the rest off."""
-    from dicomnode.models import BUILTIN_DIR, ModelUnavailable, checkpoint_path
+    from dicomnode.pipeline.weights import BUILTIN_DIR, ModelUnavailable, checkpoint_path
 
     resolved = dataclasses.replace(model)
     if model_dir is not None and not model_dir.is_dir():

@@ -46,7 +46,7 @@ from dicomnode.network.instance_checks import (
     check_pixel_data,
     parse_header,
 )
-from dicomnode.volume import describe_dataset
+from dicomnode.pipeline.images import describe_dataset
 
 if TYPE_CHECKING:
     from dicomnode.config import Config, TLSConfig

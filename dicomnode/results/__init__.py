@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicomnode.analysis import CLASS_NAMES, BreastAnalysis, ImageAnalysis
+from dicomnode.pipeline.analysis import CLASS_NAMES, BreastAnalysis, ImageAnalysis
 from dicomnode.results.cad_sr import build_cad_sr
 from dicomnode.results.common import (
     ResultOptions,

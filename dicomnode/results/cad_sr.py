@@ -53,7 +53,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
-from dicomnode.analysis import MALIGNANT, AlgorithmIdentity, BreastAnalysis, ImageAnalysis
+from dicomnode.pipeline.analysis import MALIGNANT, AlgorithmIdentity, BreastAnalysis, ImageAnalysis
 from dicomnode.results.common import (
     MANUFACTURER,
     NOT_FOR_CLINICAL_USE,

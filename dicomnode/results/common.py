@@ -20,9 +20,9 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicomnode import __version__
-from dicomnode.analysis import CLASS_NAMES, AlgorithmIdentity, ImageAnalysis
 from dicomnode.config import check_cad_operating_points
 from dicomnode.errors import DicomnodeError
+from dicomnode.pipeline.analysis import CLASS_NAMES, AlgorithmIdentity, ImageAnalysis
 
 MANUFACTURER = "dicomnode"
 NOT_FOR_CLINICAL_USE = "not for clinical use"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from dicomnode.analysis import ImageAnalysis
+from dicomnode.pipeline.analysis import ImageAnalysis
 
 # 26-connectivity: cells touching by a face, an edge or a corner, in plane or across slices
 _CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)

@@ -21,7 +21,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from dicomnode.analysis import ImageAnalysis
+from dicomnode.pipeline.analysis import ImageAnalysis
 from dicomnode.results.common import ResultsError
 
 _MOVABLE = ("PlaneOrientationSequence", "PixelMeasuresSequence")

@@ -41,7 +41,7 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
+from dicomnode.pipeline.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.common import (
     MANUFACTURER,
     NO_UNITS,

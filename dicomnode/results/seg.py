@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
+from dicomnode.pipeline.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,

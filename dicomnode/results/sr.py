@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicomnode.analysis import MALIGNANT, BreastAnalysis, ClassProbabilities, ImageAnalysis
+from dicomnode.pipeline.analysis import MALIGNANT, BreastAnalysis, ClassProbabilities, ImageAnalysis
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,

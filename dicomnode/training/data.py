@@ -17,8 +17,8 @@ from pydicom.multival import MultiValue
 
 from dicomnode.errors import DicomnodeError
 from dicomnode.logs import kv
+from dicomnode.pipeline.images import ImageHeader, read_pixels, scan_images
 from dicomnode.training.labels import SPLITS, LabelRow, LabelsError
-from dicomnode.volume import ImageHeader, read_pixels, scan_images
 
 log = logging.getLogger("dicomnode.training")
 

@@ -18,12 +18,12 @@ import numpy as np
 
 from dicomnode.errors import DicomnodeError
 from dicomnode.logs import kv
+from dicomnode.pipeline.images import read_pixels
 from dicomnode.training.data import Example
-from dicomnode.volume import read_pixels
 
 if TYPE_CHECKING:
-    from dicomnode.analysis import AlgorithmIdentity
-    from dicomnode.models import LoadedModel
+    from dicomnode.pipeline.analysis import AlgorithmIdentity
+    from dicomnode.pipeline.weights import LoadedModel
 
 log = logging.getLogger("dicomnode.evaluate")
 
@@ -43,7 +43,7 @@ class LoadedCheckpoint:
                         ) -> LoadedModel:
         """The model as the worker holds it with [model] test_time_augmentations = tta and
         [model] whole_breast."""
-        from dicomnode.models import LoadedModel
+        from dicomnode.pipeline.weights import LoadedModel
 
         identity = dataclasses.replace(self.identity, test_time_augmentations=max(tta, 0),
                                        augment_px=augment_px if tta > 0 else 0,
@@ -67,7 +67,7 @@ class ImageScore:
 
 
 def load_checkpoints(paths: Sequence[str | Path], device) -> list[LoadedCheckpoint]:
-    from dicomnode.models import algorithm_identity
+    from dicomnode.pipeline.weights import algorithm_identity
     from dicomnode.training.run import CheckpointUnusable
     from gmic.checkpoint import CheckpointError, load_checkpoint
 
@@ -113,10 +113,10 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
                  progress: bool = False, whole_breast: bool = True
                  ) -> dict[str, list[ImageScore]]:
     """Run every checkpoint on every image of its modality as the node's worker does
-    (dicomnode.inference.analyse_image, with tta test-time copies drawn from seed: the
+    (dicomnode.pipeline.inference.analyse_image, with tta test-time copies drawn from seed: the
     worker's [model] test_time_augmentations and augment_px); localisation where a mask
     exists."""
-    from dicomnode.inference import analyse_image
+    from dicomnode.pipeline.inference import analyse_image
 
     by_modality: dict[str, list[LoadedModel]] = defaultdict(list)
     for c in checkpoints:

@@ -127,8 +127,8 @@ def montage(path: Path, score: ImageScore, model, title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    from dicomnode.inference import run_model
-    from dicomnode.volume import read_pixels
+    from dicomnode.pipeline.images import read_pixels
+    from dicomnode.pipeline.inference import run_model
 
     plain = run_model(model, read_pixels(score.example.header))  # what the node draws from
     out, volume = plain.output, plain.model_input

@@ -102,7 +102,7 @@ def resolve_init(init: str | Path | None, modality: str) -> Path | None:
     if init is None:
         return None
     if str(init) == "builtin":
-        from dicomnode.models import ModelUnavailable, checkpoint_path
+        from dicomnode.pipeline.weights import ModelUnavailable, checkpoint_path
 
         try:
             return checkpoint_path(modality, "builtin")
@@ -193,7 +193,7 @@ def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *
     """Split, check, and train one model into out_dir; returns gmic.train.TrainResult."""
     import torch
 
-    from dicomnode.models import resolve_device
+    from dicomnode.pipeline.weights import resolve_device
     from gmic.train import Trainer, TrainError, init_distributed
 
     splits = split_by_patient(data.examples, tuple(fractions))  # type: ignore[arg-type]

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicomnode import __version__
-from dicomnode.analysis import AlgorithmIdentity
 from dicomnode.errors import DicomnodeError
 from dicomnode.logs import kv
+from dicomnode.pipeline.analysis import AlgorithmIdentity
 
 if TYPE_CHECKING:
     import torch
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dicomnode.models")
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "weights"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "weights"
 BUILTIN_DESCRIPTION = "trained on synthetic phantoms; not for clinical use"
 DISABLED = ("", "none", "off")
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dicomnode.analysis import (
+from dicomnode.pipeline.analysis import (
     BENIGN,
     MALIGNANT,
     AttendedRegion,
@@ -22,8 +22,8 @@ from dicomnode.analysis import (
 )
 
 if TYPE_CHECKING:
-    from dicomnode.models import LoadedModel
-    from dicomnode.volume import BreastImage
+    from dicomnode.pipeline.images import BreastImage
+    from dicomnode.pipeline.weights import LoadedModel
     from gmic.model import GMIC, GMICOutput
     from gmic.preprocess import PreprocessTransform
 

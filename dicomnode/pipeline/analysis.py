@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dicomnode.volume import BreastImage
+from dicomnode.pipeline.images import BreastImage
 from gmic.preprocess import PreprocessTransform
 
 # Output channel order of every gmic model (the published GMIC convention).

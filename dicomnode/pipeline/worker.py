@@ -23,17 +23,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dicomnode import metrics
-from dicomnode.analysis import (
+from dicomnode.errors import DicomnodeError, UnusableImageError
+from dicomnode.logs import kv
+from dicomnode.pipeline.analysis import (
     BreastAnalysis,
     ClassProbabilities,
     ImageAnalysis,
 )
-from dicomnode.errors import DicomnodeError, UnusableImageError
-from dicomnode.inference import analyse_image
-from dicomnode.logs import kv
-from dicomnode.models import LoadedModel, ModelRegistry, ModelUnavailable
+from dicomnode.pipeline.images import ImageHeader, read_pixels, scan_images
+from dicomnode.pipeline.inference import analyse_image
+from dicomnode.pipeline.weights import LoadedModel, ModelRegistry, ModelUnavailable
 from dicomnode.retention import RetentionSchedule
-from dicomnode.volume import ImageHeader, read_pixels, scan_images
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
