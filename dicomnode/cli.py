@@ -67,7 +67,7 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     """dicomnode: a DICOM node that runs 3D-GMIC on breast imaging studies."""
-    from dicomnode.logs import configure_logging
+    from dicomnode.ops.logs import configure_logging
 
     configure_logging(log_level.upper())
     ctx.ensure_object(dict)

@@ -26,7 +26,7 @@ from dicomnode.deidentify import (
     scrub_labels_row,
 )
 from dicomnode.errors import DicomnodeError
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from storage import Store

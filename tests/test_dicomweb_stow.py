@@ -20,7 +20,6 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomnode import metrics
 from dicomnode.config import Config, PeerConfig, TLSConfig, load_config
 from dicomnode.dicomweb.client import StowTarget, post_instances
 from dicomnode.dicomweb.multipart import MultipartReader, multipart_body
@@ -28,6 +27,7 @@ from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token, stow_ssl_c
 from dicomnode.errors import ConfigError
 from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.network.scu import Deliverer, Destination
+from dicomnode.ops import prometheus as metrics
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 

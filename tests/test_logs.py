@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from dicomnode.logs import configure_logging, kv
+from dicomnode.ops.logs import configure_logging, kv
 
 
 @pytest.fixture

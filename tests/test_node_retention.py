@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode import metrics
 from dicomnode.config import Config, ConfigError, load_config, validate
-from dicomnode.retention import RetentionSchedule
+from dicomnode.ops import prometheus as metrics
+from dicomnode.ops.retention import RetentionSchedule
 from dicomnode.store import open_store
 from storage import Store
 from storage.errors import StudyNotFound

@@ -16,17 +16,17 @@ import pytest
 from click.testing import CliRunner
 from pydicom import dcmread
 
-from dicomnode import metrics
 from dicomnode.cli import cli
 from dicomnode.errors import ConfigError
-from dicomnode.health import (
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.ops import prometheus as metrics
+from dicomnode.ops.health import (
     StatusWriter,
     new_process_status,
     queue_snapshot,
     read_status_files,
 )
-from dicomnode.http import HealthServer, parse_listen
-from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.ops.http import HealthServer, parse_listen
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.ops_support import scu

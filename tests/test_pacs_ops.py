@@ -8,9 +8,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from dicomnode import metrics
 from dicomnode.cli import cli
-from dicomnode.health import queue_collector
+from dicomnode.ops import prometheus as metrics
+from dicomnode.ops.health import queue_collector
 from storage import Store
 from tests.peers import write_config
 from tests.storage_support import instance_args

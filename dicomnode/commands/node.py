@@ -11,7 +11,7 @@ import time
 import click
 
 from dicomnode.cli import load_cli_config
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 
 log = logging.getLogger("dicomnode.node")
 
@@ -93,7 +93,7 @@ def _start_stow(config, store):
 
 def _ready_checks(config, store, scp, stow=None) -> dict[str, tuple[bool, str]]:
     """/health/ready: database answers, SCP listens (serve/run), disk above the watermark."""
-    from dicomnode.health import disk_free_bytes
+    from dicomnode.ops.health import disk_free_bytes
     from dicomnode.store import archive_dir
 
     checks: dict[str, tuple[bool, str]] = {}
@@ -136,8 +136,8 @@ def _fill_status(status, config, scp, worker, stow=None) -> None:
 def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) -> None:
     from dataclasses import asdict
 
-    from dicomnode import metrics
-    from dicomnode.health import StatusWriter, new_process_status, queue_collector
+    from dicomnode.ops import prometheus
+    from dicomnode.ops.health import StatusWriter, new_process_status, queue_collector
     from dicomnode.store import open_store, storage_errors
 
     config = load_cli_config(ctx)
@@ -157,7 +157,7 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
             receiver = scp.receiver
 
             def associations() -> None:
-                metrics.ASSOCIATIONS_OPEN.set(receiver.open_associations)
+                prometheus.ASSOCIATIONS_OPEN.set(receiver.open_associations)
             collectors.append(associations)
             if config.dicomweb.listen:
                 stow = _start_stow(config, store)
@@ -179,9 +179,9 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
         status_writer.start()
         collectors.append(queue_collector(store))
         for collect in collectors:
-            metrics.REGISTRY.add_collector(collect)
+            prometheus.REGISTRY.add_collector(collect)
         if config.http.listen:
-            from dicomnode.http import HealthServer
+            from dicomnode.ops.http import HealthServer
 
             def current_status() -> dict:
                 _fill_status(status, config, scp, worker, stow)
@@ -197,7 +197,7 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
         if http is not None:
             http.stop()
         for collect in collectors:
-            metrics.REGISTRY.remove_collector(collect)
+            prometheus.REGISTRY.remove_collector(collect)
         if worker is not None and worker_thread is not None:
             worker.stop()
             worker_thread.join(timeout=60)

@@ -60,7 +60,7 @@ def _probe_stow(config) -> tuple[bool, str] | None:
     import socket
 
     from dicomnode.errors import ConfigError
-    from dicomnode.http import parse_listen
+    from dicomnode.ops.http import parse_listen
 
     if not config.dicomweb.listen:
         return None
@@ -131,7 +131,7 @@ def _states(counts: dict[str, int], order: tuple[str, ...]) -> str:
 def status(ctx: click.Context, as_json: bool, audit: int) -> None:
     """Node up, associations, queue depth, oldest waiting job, failed deliveries, disk,
     model and device."""
-    from dicomnode.health import (
+    from dicomnode.ops.health import (
         disk_free_bytes,
         last_audit,
         queue_snapshot,

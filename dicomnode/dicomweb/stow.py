@@ -39,7 +39,6 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
-from dicomnode import metrics
 from dicomnode.dicomweb.multipart import (
     BodyReader,
     BodyTooLarge,
@@ -48,7 +47,6 @@ from dicomnode.dicomweb.multipart import (
     receive_part,
 )
 from dicomnode.errors import ConfigError, DicomnodeError
-from dicomnode.logs import kv
 from dicomnode.network.instance_checks import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
@@ -62,6 +60,8 @@ from dicomnode.network.scp import (
     hold_studies,
     server_ssl_context,
 )
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from dicomnode.config import Config, TLSConfig
@@ -238,7 +238,7 @@ class StowReceiver:
         try:
             media = content_type.split(";", 1)[0].strip().lower()
             if media != "application/dicom":
-                metrics.STOW_INSTANCES.inc(result=f"0x{CANNOT_UNDERSTAND:04X}")
+                prometheus.STOW_INSTANCES.inc(result=f"0x{CANNOT_UNDERSTAND:04X}")
                 return PartResult("", "", CANNOT_UNDERSTAND,
                                   f"part of type {media} (only application/dicom is accepted)")
             return self._store_file(path, complete, calling_ae, study_uid, request_id)
@@ -276,13 +276,13 @@ class StowReceiver:
             finally:
                 encoded.close()
         except StoreRefused as refused:
-            metrics.STOW_INSTANCES.inc(result=f"0x{refused.status:04X}")
+            prometheus.STOW_INSTANCES.inc(result=f"0x{refused.status:04X}")
             log.warning("event=stow_refused %s", kv(
                 calling_ae=calling_ae, status=f"0x{refused.status:04X}", reason=refused.comment,
                 sop_instance_uid=sop_instance))
             return PartResult(sop_class, sop_instance, refused.status, refused.comment, size=size)
         except Exception:  # a bug must not take the request, or the node, down
-            metrics.STOW_INSTANCES.inc(result=f"0x{PROCESSING_FAILURE:04X}")
+            prometheus.STOW_INSTANCES.inc(result=f"0x{PROCESSING_FAILURE:04X}")
             log.exception("event=stow_error %s", kv(calling_ae=calling_ae,
                                                     sop_instance_uid=sop_instance))
             return PartResult(sop_class, sop_instance, PROCESSING_FAILURE,
@@ -292,9 +292,9 @@ class StowReceiver:
             self._studies.setdefault(request_id, set()).add(study)
             self.instances_received += 1
             self.bytes_received += size
-        metrics.STOW_INSTANCES.inc(result=outcome)
-        metrics.INSTANCES_RECEIVED.inc(outcome=outcome)
-        metrics.BYTES_RECEIVED.inc(size)
+        prometheus.STOW_INSTANCES.inc(result=outcome)
+        prometheus.INSTANCES_RECEIVED.inc(outcome=outcome)
+        prometheus.BYTES_RECEIVED.inc(size)
         log.info("event=stored %s", kv(
             protocol="stow-rs", calling_ae=calling_ae, study_uid=study,
             sop_instance_uid=str(ds.SOPInstanceUID), outcome=outcome, bytes=size))
@@ -387,9 +387,9 @@ class _Handler(BaseHTTPRequestHandler):
         payload = json.dumps(result.response().to_json_dict()).encode()
         # counted, logged and audited before the answer: whoever reads the answer sees them
         elapsed = time.perf_counter() - started
-        metrics.STOW_REQUESTS.inc(status=str(status))
-        metrics.STOW_BYTES.inc(body.received)
-        metrics.STOW_SECONDS.observe(elapsed)
+        prometheus.STOW_REQUESTS.inc(status=str(status))
+        prometheus.STOW_BYTES.inc(body.received)
+        prometheus.STOW_SECONDS.observe(elapsed)
         self.server.receiver.count_request()
         detail = result.error[1] if result.error else (
             "; ".join(sorted({f"0x{p.failure:04X} {p.outcome}" for p in result.failed}))[:500]
@@ -472,7 +472,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _refuse(self, status: int, reason: str, calling_ae: str | None, *,
                 authenticate: str | None = None, retry_after: str | None = None,
                 who: str | None = None) -> None:
-        metrics.STOW_REQUESTS.inc(status=str(status))
+        prometheus.STOW_REQUESTS.inc(status=str(status))
         log.warning("event=stow_refused_request %s", kv(
             status=status, reason=reason, calling_ae=calling_ae or who or "",
             peer=self.client_address[0]))
@@ -586,7 +586,7 @@ class StowServer:
     def __init__(self, store: Store, policy: ReceiverPolicy, data_dir: Path, listen: str, *,
                  auth: StowAuth, max_body_mb: int = 4096, max_requests: int = 8,
                  ssl_context: ssl.SSLContext | None = None, hold_seconds: float = 1.0) -> None:
-        from dicomnode.http import parse_listen
+        from dicomnode.ops.http import parse_listen
 
         try:
             self.host, self.port = parse_listen(listen)

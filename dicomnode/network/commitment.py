@@ -20,8 +20,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 
-from dicomnode import metrics
-from dicomnode.logs import kv
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from pynetdicom import AE
@@ -81,7 +81,7 @@ def request_commitment(assoc: Association, store: Store, destination: str,
         failure = f"not negotiated: {exc}"[:64]
     if failure is not None:
         store.record_commitment_request(ids, transaction_uid, requested=False, failure=failure)
-    metrics.COMMITMENT_REQUESTS.inc(destination=destination,
+    prometheus.COMMITMENT_REQUESTS.inc(destination=destination,
                                     outcome="requested" if failure is None else "failed")
     log.log(logging.INFO if failure is None else logging.WARNING, "event=commitment_request %s",
             kv(destination=destination, transaction_uid=transaction_uid, instances=len(ids),
@@ -130,9 +130,9 @@ def report_handler(store: Store) -> Callable[[evt.Event], tuple[int, Dataset | N
             log.exception("event=commitment_report_failed %s",
                           kv(reporter=reporter, transaction_uid=transaction_uid))
             return 0x0110, None
-        metrics.COMMITMENT_REPORTS.inc(reporter=reporter, outcome="committed",
+        prometheus.COMMITMENT_REPORTS.inc(reporter=reporter, outcome="committed",
                                        amount=outcome.committed)
-        metrics.COMMITMENT_REPORTS.inc(reporter=reporter, outcome="failed",
+        prometheus.COMMITMENT_REPORTS.inc(reporter=reporter, outcome="failed",
                                        amount=outcome.failed)
         log.log(logging.INFO if not outcome.failed else logging.WARNING,
                 "event=commitment_report %s", kv(

@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING
 from pynetdicom import dimse_messages, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicomnode import metrics
-from dicomnode.logs import kv
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association
@@ -181,7 +181,7 @@ class GuardedSocket(AssociationSocket):
         if nr_bytes > self.max_read:
             # pynetdicom asks for a PDU's whole body at once: refuse it unread. The short
             # read makes pynetdicom end the association (transport closed: A-P-ABORT).
-            metrics.CONNECTIONS_REFUSED.inc(reason="pdu_too_large")
+            prometheus.CONNECTIONS_REFUSED.inc(reason="pdu_too_large")
             assoc = self.assoc
             log.warning("event=pdu_refused %s", kv(
                 reason="pdu_too_large", announced=nr_bytes, limit=self.max_read,
@@ -232,7 +232,7 @@ class GuardedRequestHandler(RequestHandler):
             sock = server.secure(raw, deadline)
             first = read_association_request(sock, deadline, server.limits.max_request_pdu)
         except WireRefused as refused:
-            metrics.CONNECTIONS_REFUSED.inc(reason=refused.reason)
+            prometheus.CONNECTIONS_REFUSED.inc(reason=refused.reason)
             server.refusals.warning(refused.reason, peer=address, detail=str(refused))
             _close(raw)
             return
@@ -270,7 +270,7 @@ def _guard_dimse(assoc: Association) -> None:
             if data_file is not None:
                 data_file.close()
                 _unlink(Path(data_file.name))
-            metrics.CONNECTIONS_REFUSED.inc(reason="malformed_dimse")
+            prometheus.CONNECTIONS_REFUSED.inc(reason="malformed_dimse")
             log.warning("event=dimse_malformed %s", kv(
                 calling_ae=_calling(assoc), peer=assoc.requestor.address,
                 error=f"{type(exc).__name__}: {exc}"[:200]))
@@ -334,7 +334,7 @@ class GuardedServer(ThreadedAssociationServer):
                 self._pending_sockets[id(request)] = pool
                 return True
         reason = "pending_per_address" if crowded else "pending_limit"
-        metrics.CONNECTIONS_REFUSED.inc(reason=reason)
+        prometheus.CONNECTIONS_REFUSED.inc(reason=reason)
         self.refusals.warning(reason, peer=address, pool=pool)
         return False  # socketserver closes it
 

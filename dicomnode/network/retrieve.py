@@ -36,7 +36,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicomnode.errors import ConfigError, DicomnodeError
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from pynetdicom.association import Association

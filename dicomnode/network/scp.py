@@ -27,9 +27,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from dicomnode import metrics
 from dicomnode.errors import UnusableImageError
-from dicomnode.logs import kv
 from dicomnode.network import commitment
 from dicomnode.network.guard import WireLimits, start_guarded_server, sweep_incoming
 from dicomnode.network.instance_checks import (
@@ -46,6 +44,8 @@ from dicomnode.network.instance_checks import (
     check_pixel_data,
     parse_header,
 )
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import describe_dataset
 
 if TYPE_CHECKING:
@@ -325,7 +325,7 @@ class Receiver:
             reason, rsd = "busy", REJECT_BUSY
         if reason is None:
             return
-        metrics.ASSOCIATION_REFUSALS.inc(reason=reason)
+        prometheus.ASSOCIATION_REFUSALS.inc(reason=reason)
         log.warning("event=association_rejected %s",
                     kv(reason=reason, calling_ae=calling, called_ae=called, peer=address))
         self._audit("association_rejected", calling, called, address, status=reason)
@@ -358,7 +358,7 @@ class Receiver:
             count = self._counts.pop(id(assoc), None)
         if count is None:
             return  # closed through handle_closed, or never accepted
-        metrics.ASSOCIATIONS.inc(outcome="aborted")
+        prometheus.ASSOCIATIONS.inc(outcome="aborted")
         log.warning("event=association_closed %s", kv(
             calling_ae=assoc.requestor.ae_title.strip(), peer=assoc.requestor.address,
             instances=count, outcome="aborted", detail="ended without a close event"))
@@ -372,7 +372,7 @@ class Receiver:
         busy = sum(a.is_acceptor for a in assoc.ae.active_associations) > \
             assoc.ae.maximum_associations
         reason = "busy" if busy else "other"
-        metrics.ASSOCIATION_REFUSALS.inc(reason=reason)
+        prometheus.ASSOCIATION_REFUSALS.inc(reason=reason)
         rq = assoc.requestor.primitive
         calling = rq.calling_ae_title.strip() if rq is not None else ""
         log.warning("event=association_rejected %s", kv(
@@ -392,7 +392,7 @@ class Receiver:
             self._studies.pop(id(assoc), None)
         if count is None:
             return  # rejected, or never accepted
-        metrics.ASSOCIATIONS.inc(outcome="aborted" if assoc.is_aborted else "released")
+        prometheus.ASSOCIATIONS.inc(outcome="aborted" if assoc.is_aborted else "released")
         calling = assoc.requestor.ae_title.strip()
         log.info("event=association_closed %s", kv(
             calling_ae=calling, peer=assoc.requestor.address, instances=count,
@@ -411,7 +411,7 @@ class Receiver:
         try:
             outcome, ds, size = self._store(event, calling)
         except StoreRefused as refused:
-            metrics.STORE_REFUSALS.inc(status=f"0x{refused.status:04X}")
+            prometheus.STORE_REFUSALS.inc(status=f"0x{refused.status:04X}")
             log.warning("event=store_refused %s", kv(
                 calling_ae=calling, status=f"0x{refused.status:04X}", reason=refused.comment,
                 sop_instance_uid=str(event.request.AffectedSOPInstanceUID or "")))
@@ -420,7 +420,7 @@ class Receiver:
             status.ErrorComment = refused.comment
             return status
         except Exception:  # a bug must not take the association, or the node, down
-            metrics.STORE_REFUSALS.inc(status=f"0x{CANNOT_UNDERSTAND:04X}")
+            prometheus.STORE_REFUSALS.inc(status=f"0x{CANNOT_UNDERSTAND:04X}")
             log.exception("event=store_error %s", kv(calling_ae=calling))
             status = Dataset()
             status.Status = CANNOT_UNDERSTAND
@@ -432,9 +432,9 @@ class Receiver:
             self.instances_received += 1
             self.bytes_received += size
         elapsed = time.perf_counter() - started
-        metrics.INSTANCES_RECEIVED.inc(outcome=outcome)
-        metrics.BYTES_RECEIVED.inc(size)
-        metrics.STORE_SECONDS.observe(elapsed)
+        prometheus.INSTANCES_RECEIVED.inc(outcome=outcome)
+        prometheus.BYTES_RECEIVED.inc(size)
+        prometheus.STORE_SECONDS.observe(elapsed)
         log.info("event=stored %s", kv(
             calling_ae=calling, study_uid=ds.StudyInstanceUID,
             sop_instance_uid=ds.SOPInstanceUID, outcome=outcome, bytes=size,

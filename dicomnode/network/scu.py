@@ -24,10 +24,10 @@ from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom import _config as _pynetdicom_config
 
-from dicomnode import metrics
 from dicomnode.dicomweb.client import StowError, StowTarget, post_instances
-from dicomnode.logs import kv
 from dicomnode.network import commitment
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from dicomnode.config import Config, PeerConfig
@@ -322,10 +322,10 @@ class Deliverer:
             return
         if outcome.ok:
             self.sent += 1
-            metrics.DELIVERIES.inc(destination=name)
+            prometheus.DELIVERIES.inc(destination=name)
         else:
             self.failures += 1
-            metrics.DELIVERY_FAILURES.inc(destination=name, status=outcome.status)
+            prometheus.DELIVERY_FAILURES.inc(destination=name, status=outcome.status)
         log.log(logging.INFO if outcome.ok else logging.WARNING, "event=delivery %s", kv(
             destination=name, study_uid=task.study_uid, sop_instance_uid=task.sop_instance_uid,
             status=outcome.status, state=str(update.state), attempts=update.attempts,

@@ -33,7 +33,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from dicomnode.errors import UnusableImageError
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 
 __all__ = [
     "BreastImage", "DecodeError", "FrameSizeMismatchError", "ImageHeader", "NoPixelDataError",

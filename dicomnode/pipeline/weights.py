@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from dicomnode import __version__
 from dicomnode.errors import DicomnodeError
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 from dicomnode.pipeline.analysis import AlgorithmIdentity
 
 if TYPE_CHECKING:

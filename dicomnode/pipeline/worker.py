@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dicomnode import metrics
 from dicomnode.errors import DicomnodeError, UnusableImageError
-from dicomnode.logs import kv
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
+from dicomnode.ops.retention import RetentionSchedule
 from dicomnode.pipeline.analysis import (
     BreastAnalysis,
     ClassProbabilities,
@@ -33,7 +34,6 @@ from dicomnode.pipeline.analysis import (
 from dicomnode.pipeline.images import ImageHeader, read_pixels, scan_images
 from dicomnode.pipeline.inference import analyse_image
 from dicomnode.pipeline.weights import LoadedModel, ModelRegistry, ModelUnavailable
-from dicomnode.retention import RetentionSchedule
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
@@ -218,7 +218,7 @@ class Worker:
             from storage.store import utcnow
 
             waited = (utcnow() - job.queued_at).total_seconds()
-            metrics.JOB_STAGE_SECONDS.observe(max(0.0, waited), stage="wait")
+            prometheus.JOB_STAGE_SECONDS.observe(max(0.0, waited), stage="wait")
         log.info("event=job_started %s", kv(job=job.id, study_uid=job.study_uid,
                                             attempt=job.attempts, worker=self.id))
         try:
@@ -240,10 +240,10 @@ class Worker:
         self.jobs_done += 1
         self.last_times = times
         total = time.perf_counter() - started
-        metrics.JOBS.inc(outcome="done")
+        prometheus.JOBS.inc(outcome="done")
         for stage, seconds in (("load", times.load), ("model", times.model),
                                ("results", times.results), ("total", total)):
-            metrics.JOB_STAGE_SECONDS.observe(seconds, stage=stage)
+            prometheus.JOB_STAGE_SECONDS.observe(seconds, stage=stage)
         log.info("event=job_done %s", kv(
             job=job.id, study_uid=job.study_uid, images=times.images,
             load_s=round(times.load, 2), model_s=round(times.model, 2),
@@ -255,7 +255,7 @@ class Worker:
         from storage.errors import LeaseLost
 
         self.jobs_failed += 1
-        metrics.JOBS.inc(outcome="retry" if retry else "failed")
+        prometheus.JOBS.inc(outcome="retry" if retry else "failed")
         log.error("event=job_failed %s", kv(job=job.id, study_uid=job.study_uid, retry=retry,
                                             error=error))
         try:
@@ -288,7 +288,7 @@ class Worker:
                 continue
             if loaded is not None:
                 models[modality] = loaded
-                metrics.MODELS_LOADED.set(1, modality=modality, device=str(loaded.device))
+                prometheus.MODELS_LOADED.set(1, modality=modality, device=str(loaded.device))
         if not models:
             raise JobFailed("; ".join(unavailable) or
                             f"study {job.study_uid}: every modality it holds is switched off "
@@ -313,8 +313,8 @@ class Worker:
             times.load += t1 - t0
             times.model += t2 - t1
             times.images += 1
-            metrics.MODEL_SECONDS.inc(t2 - t1, modality=image.modality)
-            metrics.IMAGES_ANALYSED.inc(modality=image.modality)
+            prometheus.MODEL_SECONDS.inc(t2 - t1, modality=image.modality)
+            prometheus.IMAGES_ANALYSED.inc(modality=image.modality)
             log.info("event=image_analysed %s", kv(
                 job=job.id, sop_instance_uid=image.sop_instance_uids[0], modality=image.modality,
                 laterality=image.laterality, view=image.view,

@@ -26,7 +26,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import BreastTomosynthesisImageStorage
 
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 from dicomnode.synth import dicom_writer as w
 from dicomnode.synth.anatomy import (
     DENSITY_PREVALENCE,

@@ -16,7 +16,7 @@ import pydicom
 from pydicom.multival import MultiValue
 
 from dicomnode.errors import DicomnodeError
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import ImageHeader, read_pixels, scan_images
 from dicomnode.training.labels import SPLITS, LabelRow, LabelsError
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dicomnode.errors import DicomnodeError
-from dicomnode.logs import kv
+from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import read_pixels
 from dicomnode.training.data import Example
 

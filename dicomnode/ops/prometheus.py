@@ -1,7 +1,7 @@
 """A small thread-safe metrics registry rendered in the Prometheus text format (0.0.4).
 
 Counters, gauges and histograms with labels; no dependency. The SCP, the worker and the
-SCU increment the module-level metrics below; ``dicomnode.http`` serves ``render()`` at
+SCU increment the module-level metrics below; ``dicomnode.ops.http`` serves ``render()`` at
 /metrics. Values are per process: run one scrape target per node process.
 """
 

@@ -22,8 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dicomnode import metrics
-from dicomnode.logs import kv
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
     from storage import Store
@@ -125,16 +125,16 @@ def queue_collector(store: Store) -> Callable[[], None]:
         values: dict[tuple[str, ...], float] = {
             ("jobs", state): n for state, n in snap.jobs.items()}
         values.update({("deliveries", state): n for state, n in snap.deliveries.items()})
-        metrics.QUEUE_DEPTH.replace(values)
-        metrics.OLDEST_QUEUED_SECONDS.set(snap.oldest_queued_seconds or 0.0)
-        metrics.COMMITMENTS.replace({(str(k),): int(v)
+        prometheus.QUEUE_DEPTH.replace(values)
+        prometheus.OLDEST_QUEUED_SECONDS.set(snap.oldest_queued_seconds or 0.0)
+        prometheus.COMMITMENTS.replace({(str(k),): int(v)
                                      for k, v in store.commitment_counts().items()})
         for activity in ("retrieve", "export"):
             record = last_audit(store, activity)
             if record is not None:
-                metrics.LAST_RUN_TIMESTAMP.set(record.at.timestamp(), activity=activity)
+                prometheus.LAST_RUN_TIMESTAMP.set(record.at.timestamp(), activity=activity)
                 for outcome, n in run_outcomes(record).items():
-                    metrics.LAST_RUN_STUDIES.set(n, activity=activity, outcome=outcome)
+                    prometheus.LAST_RUN_STUDIES.set(n, activity=activity, outcome=outcome)
 
     return collect
 

@@ -6,7 +6,7 @@ another address only by naming it (``"0.0.0.0:8080"``): the endpoint has no auth
 - ``GET /health/live``: 200 while the process serves requests at all.
 - ``GET /health/ready``: 200 when the database answers, the SCP listens (serve/run) and the
   archive has free space above the watermark; 503 with the failing checks otherwise.
-- ``GET /metrics``: Prometheus text format 0.0.4 (see :mod:`dicomnode.metrics`).
+- ``GET /metrics``: Prometheus text format 0.0.4 (see :mod:`dicomnode.ops.prometheus`).
 - ``GET /status``: the process status as JSON (what ``dicomnode status`` shows).
 """
 
@@ -18,9 +18,9 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from dicomnode import metrics
 from dicomnode.errors import ConfigError
-from dicomnode.logs import kv
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 
 log = logging.getLogger("dicomnode.http")
 
@@ -82,7 +82,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], ready: ReadyCheck,
-                 registry: metrics.Registry, status: Callable[[], dict] | None) -> None:
+                 registry: prometheus.Registry, status: Callable[[], dict] | None) -> None:
         super().__init__(address, _Handler)
         self.ready = ready
         self.registry = registry
@@ -100,7 +100,7 @@ class HealthServer:
     a daemon thread, ``stop()`` shuts it down."""
 
     def __init__(self, listen: str, ready: ReadyCheck, *,
-                 registry: metrics.Registry = metrics.REGISTRY,
+                 registry: prometheus.Registry = prometheus.REGISTRY,
                  status: Callable[[], dict] | None = None) -> None:
         self.host, self.port = parse_listen(listen)
         self._ready = ready

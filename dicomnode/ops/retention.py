@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from dicomnode import metrics
-from dicomnode.logs import kv
+from dicomnode.ops import prometheus
+from dicomnode.ops.logs import kv
 from dicomnode.store import retention_age
 
 if TYPE_CHECKING:
@@ -56,13 +56,13 @@ class RetentionSchedule:
         try:
             report = self.store.apply_retention(self.max_age)
         except Exception:  # a database hiccup: the worker goes on, retention tries later
-            metrics.RETENTION_RUNS.inc(outcome="error")
+            prometheus.RETENTION_RUNS.inc(outcome="error")
             log.exception("event=retention_failed %s",
                           kv(retry_in_s=round(self.interval_seconds)))
             return None
-        metrics.RETENTION_RUNS.inc(outcome="ok")
-        metrics.RETENTION_STUDIES.inc(report.studies)
-        metrics.RETENTION_BYTES.inc(report.bytes_freed)
+        prometheus.RETENTION_RUNS.inc(outcome="ok")
+        prometheus.RETENTION_STUDIES.inc(report.studies)
+        prometheus.RETENTION_BYTES.inc(report.bytes_freed)
         for study_uid in report.study_uids:
             log.info("event=retention_removed %s", kv(study_uid=study_uid))
         log.info("event=retention_applied %s", kv(
