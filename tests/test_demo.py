@@ -18,8 +18,8 @@ from PIL import Image
 from pydicom import dcmread
 
 from dicomnode.cli import main
+from dicomnode.demo.overlay import overlay_layout
 from dicomnode.external import port_open
-from dicomnode.overlay import overlay_layout
 from dicomnode.results.read import read_sr_summary
 from tests.peers import make_checkpoint
 

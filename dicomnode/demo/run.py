@@ -362,7 +362,7 @@ def _node_stages(node: NodeProcess, waited: dict[str, float]) -> list[tuple[str,
 
 
 def _truth_markers(report: ImageReport):
-    from dicomnode.overlay import Marker
+    from dicomnode.demo.overlay import Marker
 
     markers = []
     for t in report.truth:
@@ -374,7 +374,7 @@ def _truth_markers(report: ImageReport):
 
 def _render(report: ImageReport, pixels: np.ndarray, folder: Path) -> Path:
     """The PNG of one image from its returned PMs, SEG and SR; sets the saliency peaks."""
-    from dicomnode.overlay import Box, OverlayImage, render_overlay
+    from dicomnode.demo.overlay import Box, OverlayImage, render_overlay
 
     item = report.returned
     depth = report.depth
