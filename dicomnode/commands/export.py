@@ -23,9 +23,9 @@ def export(ctx: click.Context, out: str, labels: str) -> None:
     Temporal Information with Modified Dates and Clean Descriptors. Pseudonyms and UIDs
     are derived from a key kept in the node's data_dir (never in OUT), so they are the same
     for every study of a patient and in every export."""
-    from dicomnode.deidentify import node_key
     from dicomnode.errors import DicomnodeError
-    from dicomnode.export import export_deidentified
+    from dicomnode.export.deidentify import node_key
+    from dicomnode.export.training_set import export_deidentified
     from dicomnode.store import open_store, storage_errors
 
     config = load_cli_config(ctx)

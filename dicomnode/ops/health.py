@@ -108,7 +108,7 @@ def last_audit(store: Store, event: str) -> AuditRecord | None:
 
 def run_outcomes(record: AuditRecord) -> dict[str, int]:
     """{outcome: studies} of a retrieve/export audit record, whose detail is
-    "outcome=n outcome=n ..." (see dicomnode.network.retrieve and dicomnode.export)."""
+    "outcome=n outcome=n ..." (see dicomnode.network.retrieve and dicomnode.export.training_set)."""
     out = {}
     for part in (record.detail or "").split():
         key, _, value = part.partition("=")

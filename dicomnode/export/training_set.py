@@ -1,5 +1,5 @@
 """A de-identified training set from the archive: the images and result objects of the
-studies a labels CSV names, and the labels, de-identified by :mod:`dicomnode.deidentify`.
+studies a labels CSV names, and the labels, de-identified by :mod:`dicomnode.export.deidentify`.
 
 OUT/images/STUDY/SERIES/SOP.dcm and OUT/results/STUDY/SERIES/SOP.dcm (the new UIDs),
 OUT/labels.csv (the label columns only, UIDs remapped, patients pseudonymised) and
@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING
 
 import pydicom
 
-from dicomnode.deidentify import (
+from dicomnode.errors import DicomnodeError
+from dicomnode.export.deidentify import (
     METHOD,
     TABLE_VERSION,
     Deidentifier,
     DeidentifyError,
     scrub_labels_row,
 )
-from dicomnode.errors import DicomnodeError
 from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
