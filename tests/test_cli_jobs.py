@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from dicomnode.cli import cli
-from dicomnode.store import StorageFailure
+from dicomnode.wiring import StorageFailure
 from storage import Store, migrate
 from storage.testing import scratch_schema
 from tests import storage_support as support

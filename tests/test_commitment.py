@@ -14,9 +14,9 @@ from pynetdicom.presentation import StoragePresentationContexts
 
 from dicomnode.config import load_config
 from dicomnode.network.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
-from dicomnode.network.scp import StorageSCP, policy_from_config
-from dicomnode.network.scu import Deliverer, destinations_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import StorageSCP
+from dicomnode.network.scu import Deliverer
+from dicomnode.wiring import destinations_from_config, open_store, policy_from_config
 from storage.records import CommitmentState
 from tests.breast_dicom import phantom, write_mammo
 from tests.peers import free_port, wait_for, write_config

@@ -13,10 +13,10 @@ import pytest
 
 from dicomnode.cli import main
 from dicomnode.config import load_config
-from dicomnode.network.scp import StorageSCP, policy_from_config
-from dicomnode.network.scu import Deliverer, build_scu, destinations_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import StorageSCP
+from dicomnode.network.scu import Deliverer, build_scu
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import destinations_from_config, open_store, policy_from_config
 from storage.records import CommitmentState
 from tests.peers import free_port, orthanc, wait_for, write_config
 

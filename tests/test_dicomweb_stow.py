@@ -569,7 +569,7 @@ token = "outbound"
 """)
     config = load_config(path, environ={})
     assert config.dicomweb.max_body_mb == 10
-    from dicomnode.network.scu import destinations_from_config
+    from dicomnode.wiring import destinations_from_config
 
     dest = destinations_from_config(config)["PACS"]
     assert dest.stow == StowTarget("https://pacs.example.org/dicom-web", token="outbound")

@@ -19,8 +19,8 @@ from pydicom.uid import UID_dictionary
 from dicomnode.cli import main
 from dicomnode.config import load_config
 from dicomnode.export.deidentify import KEY_FILE
-from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import open_store
 from tests.results_support import findings, make_analysis, make_breast
 
 IDENTIFYING_TEXT = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID",

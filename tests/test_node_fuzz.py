@@ -32,8 +32,8 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import open_store
 from tests.ops_support import NODE_AE, rss_mb
 from tests.peers import free_port, node_process, write_config
 

@@ -29,8 +29,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import policy_from_config
 from storage import Store
 from tests.ops_support import rss_mb
 from tests.peers import free_port, node_process, wait_for, write_config
@@ -426,7 +427,7 @@ def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
 def test_a_stalled_tls_handshake_neither_blocks_the_listener_nor_stays_open(
         tmp_path: Path, pki: Path) -> None:  # noqa: F811  (the fixture imported above)
     from dicomnode.config import Config, TLSConfig
-    from dicomnode.network.scp import ssl_context_from_config
+    from dicomnode.wiring import ssl_context_from_config
 
     config = Config()
     config.node.tls = TLSConfig(cert=str(pki / "node.crt"), key=str(pki / "node.key"),

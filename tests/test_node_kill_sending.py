@@ -16,9 +16,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.config import load_config
-from dicomnode.network.scp import archive_instance, policy_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import open_store, policy_from_config
 from tests.ops_support import kill
 from tests.peers import free_port, node_process, wait_for, write_config
 

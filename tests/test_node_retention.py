@@ -14,7 +14,7 @@ import pytest
 from dicomnode.config import Config, ConfigError, load_config, validate
 from dicomnode.ops import prometheus as metrics
 from dicomnode.ops.retention import RetentionSchedule
-from dicomnode.store import open_store
+from dicomnode.wiring import open_store
 from storage import Store
 from storage.errors import StudyNotFound
 from storage.store import utcnow

@@ -20,8 +20,8 @@ from dicomnode.pipeline.images import load_image
 from dicomnode.pipeline.weights import ModelRegistry
 from dicomnode.pipeline.worker import analyse_image
 from dicomnode.results.read import read_sr_summary
-from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import open_store
 from storage.testing import scratch_schema
 from tests.conftest import dcmtk
 from tests.ops_support import NODE_AE, copies_of

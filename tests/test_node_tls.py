@@ -13,7 +13,8 @@ from pynetdicom.sop_class import Verification
 
 from dicomnode.config import Config, TLSConfig
 from dicomnode.errors import ConfigError
-from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP, ssl_context_from_config
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.wiring import ssl_context_from_config
 from storage import Store
 
 

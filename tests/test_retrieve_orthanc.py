@@ -110,7 +110,7 @@ def test_retrieve_by_get_and_move_then_train(synth: Path, tmp_path: Path, capsys
                                   str(by_accession), "--method", "move"], capsys)
         assert code == 1 and "already complete, skipped" in out, out + err
         from dicomnode.config import load_config
-        from dicomnode.store import open_store
+        from dicomnode.wiring import open_store
 
         with open_store(load_config(config_move)) as store:
             study = str(pydicom.dcmread(images[0], stop_before_pixels=True).StudyInstanceUID)

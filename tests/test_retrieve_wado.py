@@ -21,9 +21,9 @@ from dicomnode.config import Config, NodeConfig, PeerConfig
 from dicomnode.errors import ConfigError
 from dicomnode.network.instance_checks import EncodedInstance
 from dicomnode.network.retrieve import RetrieveError, Retriever, StudyKey, retrieve_method
-from dicomnode.network.scp import archive_instance, policy_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import open_store, policy_from_config
 from tests.test_dicomweb_stow import pki  # noqa: F401 (a fixture)
 
 TOKEN = "wado-test-token"

@@ -17,9 +17,9 @@ import torch
 
 from dicomnode.config import load_config
 from dicomnode.network.instance_checks import EncodedInstance
-from dicomnode.network.scp import archive_instance, policy_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import archive_instance
 from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.wiring import open_store, policy_from_config
 from tests.peers import free_port, orthanc, write_config
 from tests.test_dicomweb_orthanc import DICOMWEB_PLUGIN
 from tests.test_retrieve_orthanc import ABSENT, TINY_ARGS, read_report, run_cli

@@ -357,7 +357,7 @@ def test_odd_descriptive_attributes_are_clipped_not_fatal(store: Store) -> None:
 
 def test_config_glue_maps_fields_to_store_arguments(tmp_path: Path) -> None:
     from dicomnode.config import Config, PeerConfig
-    from dicomnode.store import idle_seconds_by_ae, open_store, retention_age
+    from dicomnode.wiring import idle_seconds_by_ae, open_store, retention_age
 
     config = Config()
     config.node.data_dir = str(tmp_path / "data")

@@ -57,7 +57,7 @@ def one_error_line(err: str) -> str:
 def import_folder(folder: Path, config: Path) -> None:
     """Index synthetic files into the node's archive as if they had been received."""
     from dicomnode.config import load_config
-    from dicomnode.store import open_store
+    from dicomnode.wiring import open_store
 
     with open_store(load_config(config)) as store:
         for path in sorted(folder.rglob("*.dcm")):

@@ -90,7 +90,7 @@ def bench_store(postgres_url: str | None, workers: int, jobs: int, instances: in
                 json_path: str | None) -> None:
     """Job claims per second (N workers) and instance inserts per second, SQLite/PostgreSQL."""
     from dicomnode.bench.store import run_store_bench
-    from dicomnode.store import storage_errors
+    from dicomnode.wiring import storage_errors
 
     with storage_errors():
         report = run_store_bench(postgres_url=postgres_url, workers=workers, jobs=jobs,

@@ -20,7 +20,7 @@ def db() -> None:
 @click.pass_context
 def upgrade(ctx: click.Context, url: str | None) -> None:
     """Create or upgrade the schema to this version's head (safe to run again)."""
-    from dicomnode.store import storage_errors
+    from dicomnode.wiring import storage_errors
     from storage.engine import mask_url
     from storage.migrate import upgrade as run_upgrade
 
@@ -38,7 +38,7 @@ def upgrade(ctx: click.Context, url: str | None) -> None:
 @click.pass_context
 def current(ctx: click.Context, url: str | None) -> None:
     """Show the schema revision of the database and this version's head."""
-    from dicomnode.store import storage_errors
+    from dicomnode.wiring import storage_errors
     from storage.engine import check_connection, create_storage_engine, mask_url
     from storage.migrate import current_revision, head_revision
 

@@ -26,7 +26,7 @@ def export(ctx: click.Context, out: str, labels: str) -> None:
     from dicomnode.errors import DicomnodeError
     from dicomnode.export.deidentify import node_key
     from dicomnode.export.training_set import export_deidentified
-    from dicomnode.store import open_store, storage_errors
+    from dicomnode.wiring import open_store, storage_errors
 
     config = load_cli_config(ctx)
     key = node_key(config.data_path)

@@ -32,8 +32,8 @@ def _files(paths: tuple[str, ...]) -> list[Path]:
 def import_(ctx: click.Context, paths: tuple[str, ...], ready: bool) -> None:
     """Archive and index DICOM files (folders are walked); prints what happened to each."""
     from dicomnode.network.instance_checks import SOP_CLASS_NOT_SUPPORTED, StoreRefused
-    from dicomnode.network.scp import archive_instance, policy_from_config
-    from dicomnode.store import open_store, storage_errors
+    from dicomnode.network.scp import archive_instance
+    from dicomnode.wiring import open_store, policy_from_config, storage_errors
 
     config = load_cli_config(ctx)
     files = _files(paths)

@@ -20,7 +20,7 @@ STATES = ("receiving", "queued", "running", "done", "failed", "cancelled")
 
 @contextmanager
 def _store(ctx: click.Context) -> Iterator[Store]:
-    from dicomnode.store import open_store, storage_errors
+    from dicomnode.wiring import open_store, storage_errors
 
     config = load_cli_config(ctx)
     with storage_errors():

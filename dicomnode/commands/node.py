@@ -58,8 +58,8 @@ class StopRequest:
 
 
 def _start_scp(config, store):
-    from dicomnode.network.scp import (
-        StorageSCP,
+    from dicomnode.network.scp import StorageSCP
+    from dicomnode.wiring import (
         hold_interval,
         limits_from_config,
         policy_from_config,
@@ -83,7 +83,7 @@ def _start_scp(config, store):
 def _start_stow(config, store):
     """The STOW-RS endpoint ([dicomweb] listen), with the SCP's receiving policy."""
     from dicomnode.dicomweb.stow import StowServer
-    from dicomnode.network.scp import hold_interval, policy_from_config
+    from dicomnode.wiring import hold_interval, policy_from_config
 
     stow = StowServer.from_config(config, store, policy_from_config(config),
                                   hold_seconds=hold_interval(config))
@@ -94,7 +94,7 @@ def _start_stow(config, store):
 def _ready_checks(config, store, scp, stow=None) -> dict[str, tuple[bool, str]]:
     """/health/ready: database answers, SCP listens (serve/run), disk above the watermark."""
     from dicomnode.ops.health import disk_free_bytes
-    from dicomnode.store import archive_dir
+    from dicomnode.wiring import archive_dir
 
     checks: dict[str, tuple[bool, str]] = {}
     try:
@@ -138,7 +138,7 @@ def _run(ctx: click.Context, port: int | None, *, receive: bool, infer: bool) ->
 
     from dicomnode.ops import prometheus
     from dicomnode.ops.health import StatusWriter, new_process_status, queue_collector
-    from dicomnode.store import open_store, storage_errors
+    from dicomnode.wiring import open_store, storage_errors
 
     config = load_cli_config(ctx)
     if port is not None:

@@ -43,8 +43,8 @@ def retrieve(ctx: click.Context, labels: str, peer: str | None, method: str | No
         retrieve_peer,
         write_complete_labels,
     )
-    from dicomnode.network.scp import StorageSCP, policy_from_config
-    from dicomnode.store import open_store, storage_errors
+    from dicomnode.network.scp import StorageSCP
+    from dicomnode.wiring import open_store, policy_from_config, storage_errors
 
     config = load_cli_config(ctx)
     keys = read_study_keys(labels)

@@ -138,7 +138,7 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
         read_status_files,
         recent_audit,
     )
-    from dicomnode.store import archive_dir, open_store, storage_errors
+    from dicomnode.wiring import archive_dir, open_store, storage_errors
 
     config = load_cli_config(ctx)
     up, node_detail = _echo_node(config)

@@ -267,7 +267,7 @@ def _wait_for_results(node: NodeProcess, receiver: ResultReceiver, study_uid: st
     """Until the node's job is done and every result it queued for the demo's PACS has
     arrived; returns node-side times. Fails fast when the node fails the study or dies."""
     from dicomnode.config import load_config
-    from dicomnode.store import open_store, storage_errors
+    from dicomnode.wiring import open_store, storage_errors
 
     step = "wait for results"
     config = load_config(node.config_path, environ={})

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import secrets
 import ssl
 import threading
 import time
@@ -49,7 +48,7 @@ from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import describe_dataset
 
 if TYPE_CHECKING:
-    from dicomnode.config import Config, TLSConfig
+    from dicomnode.config import TLSConfig
     from storage import Store
 
 log = logging.getLogger("dicomnode.scp")
@@ -192,48 +191,6 @@ def hold_studies(store: Store, uids: set[str]) -> None:
         store.hold_receiving(uids)
     except Exception:  # receiving goes on regardless
         log.exception("event=study_hold_failed")
-
-
-def node_secret(data_dir: Path) -> bytes:
-    """A per-installation random salt, so patient keys cannot be reversed by guessing IDs."""
-    path = data_dir / "node-secret"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(path, "xb") as fh:
-                fh.write(secrets.token_bytes(32))
-        except FileExistsError:
-            pass  # another process created it first
-    return path.read_bytes()
-
-
-def policy_from_config(config: Config) -> ReceiverPolicy:
-    return ReceiverPolicy(
-        ae_title=config.node.ae_title,
-        allowed_peers=[AllowedPeer(p.ae_title, p.host) for p in config.peers],
-        other_storage=config.node.other_storage,
-        max_associations=config.node.max_associations,
-        patient_key_salt=node_secret(config.data_path),
-        accept_any_peer=config.node.accept_any_peer,
-    )
-
-
-def limits_from_config(config: Config) -> WireLimits:
-    node = config.node
-    return WireLimits(
-        request_seconds=node.association_request_seconds,
-        max_pending=node.max_pending_connections,
-        max_pending_per_address=node.max_pending_per_address,
-        max_request_pdu=node.max_request_pdu_bytes, max_pdu=node.max_pdu_bytes,
-        idle_seconds=node.association_idle_seconds)
-
-
-def hold_interval(config: Config) -> float:
-    """Seconds between holds of open associations' studies: a quarter of the shortest idle
-    time, at most HOLD_SECONDS, so a hold always lands before the idle timer runs out."""
-    idle = [config.node.idle_seconds, *(p.idle_seconds for p in config.peers
-                                        if p.idle_seconds is not None)]
-    return max(0.05, min(HOLD_SECONDS, min(idle) / 4))
 
 
 def patient_key(ds: Dataset, salt: bytes) -> str:
@@ -515,11 +472,6 @@ def build_ae(policy: ReceiverPolicy, limits: WireLimits | None = None) -> AE:
         if uid not in {c.abstract_syntax for c in ae.supported_contexts}:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
     return ae
-
-
-def ssl_context_from_config(config: Config) -> ssl.SSLContext | None:
-    tls = config.node.tls
-    return None if tls is None else server_ssl_context(tls, "[node.tls]")
 
 
 def server_ssl_context(tls: TLSConfig, section: str, *,

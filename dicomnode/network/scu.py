@@ -30,7 +30,6 @@ from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
-    from dicomnode.config import Config, PeerConfig
     from storage import Store
     from storage.records import DeliveryTask
 
@@ -61,20 +60,6 @@ class Destination:
     storage_commitment: bool = False  # ask it to commit what it accepted (N-ACTION)
     # STOW-RS instead of C-STORE when set (the peer's dicomweb_url and credentials)
     stow: StowTarget | None = None
-
-
-def destinations_from_config(config: Config) -> dict[str, Destination]:
-    """Result destinations by AE title: the configured peers that accept results."""
-    return {p.ae_title: destination_for(p) for p in config.peers if p.send_results}
-
-
-def destination_for(peer: PeerConfig) -> Destination:
-    stow = None
-    if peer.dicomweb_url:
-        stow = StowTarget(peer.dicomweb_url, token=peer.token, ca=peer.dicomweb_ca,
-                          cert=peer.dicomweb_cert, key=peer.dicomweb_key)
-    return Destination(peer.ae_title, peer.host, peer.port,
-                       storage_commitment=peer.storage_commitment, stow=stow)
 
 
 def build_scu(ae_title: str) -> AE:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
-from dicomnode.store import retention_age
+from dicomnode.wiring import retention_age
 
 if TYPE_CHECKING:
     from dicomnode.config import Config

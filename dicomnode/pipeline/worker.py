@@ -154,7 +154,8 @@ class Worker:
                  name: str | None = None,
                  result_builder: Callable[..., list] | None = None,
                  study_result_builder: Callable[..., list] | None = None) -> None:
-        from dicomnode.network.scu import Deliverer, destinations_from_config
+        from dicomnode.network.scu import Deliverer
+        from dicomnode.wiring import destinations_from_config
 
         self.config = config
         self.store = store

@@ -48,7 +48,7 @@ def load_labelled(config, labels: str | Path, modality: str | None,
     if images is not None:
         index = index_folder(images)
     else:
-        from dicomnode.store import open_store, storage_errors
+        from dicomnode.wiring import open_store, storage_errors
 
         with storage_errors(), ExitStack() as stack:
             store = stack.enter_context(open_store(config))
