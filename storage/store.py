@@ -32,7 +32,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from storage import models as m
+from storage import tables as m
 from storage.archive import Archive, TempFile
 from storage.backoff import backoff_delay
 from storage.engine import check_connection, create_storage_engine, unavailable

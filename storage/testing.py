@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert, text
 from sqlalchemy.engine import URL
 
-from storage import models as m
+from storage import tables as m
 from storage.engine import create_storage_engine, url_with_search_path
 from storage.records import JobState
 

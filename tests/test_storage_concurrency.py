@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from storage import JobState, Store, StoreOutcome
-from storage import models as m
+from storage import tables as m
 from storage.errors import LeaseLost
 from storage.store import utcnow
 from storage.testing import claim_worker, seed_queued_jobs

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import select, text
 
 from storage import Store, migrate
-from storage import models as m
+from storage import tables as m
 from storage.engine import create_storage_engine
 from storage.errors import (
     DatabaseBusy,

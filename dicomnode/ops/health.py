@@ -56,7 +56,7 @@ def queue_snapshot(store: Store) -> QueueSnapshot:
     """Jobs and deliveries by state, and the job that has waited longest for a worker."""
     from sqlalchemy import select
 
-    from storage import models as m
+    from storage import tables as m
     from storage.records import JobState
 
     counts = store.queue_counts()
@@ -76,7 +76,7 @@ def recent_audit(store: Store, count: int) -> list[AuditRecord]:
     """The last ``count`` audit events, oldest first (Store.audit_trail reads from the start)."""
     from sqlalchemy import select
 
-    from storage import models as m
+    from storage import tables as m
     from storage.records import AuditRecord
 
     with store.engine.connect() as conn:
@@ -92,7 +92,7 @@ def last_audit(store: Store, event: str) -> AuditRecord | None:
     """The newest audit event of this kind (e.g. "retrieve", "export"), or None."""
     from sqlalchemy import select
 
-    from storage import models as m
+    from storage import tables as m
     from storage.records import AuditRecord
 
     with store.engine.connect() as conn:

@@ -130,7 +130,7 @@ def _studies_of_instances(store, uids: list[str]) -> dict[str, str]:
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from storage import models as m
+    from storage import tables as m
 
     out: dict[str, str] = {}
     with Session(store.engine) as s:

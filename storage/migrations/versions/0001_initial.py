@@ -4,8 +4,8 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-28
 
-Self-contained on purpose (no import of storage.models): a migration describes the schema
-as it was at this revision, whatever the models become later.
+Self-contained on purpose (no import of storage.tables): a migration describes the schema
+as it was at this revision, whatever the tables become later.
 """
 
 from __future__ import annotations
