@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gmic.config import GMICConfig, GMICConfigError
 from gmic.model import GMIC
+from gmic.model_config import GMICConfig, GMICConfigError
 
 FORMAT = "dicomnode-gmic"
 FORMAT_VERSION = 1

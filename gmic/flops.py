@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from gmic.baselines import build_baseline
-from gmic.config import GMICConfig
 from gmic.model import GMIC
+from gmic.model_config import GMICConfig
 
 META = torch.device("meta")
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from gmic.augment import shift_resize
-from gmic.config import GMICConfig
+from gmic.model_config import GMICConfig
 from gmic.networks import GlobalResNet22, ResNetTrunk, SaliencyHead, gated_attention
 from gmic.roi import (
     crop_window_on_map,

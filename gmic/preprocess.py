@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from gmic.config import GLOBAL_DOWNSAMPLING
+from gmic.model_config import GLOBAL_DOWNSAMPLING
 
 Modality = Literal["dbt", "ffdm", "s2d"]
 Side = Literal["left", "right"]

@@ -151,8 +151,8 @@ def node_process(config: Path, command: str = "run", log_path: Path | None = Non
 def make_checkpoint(path: Path, modality: str, *, seed: int = 0, num_crops: int = 4) -> Path:
     """A randomly initialised GMIC checkpoint sized for the small synthetic studies."""
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
     from gmic.model import GMIC
+    from gmic.model_config import GMICConfig
 
     factory = {"dbt": GMICConfig.dbt, "ffdm": GMICConfig.ffdm, "s2d": GMICConfig.s2d}[modality]
     input_size = (640, 480) if modality == "ffdm" else (448, 320)

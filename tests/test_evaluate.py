@@ -129,7 +129,7 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     from dicomnode.pipeline.worker import analyse_image
     from dicomnode.synth import SynthOptions, generate_studies
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.train_support import tiny_model
 
     torch.set_num_threads(1)

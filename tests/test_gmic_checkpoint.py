@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gmic.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from gmic.config import GMICConfig
 from gmic.model import GMIC
+from gmic.model_config import GMICConfig
 
 
 def _norm(prefix: str, channels: int, batchnorm: bool) -> dict[str, tuple[int, ...]]:

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from gmic.config import GMICConfig, GMICConfigError
 from gmic.loss import gmic_loss, gmic_loss_terms
 from gmic.model import GMIC, GMICOutput, predict
+from gmic.model_config import GMICConfig, GMICConfigError
 
 # Small inputs, real architecture: 256x192 gives a 4x3 saliency map; 64-pixel crops.
 TINY = GMICConfig.dbt(input_size=(256, 192), crop_size=(64, 64), num_crops=3, percent_t=0.5,

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from gmic.config import GMICConfig
 from gmic.loss import gmic_loss
 from gmic.model import GMIC
+from gmic.model_config import GMICConfig
 
 CFG = GMICConfig.dbt(input_size=(256, 192), crop_size=(64, 64), num_crops=2, percent_t=0.5,
                      zeta=1, slice_chunk=0, activation_checkpointing=False, beta=1e-4)

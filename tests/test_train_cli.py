@@ -194,7 +194,7 @@ def test_checkpoint_of_another_format_version(synth: Path, tmp_path: Path, capsy
 def test_lesion_crop_stage_trains_the_local_network_of_init(synth: Path, tmp_path: Path,
                                                             capsys) -> None:
     from gmic.checkpoint import load_checkpoint, save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.train_support import tiny_model
 
     init = tmp_path / "init.pt"
@@ -284,7 +284,7 @@ def test_init_builtin_trains_the_shipped_model_without_architecture_flags(
 def test_init_file_takes_the_checkpoints_model_and_flags_that_do_not_change_it(
         synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.train_support import tiny_model
 
     cfg = GMICConfig.s2d(input_size=(256, 192), crop_size=(48, 48), num_crops=2, percent_t=0.1,
@@ -313,7 +313,7 @@ def test_init_file_takes_the_checkpoints_model_and_flags_that_do_not_change_it(
 def test_init_refuses_flags_that_contradict_the_checkpoint(
         synth: Path, tmp_path: Path, capsys, flags: list[str], named: str) -> None:
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.train_support import tiny_model
 
     init = tmp_path / "init.pt"
@@ -331,7 +331,7 @@ def test_init_refuses_flags_that_contradict_the_checkpoint(
 def test_init_of_another_modality_keeps_its_network_and_reads_images_the_new_way(
         synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.train_support import tiny_model
 
     init = tmp_path / "dbt.pt"

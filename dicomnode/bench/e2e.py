@@ -31,8 +31,8 @@ def _random_checkpoint(path: Path) -> str:
     """A DBT model at the published input size with random weights: same cost as a trained
     one, for timing only."""
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
     from gmic.model import GMIC
+    from gmic.model_config import GMICConfig
 
     save_checkpoint(path, GMIC(GMICConfig.dbt()), meta={"description": "random, timing only"})
     return str(path)

@@ -82,8 +82,8 @@ def resolve_device(name: str) -> str:
 
 
 def run_model_bench(opts: ModelBenchOptions) -> BenchReport:
-    from gmic.config import GMICConfig
     from gmic.flops import baseline_gmacs, gmic_gmacs, linear_extrapolation
+    from gmic.model_config import GMICConfig
 
     device = resolve_device(opts.device)
     on_gpu = device.startswith("cuda")
@@ -240,9 +240,9 @@ def measure(probe: Probe) -> dict:
     import torch
 
     from gmic.baselines import build_baseline
-    from gmic.config import GMICConfig
     from gmic.loss import gmic_loss
     from gmic.model import GMIC, precision
+    from gmic.model_config import GMICConfig
 
     if probe.threads:
         torch.set_num_threads(probe.threads)

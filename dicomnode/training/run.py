@@ -138,7 +138,7 @@ def model_config(modality: str, changes: dict[str, Any], init_cfg=None, *,
     modality: its network with the new modality's defaults for how images are read.
     `free` names fields that may differ from the checkpoint's (tune's searched values);
     run-time settings (slice chunk, activation checkpointing, loss weight) always may."""
-    from gmic.config import GMICConfig, GMICConfigError
+    from gmic.model_config import GMICConfig, GMICConfigError
 
     given = {k: v for k, v in changes.items() if v is not None}
     try:
