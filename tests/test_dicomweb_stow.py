@@ -588,7 +588,7 @@ token = "outbound"
 @pytest.mark.dcmtk
 def test_bench_stow_reports_the_ratio(study: Path, tmp_path: Path) -> None:
     """The benchmark's machinery on the small study (the figure itself is from full size)."""
-    from dicomnode.bench.stow import run_stow_bench
+    from dicomnode.bench.stow_receive import run_stow_bench
 
     files = sorted(study.glob("*/dbt/*.dcm"))
     report = run_stow_bench(files, 1, tmp_path)

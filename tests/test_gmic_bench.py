@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from dicomnode.bench.model import Probe, run_probe
+from dicomnode.bench.model_speed import Probe, run_probe
 from dicomnode.commands.bench import bench
 
 

@@ -21,8 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from dicomnode.bench.receive import dcmtk_tool, synth_dbt_files
 from dicomnode.bench.report import BenchReport
-from dicomnode.bench.scp import dcmtk_tool, synth_dbt_files
 from dicomnode.errors import DicomnodeError
 from dicomnode.external import free_port, wait_port
 

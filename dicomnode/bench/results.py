@@ -96,7 +96,7 @@ def _profile(title: str, fn: Callable[[], object]) -> None:
 
 def run_results_bench(source: Path | None, runs: int, workdir: Path | None = None,
                       seed: int = 1, profile: bool = False) -> BenchReport:
-    from dicomnode.bench.scp import synth_dbt_files
+    from dicomnode.bench.receive import synth_dbt_files
     from dicomnode.results import build_results
     from dicomnode.results.encode import encode_result
 

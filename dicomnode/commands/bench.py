@@ -59,7 +59,7 @@ def bench_model(device: str, slices: int, height: int, width: int, fit_slices: t
                 precision: str | None, slice_chunk: int, threads: int, skip_memory: bool,
                 skip_timing: bool, json_path: str | None) -> None:
     """Paper Table I (GMACs, peak training memory) and inference speed of 3D-GMIC."""
-    from dicomnode.bench.model import ModelBenchOptions, run_model_bench
+    from dicomnode.bench.model_speed import ModelBenchOptions, run_model_bench
     from dicomnode.errors import ConfigError
 
     opts = ModelBenchOptions(device=device, slices=slices, height=height, width=width,
@@ -89,7 +89,7 @@ def bench_model(device: str, slices: int, height: int, width: int, fit_slices: t
 def bench_store(postgres_url: str | None, workers: int, jobs: int, instances: int,
                 json_path: str | None) -> None:
     """Job claims per second (N workers) and instance inserts per second, SQLite/PostgreSQL."""
-    from dicomnode.bench.store import run_store_bench
+    from dicomnode.bench.queue import run_store_bench
     from dicomnode.wiring import storage_errors
 
     with storage_errors():
@@ -112,7 +112,7 @@ def bench_scp(input_dir: str | None, runs: int, seed: int, workdir: str | None,
     """Receive throughput: the node's SCP against dcmtk storescp, same files, same run."""
     from pathlib import Path
 
-    from dicomnode.bench.scp import run_scp_bench
+    from dicomnode.bench.receive import run_scp_bench
 
     files = sorted(p for p in Path(input_dir).rglob("*.dcm")) if input_dir else None
     emit(run_scp_bench(files, runs, Path(workdir) if workdir else None, seed), json_path)
@@ -132,7 +132,7 @@ def bench_stow(input_dir: str | None, runs: int, seed: int, workdir: str | None,
     """Receive throughput: STOW-RS against C-STORE into the same node, same files, same run."""
     from pathlib import Path
 
-    from dicomnode.bench.stow import run_stow_bench
+    from dicomnode.bench.stow_receive import run_stow_bench
 
     files = sorted(p for p in Path(input_dir).rglob("*.dcm")) if input_dir else None
     emit(run_stow_bench(files, runs, Path(workdir) if workdir else None, seed), json_path)

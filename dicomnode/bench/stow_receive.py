@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dicomnode.bench.receive import _send, synth_dbt_files
 from dicomnode.bench.report import BenchReport
-from dicomnode.bench.scp import _send, synth_dbt_files
 from dicomnode.errors import DicomnodeError
 
 _TOKEN = "bench-token"

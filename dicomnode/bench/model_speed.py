@@ -12,7 +12,7 @@
 - Inference seconds and peak memory, chunked global network against the naive
   all-slices-at-once pass, each in its own subprocess, median of several runs.
 
-Run as `python -m dicomnode.bench.model PROBE_JSON` it is the subprocess that measures one
+Run as `python -m dicomnode.bench.model_speed PROBE_JSON` it is the subprocess that measures one
 configuration and prints one JSON line.
 """
 
@@ -209,7 +209,7 @@ def run_probe(probe: Probe, log: Callable[[str], None] = lambda m: None) -> dict
     """Measure one configuration in a fresh Python process (a clean peak RSS / CUDA peak)."""
     log(f"probe {probe.model} {probe.mode} {probe.slices}x{probe.height}x{probe.width} "
         f"{probe.precision} chunk={probe.slice_chunk}")
-    cmd = [sys.executable, "-m", "dicomnode.bench.model", json.dumps(asdict(probe))]
+    cmd = [sys.executable, "-m", "dicomnode.bench.model_speed", json.dumps(asdict(probe))]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log(f"  done in {time.perf_counter() - start:.1f} s: {proc.stdout.strip()[-160:]}")
