@@ -177,7 +177,7 @@ def test_archive_items_carry_each_lesion_on_its_slice(tmp_path_factory) -> None:
     centre."""
     from dicomnode.pipeline.images import load_image
     from dicomnode.training.data import CachedVolumes, seg_masks
-    from dicomnode.training.run import load_labelled
+    from dicomnode.training.runner import load_labelled
     from gmic.preprocess import preprocess
     from tests.results_support import findings, study_root
 

@@ -15,7 +15,8 @@ from scipy import ndimage
 from dicomnode.cli import cli
 from dicomnode.pipeline.images import load_image
 from dicomnode.synth import FAMILIES, SynthOptions, generate_studies, parse_families
-from dicomnode.synth.findings import (
+from dicomnode.synth.imaging import sample_acquisition
+from dicomnode.synth.lesions import (
     BENIGN_MARGINS,
     CALC_MORPHOLOGIES,
     CALCIFICATIONS,
@@ -23,7 +24,6 @@ from dicomnode.synth.findings import (
     MALIGNANT_MASS,
     sample_finding,
 )
-from dicomnode.synth.imaging import sample_acquisition
 from dicomnode.synth.options import SIZE_SPECS
 from dicomnode.synth.texture import texture_field
 

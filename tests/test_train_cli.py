@@ -342,7 +342,7 @@ def test_init_of_another_modality_keeps_its_network_and_reads_images_the_new_way
                             str(tmp_path / "o"), "--local-width", "16", *ONE_STEP], capsys)
     assert code == 1 and "--local-width 16 contradicts the checkpoint's 8" in one_error_line(err)
 
-    from dicomnode.training.run import model_config
+    from dicomnode.training.runner import model_config
 
     cfg = model_config("s2d", {"input_size": (256, 192)}, GMICConfig.dbt(
         input_size=(256, 192), local_width=8, crop_size=(48, 48), zeta=3))

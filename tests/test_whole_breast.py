@@ -15,8 +15,8 @@ from dicomnode.pipeline.images import BreastImage
 from dicomnode.pipeline.inference import analyse_image
 from dicomnode.pipeline.weights import ModelRegistry
 from dicomnode.synth.anatomy import BreastParams, build_view_phantom
-from dicomnode.synth.findings import MALIGNANT_MASS, place_finding, sample_finding
 from dicomnode.synth.imaging import render_view
+from dicomnode.synth.lesions import MALIGNANT_MASS, place_finding, sample_finding
 from dicomnode.synth.options import DBT_PIXEL_MM, SizeSpec
 from gmic.preprocess import preprocess
 

@@ -58,9 +58,9 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
     from dicomnode.cli import load_cli_config
     from dicomnode.pipeline.weights import resolve_device
     from dicomnode.training import evaluation as ev
-    from dicomnode.training import report
+    from dicomnode.training import evaluation_report as report
     from dicomnode.training.data import seg_masks, split_by_patient
-    from dicomnode.training.run import load_labelled, parse_fractions, read_split_studies
+    from dicomnode.training.runner import load_labelled, parse_fractions, read_split_studies
 
     config = load_cli_config(ctx)
     fractions = parse_fractions(split_text)

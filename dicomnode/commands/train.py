@@ -109,7 +109,7 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
     """Train a model on labelled images; rerun the same command to resume."""
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
-    from dicomnode.training.run import (
+    from dicomnode.training.runner import (
         init_config,
         load_labelled,
         model_config,

@@ -33,7 +33,7 @@ def tune(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pat
     """Random search over lr, w, t, K and beta; keeps the best models."""
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
-    from dicomnode.training.run import (
+    from dicomnode.training.runner import (
         init_config,
         load_labelled,
         model_config,
@@ -90,7 +90,7 @@ def _run_trials(draws, out: Path, data, modality: str, base: dict, fractions, in
                 progress: bool) -> list[dict]:
     """Train each trial not finished yet; the records of all trials."""
     from dicomnode.errors import DicomnodeError
-    from dicomnode.training.run import model_config, train_run, write_json
+    from dicomnode.training.runner import model_config, train_run, write_json
     from gmic.train import TrainError, TrainSettings
 
     finished = []

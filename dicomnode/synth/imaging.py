@@ -26,7 +26,7 @@ from dicomnode.synth.anatomy import (
     power_law_field,
     tomo_blur,
 )
-from dicomnode.synth.findings import (
+from dicomnode.synth.lesions import (
     CALCIFICATIONS,
     PlacedFinding,
     Roi,

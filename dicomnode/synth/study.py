@@ -34,7 +34,13 @@ from dicomnode.synth.anatomy import (
     build_view_phantom,
     sample_breast,
 )
-from dicomnode.synth.findings import (
+from dicomnode.synth.imaging import (
+    Acquisition,
+    RenderedView,
+    render_view,
+    sample_acquisition,
+)
+from dicomnode.synth.lesions import (
     BENIGN_MASS,
     CALCIFICATIONS,
     MALIGNANT_MASS,
@@ -42,12 +48,6 @@ from dicomnode.synth.findings import (
     PlacedFinding,
     place_finding,
     sample_finding,
-)
-from dicomnode.synth.imaging import (
-    Acquisition,
-    RenderedView,
-    render_view,
-    sample_acquisition,
 )
 from dicomnode.synth.options import (
     DBT_PIXEL_MM,
@@ -57,8 +57,8 @@ from dicomnode.synth.options import (
     SizeSpec,
     SynthOptions,
 )
-from dicomnode.synth.seg import build_seg, write_seg
-from dicomnode.synth.uids import make_uid
+from dicomnode.synth.seeded_uids import make_uid
+from dicomnode.synth.truth_seg import build_seg, write_seg
 
 log = logging.getLogger("dicomnode.synth")
 

@@ -68,7 +68,7 @@ class ImageScore:
 
 def load_checkpoints(paths: Sequence[str | Path], device) -> list[LoadedCheckpoint]:
     from dicomnode.pipeline.weights import algorithm_identity
-    from dicomnode.training.run import CheckpointUnusable
+    from dicomnode.training.runner import CheckpointUnusable
     from gmic.checkpoint import CheckpointError, load_checkpoint
 
     out = []
