@@ -13,7 +13,7 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
 from dicomnode.config import load_config
-from dicomnode.network.commitment import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
+from dicomnode.identifiers import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from dicomnode.network.scp import StorageSCP
 from dicomnode.network.scu import Deliverer
 from dicomnode.wiring import destinations_from_config, open_store, policy_from_config

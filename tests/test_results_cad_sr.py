@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import MammographyCADSRStorage as MAMMOGRAPHY_CAD_SR
 
 from dicomnode.pipeline.analysis import (
     AttendedRegion,
@@ -21,7 +22,7 @@ from dicomnode.pipeline.analysis import (
     ImageAnalysis,
 )
 from dicomnode.results import ResultOptions, ResultsError
-from dicomnode.results.cad_sr import MAMMOGRAPHY_CAD_SR, build_cad_sr
+from dicomnode.results.cad_sr import build_cad_sr
 from dicomnode.results.findings import FlaggedRegion, flagged_regions
 from dicomnode.results.sr import _box
 from dicomnode.results.validate import (

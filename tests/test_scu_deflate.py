@@ -6,13 +6,13 @@ from __future__ import annotations
 import datetime
 
 import pytest
+from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED_LE
+from pydicom.uid import ExplicitVRLittleEndian as EXPLICIT_LE
+from pydicom.uid import ParametricMapStorage as PARAMETRIC_MAP_STORAGE
 from pynetdicom import AE, evt
 
 from dicomnode.external import free_port
 from dicomnode.network.scu import (
-    DEFLATED_LE,
-    EXPLICIT_LE,
-    PARAMETRIC_MAP_STORAGE,
     Destination,
     build_scu,
     send_files,

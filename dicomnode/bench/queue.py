@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dicomnode.bench.report import BenchReport
+from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation, ExplicitVRLittleEndian
 
-MG = "1.2.840.10008.5.1.4.1.1.1.2"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
+from dicomnode.bench.report import BenchReport
 
 
 @contextmanager
@@ -70,9 +69,11 @@ def _insert_seconds(url: str, archive: Path, count: int, size: int) -> float:
             study, series = n // 100, n // 10
             store.store_instance(
                 encoded=payload[:-8] + n.to_bytes(8, "big"),
-                sop_instance_uid=f"2.25.7.{study}.{series}.{n}", sop_class_uid=MG,
+                sop_instance_uid=f"2.25.7.{study}.{series}.{n}",
+                sop_class_uid=DigitalMammographyXRayImageStorageForPresentation,
                 study_uid=f"2.25.7.{study}", series_uid=f"2.25.7.{study}.{series}",
-                transfer_syntax=EXPLICIT_LE, patient_key=f"bench-{study}", calling_ae="BENCH",
+                transfer_syntax=ExplicitVRLittleEndian, patient_key=f"bench-{study}",
+                calling_ae="BENCH",
                 modality="MG", laterality="L", view="CC")
         return time.perf_counter() - start
 

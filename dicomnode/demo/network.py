@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    MammographyCADSRStorage,
+    ParametricMapStorage,
+    SegmentationStorage,
+)
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.config import ModelConfig, ResultsConfig
@@ -29,8 +36,8 @@ NODE_AE = "DICOMNODE"
 # PACS that routes a study to the node does.
 PACS_AE = "DEMOPACS"
 # Result classes a receiver must accept (pynetdicom's default storage list lacks some).
-RESULT_SOP_CLASSES = ("1.2.840.10008.5.1.4.1.1.30", "1.2.840.10008.5.1.4.1.1.66.4",
-                      "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.50")
+RESULT_SOP_CLASSES = (ParametricMapStorage, SegmentationStorage, Comprehensive3DSRStorage,
+                      MammographyCADSRStorage)
 _LISTENING = re.compile(r"listening as \S+ on [\w.:-]+:(\d+)")
 
 

@@ -10,14 +10,16 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    MammographyCADSRStorage,
+    ParametricMapStorage,
+    SegmentationStorage,
+)
 
 from dicomnode.results.read import SRSummary, read_sr_summary
 from dicomnode.results.sr import ATTENDED_REGION, ATTENTION_WEIGHT
 
-SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-PM_CLASS = "1.2.840.10008.5.1.4.1.1.30"
-CAD_SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.50"
 PM_LABELS = {"BENIGN_SAL": "benign", "MALIG_SAL": "malignant"}
 
 
@@ -153,7 +155,7 @@ def collect(paths: list[Path], sources: list[SourceImage]) -> Returned:
     for path in sorted(paths):
         ds = dcmread(path, stop_before_pixels=True)
         sop_class = str(ds.SOPClassUID)
-        if sop_class == CAD_SR_CLASS:
+        if sop_class == MammographyCADSRStorage:
             out.cad_sr.append(path)
             continue
         owners = {id(by_uid[u]): by_uid[u] for u in _referenced_uids(ds) if u in by_uid}
@@ -161,15 +163,15 @@ def collect(paths: list[Path], sources: list[SourceImage]) -> Returned:
             out.other.append(path)
             continue
         (item,) = owners.values()
-        if sop_class == SR_CLASS:
+        if sop_class == Comprehensive3DSRStorage:
             sr = dcmread(path)
             item.sr_path, item.summary = path, read_sr_summary(sr)
             item.regions = read_regions(sr, item.source)
-        elif sop_class == PM_CLASS:
+        elif sop_class == ParametricMapStorage:
             label = PM_LABELS.get(str(ds.get("ContentLabel", "")))
             if label:
                 item.pm_paths[label] = path
-        elif sop_class == SEG_CLASS:
+        elif sop_class == SegmentationStorage:
             item.seg_path = path
         else:
             out.other.append(path)

@@ -47,6 +47,7 @@ from dicomnode.dicomweb.multipart import (
     receive_part,
 )
 from dicomnode.errors import ConfigError, DicomnodeError
+from dicomnode.identifiers import RECEIVED_TRANSFER_SYNTAXES
 from dicomnode.network.instance_checks import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH,
@@ -54,7 +55,6 @@ from dicomnode.network.instance_checks import (
     StoreRefused,
 )
 from dicomnode.network.scp import (
-    TRANSFER_SYNTAXES,
     ReceiverPolicy,
     archive_instance,
     hold_studies,
@@ -260,7 +260,7 @@ class StowReceiver:
             if not complete:
                 raise StoreRefused(CANNOT_UNDERSTAND, "part truncated: the body ended in it")
             syntax = str(meta.get("TransferSyntaxUID", ""))
-            if syntax not in TRANSFER_SYNTAXES:
+            if syntax not in RECEIVED_TRANSFER_SYNTAXES:
                 raise StoreRefused(TRANSFER_SYNTAX_NOT_SUPPORTED,
                                    f"transfer syntax {syntax or '(none)'} is not accepted")
             if study_uid is not None:

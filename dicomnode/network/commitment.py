@@ -17,9 +17,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import evt
 
+from dicomnode.identifiers import STORAGE_COMMITMENT_INSTANCE, STORAGE_COMMITMENT_PUSH
 from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 
@@ -32,12 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dicomnode.commitment")
 
-STORAGE_COMMITMENT_PUSH = "1.2.840.10008.1.20.1"
-STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance
 REQUEST_ACTION_TYPE = 1
 EVENT_ALL_COMMITTED = 1
 EVENT_FAILURES_EXIST = 2
-_SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]
+_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
 
 
 def add_scu_context(ae: AE) -> None:

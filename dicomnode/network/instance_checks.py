@@ -32,9 +32,22 @@ from typing import TYPE_CHECKING, cast
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    BreastTomosynthesisImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    RLELossless,
+)
 from pynetdicom import _config, evt
 from pynetdicom.dsutils import encode_file_meta
+
+from dicomnode.identifiers import (
+    BREAST_IMAGE_SOP_CLASSES,
+    GREYSCALE_SOP_CLASSES,
+    JPEG2000_SYNTAXES,
+    JPEG_SYNTAXES,
+)
 
 if TYPE_CHECKING:
     from pynetdicom.dimse_primitives import C_STORE
@@ -49,29 +62,7 @@ NOT_AUTHORISED = 0x0124
 
 Problem = tuple[int, str]
 
-# Breast image SOP classes the node processes.
-BREAST_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.13.1.4": "Breast Projection X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.13.1.5": "Breast Projection X-Ray Image Storage - For Processing",
-    # single-frame classes some vendors use for DBT slices
-    "1.2.840.10008.5.1.4.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
-}
 
-BREAST_TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
-# IODs whose Image Pixel module is greyscale only (MONOCHROME1/2, one sample): DBT, digital
-# mammography, breast projection, digital X-ray.
-GREYSCALE_CLASSES = {
-    BREAST_TOMOSYNTHESIS,
-    "1.2.840.10008.5.1.4.1.1.1.2", "1.2.840.10008.5.1.4.1.1.1.2.1",
-    "1.2.840.10008.5.1.4.1.1.13.1.4", "1.2.840.10008.5.1.4.1.1.13.1.5",
-    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1",
-}
 _SAMPLES = {"MONOCHROME1": 1, "MONOCHROME2": 1, "PALETTE COLOR": 1, "RGB": 3, "YBR_FULL": 3,
             "YBR_FULL_422": 3, "YBR_PARTIAL_420": 3, "YBR_ICT": 3, "YBR_RCT": 3}
 _BITS_ALLOCATED = (1, 8, 16, 32)
@@ -114,7 +105,7 @@ def pixel_module_problem(ds: Dataset) -> Problem | None:
         return bad(f"High Bit {high_bit} with Bits Stored {stored}: must be "
                    f"{stored - 1}")  # type: ignore[operator]
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    if str(ds.get("SOPClassUID", "")) in GREYSCALE_CLASSES and \
+    if str(ds.get("SOPClassUID", "")) in GREYSCALE_SOP_CLASSES and \
             photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return bad(f"Photometric Interpretation {photometric or '(none)'}: IOD is greyscale")
     if photometric not in _SAMPLES:
@@ -127,7 +118,7 @@ def pixel_module_problem(ds: Dataset) -> Problem | None:
 def frame_of_reference_problem(ds: Dataset) -> Problem | None:
     """The Frame of Reference module is mandatory in the Breast Tomosynthesis IOD: without it
     the slices cannot be placed and no SEG or Parametric Map can be built on them."""
-    if str(ds.get("SOPClassUID", "")) == BREAST_TOMOSYNTHESIS and \
+    if str(ds.get("SOPClassUID", "")) == BreastTomosynthesisImageStorage and \
             not str(ds.get("FrameOfReferenceUID", "") or "").strip():
         return DATASET_DOES_NOT_MATCH, "DBT without Frame of Reference UID"
     return None
@@ -161,12 +152,6 @@ _VRS = {vr.encode() for vr in (
 _LONG_VRS = {vr.encode() for vr in ("OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR",
                                      "UT", "SV", "UV")}
 _ITEM_TAG = b"\xfe\xff\x00\xe0"
-_DEFLATED = "1.2.840.10008.1.2.1.99"
-_JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.201",
-             "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}
-_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57",
-         "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
-_RLE = "1.2.840.10008.1.2.5"
 _J2K_CODESTREAM = b"\xff\x4f\xff\x51"  # SOC then SIZ marker
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
 # BTO and the 2D breast classes must carry these to be what they claim.
@@ -321,13 +306,13 @@ def check_instance(ds: Dataset, context_sop_class: str, request_sop_instance: st
                            f"SOP Class {sop_class} sent as {context_sop_class}")
     if request_sop_instance and sop_instance != request_sop_instance:
         raise StoreRefused(DATASET_DOES_NOT_MATCH, "SOP Instance UID differs from the request")
-    if sop_class not in BREAST_SOP_CLASSES:
+    if sop_class not in BREAST_IMAGE_SOP_CLASSES:
         return
     absent = [k for k in _IMAGE_ATTRIBUTES if k not in ds]
     if absent or "PixelData" not in ds:
         raise StoreRefused(DATASET_DOES_NOT_MATCH,
                            f"image without {', '.join(absent or ['Pixel Data'])}")
-    if sop_class == "1.2.840.10008.5.1.4.1.1.13.1.3" and (
+    if sop_class == BreastTomosynthesisImageStorage and (
             "NumberOfFrames" not in ds or "SharedFunctionalGroupsSequence" not in ds):
         raise StoreRefused(DATASET_DOES_NOT_MATCH, "DBT without frames or functional groups")
     # what the worker needs to decode the image and place results on it
@@ -354,7 +339,7 @@ def check_pixel_data(ds: Dataset, encoded: EncodedInstance) -> None:
     problem = pixel_encoding_problem(str(ds.file_meta.TransferSyntaxUID), length)
     if problem is not None:
         raise StoreRefused(*problem)
-    if ds.file_meta.TransferSyntaxUID == _DEFLATED:
+    if ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:
         return  # offsets are in the inflated stream: parsing it already proved it whole
     if length == 0xFFFFFFFF:  # encapsulated: ends with the sequence delimitation item
         if encoded[-8:] != _SEQUENCE_DELIMITER:
@@ -389,13 +374,13 @@ def check_encoding(encoded: EncodedInstance, transfer_syntax: str) -> None:
     """The dataset must be encoded as the negotiated transfer syntax says: a body sent as
     Implicit VR on an Explicit VR context (or the reverse) is parsed by guesswork, and would
     be archived as a file whose meta lies. Checks the first element's VR bytes only."""
-    if transfer_syntax == _DEFLATED:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
         return
     offset = dataset_offset(encoded)
     if offset is None or len(encoded) < offset + 8:
         return
     looks_explicit = encoded[offset + 4:offset + 6] in _VRS
-    explicit = transfer_syntax != "1.2.840.10008.1.2"
+    explicit = transfer_syntax != ImplicitVRLittleEndian
     if looks_explicit != explicit:
         raise StoreRefused(CANNOT_UNDERSTAND, "dataset not encoded in its transfer syntax "
                            f"({'explicit' if looks_explicit else 'implicit'} VR)")
@@ -418,11 +403,11 @@ def check_first_fragment(encoded: EncodedInstance, offset: int, transfer_syntax:
         items.append(encoded[pos + 8:pos + 8 + min(size, 64)])
         pos += 8 + size
     fragment = items[1]
-    if transfer_syntax in _JPEG2000:
+    if transfer_syntax in JPEG2000_SYNTAXES:
         ok = fragment.startswith(_J2K_CODESTREAM) or fragment.startswith(_JP2_SIGNATURE)
-    elif transfer_syntax in _JPEG:
+    elif transfer_syntax in JPEG_SYNTAXES:
         ok = fragment.startswith(b"\xff\xd8")
-    elif transfer_syntax == _RLE:
+    elif transfer_syntax == RLELossless:
         segments = int.from_bytes(fragment[:4], "little") if len(fragment) >= 64 else 0
         ok = 1 <= segments <= 15
     else:

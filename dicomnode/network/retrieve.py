@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -263,7 +264,7 @@ class DimseTransport(Transport):
         self._lock = threading.Lock()
 
     def _ae(self, storage_classes: list[str]) -> AE:
-        from dicomnode.network.scp import TRANSFER_SYNTAXES
+        from dicomnode.identifiers import RECEIVED_TRANSFER_SYNTAXES
 
         ae = AE(ae_title=self.r.ae_title)
         ae.acse_timeout = 15
@@ -276,7 +277,7 @@ class DimseTransport(Transport):
         elif storage_classes:
             ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
             for uid in storage_classes[:126]:  # 128 contexts at most
-                ae.add_requested_context(uid, TRANSFER_SYNTAXES)
+                ae.add_requested_context(uid, RECEIVED_TRANSFER_SYNTAXES)
         return ae
 
     @contextmanager
@@ -562,7 +563,7 @@ class WadoTransport(Transport):
             again = [(self._instance_path(study_uid, series, sop), {sop})
                      for sop, series in sorted(self._transcode.items())]
             self._transcode = {}
-            problems = self._requests(again, EXPLICIT_LE)
+            problems = self._requests(again, ExplicitVRLittleEndian)
             problems += [f"transfer syntax {syntax} not accepted, and the peer did not "
                          f"transcode to Explicit VR Little Endian"
                          for syntax in sorted(set(self._transcode.values()))]
@@ -596,8 +597,9 @@ class WadoTransport(Transport):
         from pydicom.errors import InvalidDicomError
         from pydicom.filereader import read_file_meta_info
 
+        from dicomnode.identifiers import RECEIVED_TRANSFER_SYNTAXES
         from dicomnode.network.instance_checks import EncodedInstance, StoreRefused
-        from dicomnode.network.scp import TRANSFER_SYNTAXES, archive_instance
+        from dicomnode.network.scp import archive_instance
 
         sop_instance = ""
         try:
@@ -612,7 +614,7 @@ class WadoTransport(Transport):
                 # a series answer holds instances of classes the node does not archive
                 return
             syntax = str(meta.get("TransferSyntaxUID", ""))
-            if syntax not in TRANSFER_SYNTAXES:
+            if syntax not in RECEIVED_TRANSFER_SYNTAXES:
                 series = self._series.get(sop_instance, "")
                 self._transcode[sop_instance] = series if asked == "*" else syntax
                 return
@@ -635,7 +637,6 @@ class WadoTransport(Transport):
 
 
 INCOMING_DIR = "retrieve-incoming"
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
 STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live retrieve
 
 
@@ -673,7 +674,7 @@ class Retriever:
     def __init__(self, store: Store, policy: ReceiverPolicy, peer: PeerConfig,
                  ae_title: str, *, method: str | None = None,
                  data_dir: Path | None = None, timeout_s: float = 120.0) -> None:
-        from dicomnode.network.instance_checks import BREAST_SOP_CLASSES
+        from dicomnode.identifiers import BREAST_IMAGE_SOP_CLASSES
 
         self.store = store
         self.policy = policy
@@ -681,7 +682,7 @@ class Retriever:
         self.ae_title = ae_title
         self.method = retrieve_method(peer, method)
         self.timeout_s = timeout_s
-        self.breast_classes = set(BREAST_SOP_CLASSES)
+        self.breast_classes = set(BREAST_IMAGE_SOP_CLASSES)
         if self.method == "wado":
             if data_dir is None:
                 raise ConfigError("WADO-RS retrieve needs the node's data_dir for its "

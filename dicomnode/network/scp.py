@@ -27,10 +27,10 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicomnode.errors import UnusableImageError
+from dicomnode.identifiers import BREAST_IMAGE_SOP_CLASSES, RECEIVED_TRANSFER_SYNTAXES
 from dicomnode.network import commitment
 from dicomnode.network.guard import WireLimits, start_guarded_server, sweep_incoming
 from dicomnode.network.instance_checks import (
-    BREAST_SOP_CLASSES,
     CANNOT_UNDERSTAND,
     NOT_AUTHORISED,
     OUT_OF_RESOURCES,
@@ -54,22 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomnode.scp")
 
 
-# What images arrive in: uncompressed, and the compressed syntaxes modalities and PACS use.
-TRANSFER_SYNTAXES = [
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.5",  # RLE lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG lossless, first-order prediction
-    "1.2.840.10008.1.2.4.57",  # JPEG lossless
-    "1.2.840.10008.1.2.4.50",  # JPEG baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG extended
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old devices)
-]
 
 
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
@@ -216,13 +200,13 @@ def archive_instance(store: Store, encoded: bytes | EncodedInstance, policy: Rec
     ds = parse_header(encoded)
     check_encoding(encoded, str(ds.file_meta.get("TransferSyntaxUID", "")))
     sop_class = sop_class or str(ds.get("SOPClassUID", ""))
-    if sop_class not in BREAST_SOP_CLASSES and policy.other_storage == "reject":
+    if sop_class not in BREAST_IMAGE_SOP_CLASSES and policy.other_storage == "reject":
         raise StoreRefused(SOP_CLASS_NOT_SUPPORTED, f"SOP Class {sop_class} is not a breast image")
     check_instance(ds, sop_class, sop_instance)
     if "PixelData" in ds:
         check_pixel_data(ds, encoded)
     modality = laterality = view = None
-    if sop_class in BREAST_SOP_CLASSES:
+    if sop_class in BREAST_IMAGE_SOP_CLASSES:
         try:
             modality, laterality, view = describe_dataset(ds, "C-STORE")
         except UnusableImageError as exc:  # e.g. a chest DX: not ours to process
@@ -467,10 +451,10 @@ def build_ae(policy: ReceiverPolicy, limits: WireLimits | None = None) -> AE:
     # All storage classes are negotiated, so a non-breast C-STORE gets a proper 0x0122
     # status from the handler instead of a bare presentation-context refusal.
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
-    for uid in BREAST_SOP_CLASSES:
+        ae.add_supported_context(context.abstract_syntax, RECEIVED_TRANSFER_SYNTAXES)
+    for uid in BREAST_IMAGE_SOP_CLASSES:
         if uid not in {c.abstract_syntax for c in ae.supported_contexts}:
-            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+            ae.add_supported_context(uid, RECEIVED_TRANSFER_SYNTAXES)
     return ae
 
 

@@ -21,10 +21,16 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom import _config as _pynetdicom_config
 
 from dicomnode.dicomweb.client import StowError, StowTarget, post_instances
+from dicomnode.identifiers import DEFLATABLE_SOP_CLASSES, RESULT_SOP_CLASSES
 from dicomnode.network import commitment
 from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
@@ -35,21 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dicomnode.scu")
 
-# Result SOP classes, added to pynetdicom's storage contexts (which lack Parametric Map).
-PARAMETRIC_MAP_STORAGE = "1.2.840.10008.5.1.4.1.1.30"
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
-COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
-MAMMOGRAPHY_CAD_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.50"
-KEY_OBJECT_SELECTION_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"  # IOCM rejection notes
-RESULT_SOP_CLASSES = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE,
-                      COMPREHENSIVE_3D_SR_STORAGE, MAMMOGRAPHY_CAD_SR_STORAGE,
-                      KEY_OBJECT_SELECTION_STORAGE)
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-DEFLATED_LE = "1.2.840.10008.1.2.1.99"
-# Results the node may write deflated (ResultOptions.deflate): proposed in a context of
-# their own with deflate alone, so a peer that takes it cannot pick Explicit VR instead.
-DEFLATABLE = (PARAMETRIC_MAP_STORAGE, SEGMENTATION_STORAGE)
 
 
 @dataclass(frozen=True)
@@ -75,15 +66,16 @@ def build_scu(ae_title: str) -> AE:
     # come first so they always fit, then the common storage classes.
     commitment.add_scu_context(ae)
     for uid in RESULT_SOP_CLASSES:
-        if uid in DEFLATABLE:
-            ae.add_requested_context(uid, [DEFLATED_LE])
-        ae.add_requested_context(uid, [EXPLICIT_LE, IMPLICIT_LE])
+        if uid in DEFLATABLE_SOP_CLASSES:
+            ae.add_requested_context(uid, [DeflatedExplicitVRLittleEndian])
+        ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     for context in StoragePresentationContexts:
         if len(ae.requested_contexts) >= 128:
             break
         if context.abstract_syntax is not None and \
                 context.abstract_syntax not in RESULT_SOP_CLASSES:
-            ae.add_requested_context(context.abstract_syntax, [EXPLICIT_LE, IMPLICIT_LE])
+            ae.add_requested_context(context.abstract_syntax,
+                                     [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     return ae
 
 
@@ -233,12 +225,13 @@ def _send(assoc, dataset: Dataset | Path):
 def _uncompressed_unless_accepted(assoc, ds) -> None:
     """A deflated result to a peer that did not accept deflate for its class: send it as
     Explicit VR Little Endian (dcmread has inflated it: only the label changes)."""
-    if ds.file_meta.get("TransferSyntaxUID") != DEFLATED_LE:
+    if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
         return
     sop_class = str(ds.SOPClassUID)
-    if not any(c.abstract_syntax == sop_class and c.transfer_syntax[0] == DEFLATED_LE
+    if not any(c.abstract_syntax == sop_class
+               and c.transfer_syntax[0] == DeflatedExplicitVRLittleEndian
                for c in assoc.accepted_contexts):
-        ds.file_meta.TransferSyntaxUID = EXPLICIT_LE
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
 
 
 class Deliverer:

@@ -30,9 +30,14 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID
+from pydicom.uid import UID, BreastTomosynthesisImageStorage
 
 from dicomnode.errors import UnusableImageError
+from dicomnode.identifiers import (
+    BREAST_PROJECTION_SOP_CLASSES,
+    MAMMOGRAPHY_2D_SOP_CLASSES,
+    NON_IMAGE_SOP_CLASS_PREFIXES,
+)
 from dicomnode.ops.logs import kv
 
 __all__ = [
@@ -43,29 +48,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("dicomnode.volume")
-
-DBT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.13.1.3"
-MAMMO_PRESENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2"
-MAMMO_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.1.2.1"
-BREAST_PROJECTION_PRESENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.13.1.4"
-BREAST_PROJECTION_PROCESSING_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.13.1.5"
-_MAMMO_2D = {MAMMO_PRESENTATION_SOP_CLASS, MAMMO_PROCESSING_SOP_CLASS,
-             BREAST_PROJECTION_PRESENTATION_SOP_CLASS, BREAST_PROJECTION_PROCESSING_SOP_CLASS}
-_BREAST_PROJECTION = {BREAST_PROJECTION_PRESENTATION_SOP_CLASS,
-                      BREAST_PROJECTION_PROCESSING_SOP_CLASS}
-
-# Objects that are not images to run the model on: results (SEG, PM, SR, KO, PR), RT,
-# encapsulated documents, waveforms, raw data, registrations, DICOMDIR.
-_NON_IMAGE_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.66",  # raw data, spatial registration, fiducials, SEG, surface
-    "1.2.840.10008.5.1.4.1.1.30",  # parametric map
-    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports, KO
-    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
-    "1.2.840.10008.5.1.4.1.1.481.",  # RT objects
-    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated PDF/CDA/STL
-    "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
-    "1.2.840.10008.1.3.10",  # media storage directory (DICOMDIR)
-)
 
 # View for Mammography (CID 4014): SNOMED CT and legacy SRT codes -> short code.
 _VIEW_CODES = {
@@ -270,7 +252,7 @@ def _is_synthetic_2d(ds: Dataset) -> bool:
         return True
     if image_type and image_type[0] == "DERIVED":
         for item in ds.get("SourceImageSequence", []):
-            if str(item.get("ReferencedSOPClassUID", "")) == DBT_SOP_CLASS:
+            if str(item.get("ReferencedSOPClassUID", "")) == BreastTomosynthesisImageStorage:
                 return True
     text = " ".join(str(ds.get(k, "")) for k in (
         "SeriesDescription", "ProtocolName", "DerivationDescription")).lower()
@@ -280,9 +262,10 @@ def _is_synthetic_2d(ds: Dataset) -> bool:
 
 def _is_non_image(ds: Dataset) -> bool:
     sop = str(ds.get("SOPClassUID", ""))
-    if sop.startswith(_NON_IMAGE_PREFIXES):
+    if sop.startswith(NON_IMAGE_SOP_CLASS_PREFIXES):
         return True
-    return sop not in _MAMMO_2D and sop != DBT_SOP_CLASS and "PixelData" not in ds
+    return (sop not in MAMMOGRAPHY_2D_SOP_CLASSES and sop != BreastTomosynthesisImageStorage
+            and "PixelData" not in ds)
 
 
 def _sop_name(sop: str) -> str:
@@ -298,16 +281,16 @@ def _classify(ds: Dataset, path: Path) -> str:
         raise NotABreastImageError(
             f"{path}: {_sop_name(sop)} object {uid} is not an image; "
             "pass breast images (DBT, mammography)")
-    if sop == DBT_SOP_CLASS:
+    if sop == BreastTomosynthesisImageStorage:
         return "dbt"
-    if sop not in _MAMMO_2D:
+    if sop not in MAMMOGRAPHY_2D_SOP_CLASSES:
         modality = str(ds.get("Modality", "")).upper()
         body_part = str(ds.get("BodyPartExamined", "")).upper()
         if modality != "MG" and body_part != "BREAST":
             raise NotABreastImageError(
                 f"{path}: {_sop_name(sop)} object {uid} (modality {modality or '?'}, body part "
                 f"{body_part or '?'}) is not a breast image; send DBT or mammography")
-    if sop in _BREAST_PROJECTION and int(ds.get("NumberOfFrames", 1) or 1) > 1:
+    if sop in BREAST_PROJECTION_SOP_CLASSES and int(ds.get("NumberOfFrames", 1) or 1) > 1:
         raise NotABreastImageError(
             f"{path}: {_sop_name(sop)} object {uid} holds {ds.NumberOfFrames} projections of a "
             "tomosynthesis acquisition, not an image to read; send the reconstructed "
@@ -315,7 +298,7 @@ def _classify(ds: Dataset, path: Path) -> str:
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     synthetic = _is_synthetic_2d(ds)
     if not synthetic and any(v.startswith("TOMO") for v in image_type) \
-            and sop not in _BREAST_PROJECTION:
+            and sop not in BREAST_PROJECTION_SOP_CLASSES:
         # DBT slices sent one per instance as another SOP class (older vendor exports)
         return "dbt"
     frames = int(ds.get("NumberOfFrames", 1) or 1)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dicomnode.errors import DicomnodeError, UnusableImageError
+from dicomnode.identifiers import RESULT_KINDS
 from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 from dicomnode.ops.retention import RetentionSchedule
@@ -443,14 +444,6 @@ class Worker:
                                               sop_instance_uid=dataset.SOPInstanceUID,
                                               destinations=",".join(destinations) or "none"))
         return str(dataset.SOPInstanceUID)
-
-
-RESULT_KINDS = {
-    "1.2.840.10008.5.1.4.1.1.88.34": "sr",
-    "1.2.840.10008.5.1.4.1.1.66.4": "seg",
-    "1.2.840.10008.5.1.4.1.1.30": "pmap",
-    "1.2.840.10008.5.1.4.1.1.88.50": "cad-sr",
-}
 
 
 def result_options(config: Config):

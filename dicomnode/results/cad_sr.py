@@ -1,4 +1,4 @@
-"""Mammography CAD SR (SOP class 1.2.840.10008.5.1.4.1.1.88.50, root TID 4000) of a study.
+"""Mammography CAD SR (SOP class MammographyCADSRStorage, root TID 4000) of a study.
 
 One document per study, covering the images given (the worker passes the study's DBT
 analyses). Content, in the template's order:
@@ -51,7 +51,12 @@ import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
+    ExplicitVRLittleEndian,
+    MammographyCADSRStorage,
+    generate_uid,
+)
 
 from dicomnode.pipeline.analysis import MALIGNANT, AlgorithmIdentity, BreastAnalysis, ImageAnalysis
 from dicomnode.results.common import (
@@ -74,7 +79,6 @@ from dicomnode.results.findings import (
 )
 from dicomnode.results.sr import _box
 
-MAMMOGRAPHY_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
 CAD_SR_SERIES_NUMBER = SR_SERIES_OFFSET + 999  # one per study, after the per-image SRs
 
 
@@ -554,12 +558,12 @@ def _document(root: Dataset, analyses: list[ImageAnalysis], headers: list[list[D
     sop_uid = study_result_uid(analyses, options, "cad-sr")
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = MAMMOGRAPHY_CAD_SR
+    ds.file_meta.MediaStorageSOPClassUID = MammographyCADSRStorage
     ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     # SOP Common, Patient, General Study
-    ds.SOPClassUID = MAMMOGRAPHY_CAD_SR
+    ds.SOPClassUID = MammographyCADSRStorage
     ds.SOPInstanceUID = sop_uid
     for keyword in _COPIED:
         if keyword in first:

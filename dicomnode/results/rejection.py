@@ -22,7 +22,6 @@ from pydicom.uid import generate_uid
 from dicomnode import __version__
 from dicomnode.results.common import MANUFACTURER, NOT_FOR_CLINICAL_USE, ResultsError
 
-KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # (113001, DCM)
 REJECTION_SERIES_NUMBER = 6999
 DESCRIPTION = "superseded by the results of the study as now received"

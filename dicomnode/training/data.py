@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.multival import MultiValue
+from pydicom.uid import SegmentationStorage
 
 from dicomnode.errors import DicomnodeError
 from dicomnode.ops.logs import kv
@@ -22,7 +23,6 @@ from dicomnode.training.labels import SPLITS, LabelRow, LabelsError
 
 log = logging.getLogger("dicomnode.training")
 
-SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 CACHE_VERSION = 1
 CLASSES = ("benign", "malignant")  # the order of masks' and labels' channels
 
@@ -79,7 +79,7 @@ def _seg_files(paths: Iterable[Path]) -> list[Path]:
             ds = pydicom.dcmread(p, stop_before_pixels=True, specific_tags=["SOPClassUID"])
         except Exception:  # noqa: BLE001 - not DICOM: not a SEG either
             continue
-        if str(ds.get("SOPClassUID", "")) == SEG_SOP_CLASS:
+        if str(ds.get("SOPClassUID", "")) == SegmentationStorage:
             out.append(p)
     return out
 
@@ -120,7 +120,7 @@ def index_archive(store, rows: Sequence[LabelRow], labels_path: Path) -> ImageIn
                               f"archive {store.archive.root}; import it first or fix the row"
                               ) from None
         for inst in instances:
-            (seg_paths if inst.sop_class_uid == SEG_SOP_CLASS else files).append(inst.path)
+            (seg_paths if inst.sop_class_uid == SegmentationStorage else files).append(inst.path)
     headers = scan_images(files) if files else []
     return ImageIndex(headers, seg_paths, f"the archive {store.archive.root}")
 
