@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicomnode.errors import ConfigError
+from gmic.classes import CLASS_NAMES
 
 
 @dataclass
@@ -338,7 +339,7 @@ def validate(config: Config) -> None:
     if config.node.other_storage not in ("reject", "store"):
         raise ConfigError(
             f"node.other_storage: {config.node.other_storage!r} is not one of reject, store")
-    unknown = [c for c in config.results.pmap_classes if c not in ("benign", "malignant")]
+    unknown = [c for c in config.results.pmap_classes if c not in CLASS_NAMES]
     if unknown:
         raise ConfigError(f"results.parametric_maps: {', '.join(unknown)} is not one of "
                           "benign, malignant (comma-separated), none")

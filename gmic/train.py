@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from gmic.augment import intensity_jitter, shift_resize_with_masks
 from gmic.checkpoint import save_checkpoint
+from gmic.classes import BENIGN, MALIGNANT
 from gmic.lesion_crops import find_lesions, sample_lesion_crops
 from gmic.loss import crop_mask_loss, gmic_loss_terms, saliency_mask_loss
 from gmic.metrics import MetricError, roc_auc
@@ -45,7 +46,6 @@ STATE_FORMAT = "dicomnode-gmic-train"
 STATE_FORMAT_VERSION = 1
 STATE_FILE = "train_state.pt"
 METRICS_FILE = "metrics.jsonl"
-BENIGN, MALIGNANT = 0, 1
 
 
 class TrainError(ValueError):

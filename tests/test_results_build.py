@@ -8,7 +8,6 @@ import dataclasses
 import pydicom
 import pytest
 
-from dicomnode.pipeline.analysis import CLASS_NAMES
 from dicomnode.results import (
     ResultOptions,
     ResultsError,
@@ -17,6 +16,7 @@ from dicomnode.results import (
     build_segmentation,
 )
 from dicomnode.results.validate import dciodvfy_errors
+from gmic.classes import CLASS_NAMES
 from tests.results_support import CASES, analysis_for, make_breast
 
 

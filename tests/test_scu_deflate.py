@@ -17,9 +17,9 @@ from dicomnode.network.scu import (
     build_scu,
     send_files,
 )
-from dicomnode.pipeline.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_parametric_maps
 from dicomnode.results.pmap import real_world_values
+from gmic.classes import CLASS_NAMES
 from storage.records import DeliveryTask
 from tests.results_support import analysis_for
 

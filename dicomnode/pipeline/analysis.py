@@ -10,10 +10,6 @@ import numpy as np
 from dicomnode.pipeline.images import BreastImage
 from gmic.preprocess import PreprocessTransform
 
-# Output channel order of every gmic model (the published GMIC convention).
-CLASS_NAMES = ("benign", "malignant")
-BENIGN, MALIGNANT = 0, 1
-
 
 @dataclass(frozen=True)
 class AlgorithmIdentity:
@@ -67,7 +63,7 @@ class ImageAnalysis:
     global_: ClassProbabilities  # y_global
     local: ClassProbabilities  # y_local
     regions: list[AttendedRegion]
-    # (D, 2, h, w) float32 in [0, 1], model-input space, channels in CLASS_NAMES order
+    # (D, 2, h, w) float32 in [0, 1], model-input space, channels in gmic.classes.CLASS_NAMES order
     saliency: np.ndarray
     transform: PreprocessTransform
 

@@ -13,13 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from dicomnode.pipeline.analysis import (
-    BENIGN,
-    MALIGNANT,
-    AttendedRegion,
-    ClassProbabilities,
-    ImageAnalysis,
-)
+from dicomnode.pipeline.analysis import AttendedRegion, ClassProbabilities, ImageAnalysis
+from gmic.classes import BENIGN, MALIGNANT
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.images import BreastImage

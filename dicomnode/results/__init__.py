@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.dataset import Dataset
 
-from dicomnode.pipeline.analysis import CLASS_NAMES, BreastAnalysis, ImageAnalysis
+from dicomnode.pipeline.analysis import BreastAnalysis, ImageAnalysis
 from dicomnode.results.cad_sr import build_cad_sr
 from dicomnode.results.common import (
     ResultOptions,
@@ -37,6 +37,7 @@ from dicomnode.results.pmap import (
 )
 from dicomnode.results.seg import SegmentationResult, build_segmentation, seg_factor
 from dicomnode.results.sr import build_sr
+from gmic.classes import CLASS_NAMES
 
 __all__ = ["ResultOptions", "ResultSet", "ResultsError", "SegmentationResult", "build_cad_sr",
            "build_results", "build_parametric_map", "build_parametric_maps",

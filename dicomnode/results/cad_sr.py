@@ -58,7 +58,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
-from dicomnode.pipeline.analysis import MALIGNANT, AlgorithmIdentity, BreastAnalysis, ImageAnalysis
+from dicomnode.pipeline.analysis import AlgorithmIdentity, BreastAnalysis, ImageAnalysis
 from dicomnode.results.common import (
     MANUFACTURER,
     NOT_FOR_CLINICAL_USE,
@@ -78,6 +78,7 @@ from dicomnode.results.findings import (
     operating_point,
 )
 from dicomnode.results.sr import _box
+from gmic.classes import MALIGNANT
 
 CAD_SR_SERIES_NUMBER = SR_SERIES_OFFSET + 999  # one per study, after the per-image SRs
 

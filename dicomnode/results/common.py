@@ -22,7 +22,8 @@ from pydicom.uid import generate_uid
 from dicomnode import __version__
 from dicomnode.config import check_cad_operating_points
 from dicomnode.errors import DicomnodeError
-from dicomnode.pipeline.analysis import CLASS_NAMES, AlgorithmIdentity, ImageAnalysis
+from dicomnode.pipeline.analysis import AlgorithmIdentity, ImageAnalysis
+from gmic.classes import CLASS_NAMES
 
 MANUFACTURER = "dicomnode"
 NOT_FOR_CLINICAL_USE = "not for clinical use"

@@ -41,7 +41,7 @@ from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicomnode.pipeline.analysis import CLASS_NAMES, ImageAnalysis
+from dicomnode.pipeline.analysis import ImageAnalysis
 from dicomnode.results.common import (
     MANUFACTURER,
     NO_UNITS,
@@ -65,6 +65,7 @@ from dicomnode.results.geometry import (
     saliency_levels,
     with_projection_geometry,
 )
+from gmic.classes import CLASS_NAMES
 
 LUT_LABELS = ("BENIGN_SAL", "MALIG_SAL")
 # the array built for highdicom: float32 (or uint16), one class per object, plus the uint8

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from pydicom.dataset import Dataset
 
 from dicomnode.results.sr import ATTENTION_WEIGHT, METHODS, PROBABILITY_CONCEPTS
+from gmic.classes import CLASS_NAMES
 
 _MEASUREMENT_GROUP = ("125007", "DCM")
 _IMAGING_MEASUREMENTS = ("126010", "DCM")
 _METHOD = ("370129005", "SCT")
 _TRACKING_ID = ("112039", "DCM")
 _CLASS_OF = {(c.value, c.scheme_designator): name
-             for c, name in zip(PROBABILITY_CONCEPTS, ("benign", "malignant"), strict=True)}
+             for c, name in zip(PROBABILITY_CONCEPTS, CLASS_NAMES, strict=True)}
 _METHOD_OF = {(c.value, c.scheme_designator): name for name, c in METHODS.items()}
 
 

@@ -24,7 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from dicomnode.pipeline.analysis import CLASS_NAMES, ImageAnalysis
+from dicomnode.pipeline.analysis import ImageAnalysis
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,
@@ -51,6 +51,7 @@ from dicomnode.results.geometry import (
     saliency_frames,
     saliency_levels,
 )
+from gmic.classes import CLASS_NAMES
 
 # bytes per pixel of the array handed to highdicom: bool per segment (BINARY); FRACTIONAL
 # must be float32 (highdicom reads integer input as 0/1 masks)

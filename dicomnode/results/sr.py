@@ -37,7 +37,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from dicomnode.pipeline.analysis import MALIGNANT, BreastAnalysis, ClassProbabilities, ImageAnalysis
+from dicomnode.pipeline.analysis import BreastAnalysis, ClassProbabilities, ImageAnalysis
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,
@@ -60,6 +60,7 @@ from dicomnode.results.common import (
 )
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.seg import SegmentationResult, slice_spacing
+from gmic.classes import MALIGNANT
 
 PROBABILITY_CONCEPTS = (
     private_code("BENIGN_PROB", "Probability of benign finding"),

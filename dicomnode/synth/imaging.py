@@ -38,6 +38,7 @@ from dicomnode.synth.lesions import (
     slice_range,
 )
 from dicomnode.synth.options import COARSE_FACTOR, COARSE_MM, DBT_PIXEL_MM, FFDM_PIXEL_MM, SLICE_MM
+from gmic.classes import BENIGN_SEGMENT, MALIGNANT_SEGMENT
 
 # Stored-value mapping.
 DBT_BITS = 12
@@ -49,7 +50,6 @@ FFDM_BITS = 14
 FFDM_NOISE = 0.008  # line-integral units
 S2D_MAX_WEIGHT_CM = 0.1  # how much of the maximum through depth a synthetic 2D adds
 FINE_TEXTURE_MU = 0.03  # fine glandular detail layer, 1/cm
-BENIGN, MALIGNANT = 1, 2  # label values (SEG segment numbers)
 TONE_SHOULDER = 1.1  # attenuation at which the for-presentation tone curve bends over
 
 
@@ -112,7 +112,7 @@ def ffdm_shape(phantom: ViewPhantom) -> tuple[int, int]:
 
 
 def _label(f: PlacedFinding) -> int:
-    return MALIGNANT if f.spec.malignant else BENIGN
+    return MALIGNANT_SEGMENT if f.spec.malignant else BENIGN_SEGMENT
 
 
 def _paint(target: np.ndarray, window: tuple[slice, slice], mask: np.ndarray, label: int) -> None:

@@ -17,11 +17,12 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
 from dicomnode.synth.dicom_writer import DEVICE_SERIAL, MANUFACTURER, MODEL_NAME, quiet_logger
+from gmic.classes import BENIGN_SEGMENT, MALIGNANT_SEGMENT
 
-SEGMENT_LABELS = {1: "Benign lesion", 2: "Malignant lesion"}
+SEGMENT_LABELS = {BENIGN_SEGMENT: "Benign lesion", MALIGNANT_SEGMENT: "Malignant lesion"}
 _PROPERTY_TYPES = {
-    1: hd.sr.CodedConcept("3898006", "SCT", "Neoplasm, benign"),
-    2: hd.sr.CodedConcept("86049000", "SCT", "Malignant neoplasm, primary"),
+    BENIGN_SEGMENT: hd.sr.CodedConcept("3898006", "SCT", "Neoplasm, benign"),
+    MALIGNANT_SEGMENT: hd.sr.CodedConcept("86049000", "SCT", "Malignant neoplasm, primary"),
 }
 
 

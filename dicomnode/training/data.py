@@ -20,11 +20,11 @@ from dicomnode.errors import DicomnodeError
 from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import ImageHeader, read_pixels, scan_images
 from dicomnode.training.labels import SPLITS, LabelRow, LabelsError
+from gmic.classes import CLASS_NAMES
 
 log = logging.getLogger("dicomnode.training")
 
 CACHE_VERSION = 1
-CLASSES = ("benign", "malignant")  # the order of masks' and labels' channels
 
 
 class DatasetError(DicomnodeError):
@@ -324,7 +324,7 @@ class CachedVolumes:
             source = self._source_masks(example)
             masks = np.zeros((2, *self.input_size), dtype=np.float32)
             depths = np.full((2, *self.input_size), NO_DEPTH, dtype=np.float32)
-            for c, name in enumerate(CLASSES):
+            for c, name in enumerate(CLASS_NAMES):
                 if source is not None and source[name].shape == transform.source_shape[1:]:
                     masks[c] = transform.map_to_model(source[name].astype(np.float32))
                     inside = masks[c] > 0
@@ -405,9 +405,9 @@ def seg_masks(seg_paths: Iterable[Path]) -> dict[str, dict[str, np.ndarray]]:
         if pixels.ndim == 2:
             pixels = pixels[None]
         shape = pixels.shape[1:]
-        masks = {name: np.zeros(shape, bool) for name in CLASSES}
-        frame_sum = {name: np.zeros(shape, np.float64) for name in CLASSES}
-        frame_count = {name: np.zeros(shape, np.int32) for name in CLASSES}
+        masks = {name: np.zeros(shape, bool) for name in CLASS_NAMES}
+        frame_sum = {name: np.zeros(shape, np.float64) for name in CLASS_NAMES}
+        frame_count = {name: np.zeros(shape, np.int32) for name in CLASS_NAMES}
         frames = ds.get("PerFrameFunctionalGroupsSequence", [])
         numbers = [int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
                    if "SegmentIdentificationSequence" in f else 1 for f in frames]
@@ -424,7 +424,7 @@ def seg_masks(seg_paths: Iterable[Path]) -> dict[str, dict[str, np.ndarray]]:
             if frame is not None:
                 frame_sum[cls][inside] += frame
                 frame_count[cls][inside] += 1
-        for name in CLASSES:
+        for name in CLASS_NAMES:
             depth = np.full(shape, NO_DEPTH, np.float32)
             known = frame_count[name] > 0
             depth[known] = frame_sum[name][known] / frame_count[name][known]

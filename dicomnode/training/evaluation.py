@@ -20,6 +20,7 @@ from dicomnode.errors import DicomnodeError
 from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import read_pixels
 from dicomnode.training.data import Example
+from gmic.classes import CLASS_NAMES
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.analysis import AlgorithmIdentity
@@ -29,7 +30,6 @@ log = logging.getLogger("dicomnode.evaluate")
 
 MODALITY_NAMES = {"ffdm": "FFDM", "s2d": "Synthetic 2D", "dbt": "DBT"}
 MODALITY_ORDER = ("ffdm", "s2d", "dbt")
-CLASSES = ("benign", "malignant")
 
 
 @dataclass
@@ -98,7 +98,7 @@ def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
     out: dict[str, float] = {}
     if masks is None:
         return out
-    for c, name in enumerate(CLASSES):
+    for c, name in enumerate(CLASS_NAMES):
         mask = masks.get(name)
         if mask is None or not mask.any() or mask.shape != saliency_src.shape[1:]:
             continue
@@ -182,7 +182,7 @@ def auc_tables(results: dict[str, list[ImageScore]], *, resamples: int = 1000, s
         labels = np.stack([s.example.labels for s in results[m]])
         preds = np.stack([s.y for s in results[m]])
         row = {"name": MODALITY_NAMES[m], "modalities": [m], "images": len(labels)}
-        for c, name in enumerate(CLASSES):
+        for c, name in enumerate(CLASS_NAMES):
             row[name] = _auc_cell(labels[:, c], preds[:, c], resamples, seed)
         image_rows.append(row)
         curves["image"][MODALITY_NAMES[m]] = (labels, preds)
@@ -200,7 +200,7 @@ def auc_tables(results: dict[str, list[ImageScore]], *, resamples: int = 1000, s
         else:
             name = " + ".join(MODALITY_NAMES[m] for m in combo)
         row = {"name": name, "modalities": list(combo), "breasts": len(keys)}
-        for c, cls in enumerate(CLASSES):
+        for c, cls in enumerate(CLASS_NAMES):
             row[cls] = _auc_cell(labels[:, c], preds[:, c], resamples, seed)
         breast_rows.append(row)
         curves["breast"][name] = (labels, preds)
@@ -450,7 +450,7 @@ def group_auc_table(results: dict[str, list[ImageScore]], attributes: dict[str, 
         for group in sorted(membership):
             groups_seen.add(group)
             row: dict[str, Any] = {"name": MODALITY_NAMES[m], "modality": m, "group": group}
-            for c, cls in enumerate(CLASSES):
+            for c, cls in enumerate(CLASS_NAMES):
                 if grouping in BREAST_GROUPINGS:
                     chosen = [k for k in membership[group] if k in breasts]
                 else:

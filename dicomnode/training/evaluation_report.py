@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from dicomnode.training.evaluation import CLASSES, ImageScore
+from dicomnode.training.evaluation import ImageScore
+from gmic.classes import CLASS_NAMES
 
 
 def _cell(value: dict[str, Any] | None) -> str:
@@ -86,7 +87,7 @@ def roc_figures(out: Path, curves: dict[str, dict[str, tuple[np.ndarray, np.ndar
         if not rows:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))
-        for c, cls in enumerate(CLASSES):
+        for c, cls in enumerate(CLASS_NAMES):
             ax = axes[c]
             for name, (labels, preds) in rows.items():
                 try:
@@ -152,7 +153,7 @@ def montage(path: Path, score: ImageScore, model, title: str) -> None:
                                       edgecolor=plt.cm.autumn(rank / max(k - 1, 1))))
         panels[1].text(c, r, f"{rank + 1}", color="yellow", fontsize=7, va="bottom")
     panels[1].set_title("patch map")
-    for j, cls in enumerate(CLASSES):
+    for j, cls in enumerate(CLASS_NAMES):
         ax = panels[2 + j]
         ax.imshow(shown, cmap="gray")
         ax.imshow(saliency[j], cmap="jet", alpha=0.45, vmin=0, vmax=1, extent=(0, w, h, 0))

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dicomnode.errors import DicomnodeError
+from gmic.classes import CLASS_NAMES
 
 SPLITS = ("train", "val", "test")
 
@@ -52,7 +53,7 @@ def read_labels(path: str | Path) -> list[LabelRow]:
             rows = list(reader)
     except (UnicodeDecodeError, csv.Error) as exc:
         raise LabelsError(f"{path}: not a readable CSV file ({exc})") from None
-    missing = [c for c in ("benign", "malignant") if c not in columns]
+    missing = [c for c in CLASS_NAMES if c not in columns]
     keyed_by_image = "sop_instance_uid" in columns
     keyed_by_breast = "study_uid" in columns and "laterality" in columns
     if missing or not (keyed_by_image or keyed_by_breast):
