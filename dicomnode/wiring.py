@@ -45,7 +45,7 @@ class StorageFailure(DicomnodeError):
 @contextmanager
 def storage_errors() -> Iterator[None]:
     """Turn storage.errors.StorageError into StorageFailure (for commands and the node)."""
-    from storage.errors import StorageError
+    from storage import StorageError
 
     try:
         yield

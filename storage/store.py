@@ -29,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,6 +81,12 @@ _WRITE_RETRIES = 3
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _audit_record(r: RowMapping) -> AuditRecord:
+    return AuditRecord(r["at"], r["event"], r["calling_ae"], r["called_ae"], r["peer"],
+                       r["study_uid"], r["sop_instance_uid"], r["count"], r["status"],
+                       r["detail"])
 
 
 def _at(now: datetime | None) -> datetime:
@@ -473,6 +480,20 @@ class Store:
                                    i.laterality, i.view, i.number_of_frames)
                     for i, series_uid in rows]
 
+    def studies_of_instances(self, sop_instance_uids: Sequence[str]) -> dict[str, str]:
+        """SOP Instance UID -> Study Instance UID for those of the UIDs that are indexed (a
+        read-only query, 500 UIDs at a time)."""
+        uids = list(sop_instance_uids)
+        out: dict[str, str] = {}
+        with Session(self.engine) as s:
+            for i in range(0, len(uids), 500):
+                chunk = uids[i:i + 500]
+                rows = s.execute(select(m.Instance.sop_instance_uid, m.Study.study_uid)
+                                 .join(m.Study, m.Study.id == m.Instance.study_id)
+                                 .where(m.Instance.sop_instance_uid.in_(chunk))).all()
+                out.update({sop: study for sop, study in rows})
+        return out
+
     def study_job_id(self, study_uid: str) -> int | None:
         """The id of the study's job (every received study has one), or None."""
         with self._tx() as s:
@@ -746,6 +767,15 @@ class Store:
             ).values(state=DeliveryState.CANCELLED, updated_at=now))
             s.flush()
             return self._job(s, job_id)
+
+    def oldest_queued_job(self) -> tuple[int, datetime | None] | None:
+        """The queued job that has waited longest for a worker: (its id, when it was
+        queued), or None when none is queued."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(m.Job.id, m.Job.queued_at)
+                               .where(m.Job.state == JobState.QUEUED)
+                               .order_by(m.Job.queued_at, m.Job.id).limit(1)).first()
+        return None if row is None else (int(row[0]), row[1])
 
     def queue_counts(self) -> dict[str, dict[str, int]]:
         """{"jobs": {state: n}, "deliveries": {state: n}} for status displays and metrics."""
@@ -1056,6 +1086,22 @@ class Store:
             return [AuditRecord(a.at, a.event, a.calling_ae, a.called_ae, a.peer, a.study_uid,
                                 a.sop_instance_uid, a.count, a.status, a.detail)
                     for a in s.scalars(query.limit(limit)).all()]
+
+    def recent_audit(self, count: int) -> list[AuditRecord]:
+        """The last ``count`` audit events, oldest first (audit_trail reads from the start)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(m.AuditEvent.__table__)
+                                .order_by(m.AuditEvent.at.desc(), m.AuditEvent.id.desc())
+                                .limit(count)).mappings().all()
+        return [_audit_record(r) for r in reversed(rows)]
+
+    def last_audit(self, event: str) -> AuditRecord | None:
+        """The newest audit event of this kind (e.g. "retrieve", "export"), or None."""
+        with self.engine.connect() as conn:
+            r = conn.execute(select(m.AuditEvent.__table__).where(m.AuditEvent.event == event)
+                             .order_by(m.AuditEvent.at.desc(), m.AuditEvent.id.desc())
+                             .limit(1)).mappings().first()
+        return None if r is None else _audit_record(r)
 
     # -- retention -----------------------------------------------------------------------
 

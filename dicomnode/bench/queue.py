@@ -21,24 +21,22 @@ from dicomnode.bench.report import BenchReport
 
 @contextmanager
 def _scratch_url(engine: str, postgres_url: str | None, workdir: Path) -> Iterator[str]:
-    from storage import migrate
-    from storage.testing import scratch_schema
+    from storage import scratch_schema, upgrade
 
     if engine == "sqlite":
         url = f"sqlite:///{workdir / 'bench.db'}"
-        migrate.upgrade(url)
+        upgrade(url)
         yield url
         return
     assert postgres_url
     with scratch_schema(postgres_url, "dicomnode_bench") as url:
-        migrate.upgrade(url)
+        upgrade(url)
         yield url
 
 
 def _claims_per_second(url: str, archive: Path, workers: int, jobs: int) -> float:
     """Seconds for ``workers`` processes to claim and complete ``jobs`` queued jobs."""
-    from storage import Store
-    from storage.testing import claim_worker, seed_queued_jobs
+    from storage import Store, claim_worker, seed_queued_jobs
 
     with Store(url, archive, create_schema=False) as store:
         seed_queued_jobs(store, jobs, tag=int(time.time() * 1000) % 10**9)

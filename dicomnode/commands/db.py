@@ -21,8 +21,8 @@ def db() -> None:
 def upgrade(ctx: click.Context, url: str | None) -> None:
     """Create or upgrade the schema to this version's head (safe to run again)."""
     from dicomnode.wiring import storage_errors
-    from storage.engine import mask_url
-    from storage.migrate import upgrade as run_upgrade
+    from storage import mask_url
+    from storage import upgrade as run_upgrade
 
     url = url or load_cli_config(ctx).database_url
     with storage_errors():
@@ -39,8 +39,13 @@ def upgrade(ctx: click.Context, url: str | None) -> None:
 def current(ctx: click.Context, url: str | None) -> None:
     """Show the schema revision of the database and this version's head."""
     from dicomnode.wiring import storage_errors
-    from storage.engine import check_connection, create_storage_engine, mask_url
-    from storage.migrate import current_revision, head_revision
+    from storage import (
+        check_connection,
+        create_storage_engine,
+        current_revision,
+        head_revision,
+        mask_url,
+    )
 
     url = url or load_cli_config(ctx).database_url
     with storage_errors():

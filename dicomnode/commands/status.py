@@ -225,7 +225,7 @@ def status(ctx: click.Context, as_json: bool, audit: int) -> None:
                      + (" (pending/failed keep their sources from retention)"
                         if set(commitments) - {"committed"} else "")))
     if oldest_pending:
-        from storage.store import utcnow
+        from storage import utcnow
 
         age = (utcnow() - oldest_pending[0].requested_at).total_seconds()
         rows.append(("oldest pending", f"commitment asked {_ago(age)} ago of "

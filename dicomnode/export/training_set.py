@@ -76,15 +76,13 @@ def _read_labels(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _study_of(store: Store, sop_uids: list[str]) -> dict[str, str]:
-    from dicomnode.training.data import _studies_of_instances
-
-    return _studies_of_instances(store, sop_uids) if sop_uids else {}
+    return store.studies_of_instances(sop_uids) if sop_uids else {}
 
 
 def export_deidentified(store: Store, key: bytes, labels: Path, out: Path,
                         progress: Callable[[str], None] | None = None) -> ExportReport:
     """Write the de-identified training set to ``out`` (which must be empty or absent)."""
-    from storage.errors import StudyNotFound
+    from storage import StudyNotFound
 
     columns, rows = _read_labels(labels)
     if out.exists() and any(out.iterdir()):

@@ -28,8 +28,7 @@ if TYPE_CHECKING:
     from pynetdicom import AE
     from pynetdicom.association import Association
 
-    from storage import Store
-    from storage.records import DeliveryTask
+    from storage import DeliveryTask, Store
 
 log = logging.getLogger("dicomnode.commitment")
 

@@ -699,7 +699,7 @@ class Retriever:
                 if not cls or cls in self.breast_classes}
 
     def _archived(self, study_uid: str) -> set[str]:
-        from storage.errors import StudyNotFound
+        from storage import StudyNotFound
 
         try:
             return {i.sop_instance_uid for i in self.store.study_instances(study_uid)}
@@ -764,7 +764,7 @@ class Retriever:
 
     def _after(self, outcome: StudyOutcome) -> None:
         """Audit the study; keep a fetched study out of inference."""
-        from storage.errors import InvalidState
+        from storage import InvalidState
 
         if outcome.status in ("retrieved", "incomplete") and outcome.study_uid:
             job_id = self.store.study_job_id(outcome.study_uid)

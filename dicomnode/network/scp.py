@@ -193,7 +193,7 @@ def archive_instance(store: Store, encoded: bytes | EncodedInstance, policy: Rec
 
     ``sop_class``/``sop_instance`` are what the C-STORE request said (the file's own
     values when importing from disk)."""
-    from storage.errors import InsufficientStorage, InvalidUID, StorageError
+    from storage import InsufficientStorage, InvalidUID, StorageError
 
     if not isinstance(encoded, EncodedInstance):
         encoded = EncodedInstance(encoded)

@@ -36,8 +36,7 @@ from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
-    from storage import Store
-    from storage.records import DeliveryTask
+    from storage import DeliveryTask, Store
 
 log = logging.getLogger("dicomnode.scu")
 
@@ -290,7 +289,7 @@ class Deliverer:
 
     def _record(self, name: str, task: DeliveryTask, outcome: SendOutcome) -> None:
         """Record one attempt now: a kill after this never sends that delivery again."""
-        from storage.errors import LeaseLost
+        from storage import LeaseLost
 
         try:
             update = self.store.record_delivery_attempt(

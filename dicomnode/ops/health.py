@@ -26,8 +26,7 @@ from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 
 if TYPE_CHECKING:
-    from storage import Store
-    from storage.records import AuditRecord
+    from storage import AuditRecord, Store
 
 log = logging.getLogger("dicomnode.health")
 
@@ -47,63 +46,31 @@ class QueueSnapshot:
     def oldest_queued_seconds(self) -> float | None:
         if self.oldest_queued_at is None:
             return None
-        from storage.store import utcnow
+        from storage import utcnow
 
         return max(0.0, (utcnow() - self.oldest_queued_at).total_seconds())
 
 
 def queue_snapshot(store: Store) -> QueueSnapshot:
     """Jobs and deliveries by state, and the job that has waited longest for a worker."""
-    from sqlalchemy import select
-
-    from storage import tables as m
-    from storage.records import JobState
-
     counts = store.queue_counts()
     snapshot = QueueSnapshot(
         jobs={str(k): int(v) for k, v in counts["jobs"].items()},
         deliveries={str(k): int(v) for k, v in counts["deliveries"].items()})
-    with store.engine.connect() as conn:
-        row = conn.execute(select(m.Job.id, m.Job.queued_at)
-                           .where(m.Job.state == JobState.QUEUED)
-                           .order_by(m.Job.queued_at, m.Job.id).limit(1)).first()
-    if row is not None:
-        snapshot.oldest_queued_job, snapshot.oldest_queued_at = int(row[0]), row[1]
+    oldest = store.oldest_queued_job()
+    if oldest is not None:
+        snapshot.oldest_queued_job, snapshot.oldest_queued_at = oldest
     return snapshot
 
 
 def recent_audit(store: Store, count: int) -> list[AuditRecord]:
     """The last ``count`` audit events, oldest first (Store.audit_trail reads from the start)."""
-    from sqlalchemy import select
-
-    from storage import tables as m
-    from storage.records import AuditRecord
-
-    with store.engine.connect() as conn:
-        rows = conn.execute(select(m.AuditEvent.__table__)
-                            .order_by(m.AuditEvent.at.desc(), m.AuditEvent.id.desc())
-                            .limit(count)).mappings().all()
-    return [AuditRecord(r["at"], r["event"], r["calling_ae"], r["called_ae"], r["peer"],
-                        r["study_uid"], r["sop_instance_uid"], r["count"], r["status"],
-                        r["detail"]) for r in reversed(rows)]
+    return store.recent_audit(count)
 
 
 def last_audit(store: Store, event: str) -> AuditRecord | None:
     """The newest audit event of this kind (e.g. "retrieve", "export"), or None."""
-    from sqlalchemy import select
-
-    from storage import tables as m
-    from storage.records import AuditRecord
-
-    with store.engine.connect() as conn:
-        r = conn.execute(select(m.AuditEvent.__table__).where(m.AuditEvent.event == event)
-                         .order_by(m.AuditEvent.at.desc(), m.AuditEvent.id.desc())
-                         .limit(1)).mappings().first()
-    if r is None:
-        return None
-    return AuditRecord(r["at"], r["event"], r["calling_ae"], r["called_ae"], r["peer"],
-                       r["study_uid"], r["sop_instance_uid"], r["count"], r["status"],
-                       r["detail"])
+    return store.last_audit(event)
 
 
 def run_outcomes(record: AuditRecord) -> dict[str, int]:

@@ -23,8 +23,7 @@ from dicomnode.wiring import retention_age
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
-    from storage import Store
-    from storage.records import RetentionReport
+    from storage import RetentionReport, Store
 
 log = logging.getLogger("dicomnode.retention")
 

@@ -38,8 +38,7 @@ from dicomnode.pipeline.weights import LoadedModel, ModelRegistry, ModelUnavaila
 
 if TYPE_CHECKING:
     from dicomnode.config import Config
-    from storage import Store
-    from storage.records import Job
+    from storage import Job, Store
 
 log = logging.getLogger("dicomnode.worker")
 
@@ -217,7 +216,7 @@ class Worker:
             return False
         started = time.perf_counter()
         if job.queued_at is not None:
-            from storage.store import utcnow
+            from storage import utcnow
 
             waited = (utcnow() - job.queued_at).total_seconds()
             prometheus.JOB_STAGE_SECONDS.observe(max(0.0, waited), stage="wait")
@@ -232,7 +231,7 @@ class Worker:
             log.exception("event=job_error %s", kv(job=job.id, study_uid=job.study_uid))
             self._fail(job, f"{type(exc).__name__}: {exc}", retry=True)
             return True
-        from storage.errors import LeaseLost
+        from storage import LeaseLost
 
         try:
             self.store.complete_job(job.id, self.id)
@@ -254,7 +253,7 @@ class Worker:
         return True
 
     def _fail(self, job: Job, error: str, *, retry: bool) -> None:
-        from storage.errors import LeaseLost
+        from storage import LeaseLost
 
         self.jobs_failed += 1
         prometheus.JOBS.inc(outcome="retry" if retry else "failed")
@@ -386,7 +385,7 @@ class Worker:
 
         from dicomnode.results.common import ResultsError
         from dicomnode.results.rejection import build_rejection_note
-        from storage.records import REJECTION
+        from storage import REJECTION
 
         try:
             headers = [dcmread(s.result.path, stop_before_pixels=True) for s in stale]

@@ -97,12 +97,12 @@ def index_folder(folder: str | Path) -> ImageIndex:
 def index_archive(store, rows: Sequence[LabelRow], labels_path: Path) -> ImageIndex:
     """Images of the studies the labels name, from the archive index. Rows keyed only by SOP
     Instance UID are looked up in the index to find their study."""
-    from storage.errors import StorageError
+    from storage import StorageError
 
     studies = {r.study_uid for r in rows if r.study_uid}
     need = {r.sop_instance_uid: r for r in rows if r.sop_instance_uid and not r.study_uid}
     if need:
-        found = _studies_of_instances(store, list(need))
+        found = store.studies_of_instances(list(need))
         for uid, row in need.items():
             if uid not in found:
                 raise LabelsError(f"{labels_path} {row.where}: SOP instance {uid} is not in the "
@@ -123,24 +123,6 @@ def index_archive(store, rows: Sequence[LabelRow], labels_path: Path) -> ImageIn
             (seg_paths if inst.sop_class_uid == SegmentationStorage else files).append(inst.path)
     headers = scan_images(files) if files else []
     return ImageIndex(headers, seg_paths, f"the archive {store.archive.root}")
-
-
-def _studies_of_instances(store, uids: list[str]) -> dict[str, str]:
-    """SOP Instance UID -> Study Instance UID for the indexed ones (a read-only query)."""
-    from sqlalchemy import select
-    from sqlalchemy.orm import Session
-
-    from storage import tables as m
-
-    out: dict[str, str] = {}
-    with Session(store.engine) as s:
-        for i in range(0, len(uids), 500):
-            chunk = uids[i:i + 500]
-            rows = s.execute(select(m.Instance.sop_instance_uid, m.Study.study_uid)
-                             .join(m.Study, m.Study.id == m.Instance.study_id)
-                             .where(m.Instance.sop_instance_uid.in_(chunk))).all()
-            out.update({sop: study for sop, study in rows})
-    return out
 
 
 def _patient_and_date(header: ImageHeader) -> tuple[str, str]:
