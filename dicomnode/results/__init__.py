@@ -22,13 +22,8 @@ from pydicom.dataset import Dataset
 
 from dicomnode.pipeline.analysis import BreastAnalysis, ImageAnalysis
 from dicomnode.results.cad_sr import build_cad_sr
-from dicomnode.results.common import (
-    ResultOptions,
-    ResultsError,
-    identify_result,
-    read_sources,
-)
-from dicomnode.results.geometry import saliency_levels
+from dicomnode.results.common import ResultOptions, ResultsError, identify_result
+from dicomnode.results.geometry import read_sources, saliency_levels
 from dicomnode.results.pmap import (
     build_parametric_map,
     build_parametric_maps,

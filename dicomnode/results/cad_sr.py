@@ -68,7 +68,6 @@ from dicomnode.results.common import (
     algorithm_parameters,
     building,
     model_name,
-    read_sources,
     serial_number,
 )
 from dicomnode.results.findings import (
@@ -77,6 +76,7 @@ from dicomnode.results.findings import (
     flagged_regions,
     operating_point,
 )
+from dicomnode.results.geometry import read_sources
 from dicomnode.results.sr import _box
 from gmic.classes import MALIGNANT
 

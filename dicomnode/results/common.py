@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import highdicom as hd
-import pydicom
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
@@ -288,21 +287,3 @@ def building(what: str, analysis: ImageAnalysis) -> Iterator[None]:
         raise ResultsError(f"cannot build the {what} of image {uid}: {exc}") from exc
     finally:
         logger.setLevel(level)
-
-
-def read_sources(analysis: ImageAnalysis) -> list[Dataset]:
-    """Headers (no pixel data) of the source image, one per file, in slice order, with
-    their geometry normalised as highdicom needs it (see geometry.normalise_source)."""
-    from dicomnode.results.geometry import normalise_source
-
-    paths = analysis.image.source_paths
-    if not paths:
-        raise ResultsError(f"image {analysis.image.series_uid} has no source files to reference")
-    out = []
-    for path in paths:
-        try:
-            ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except (OSError, pydicom.errors.InvalidDicomError) as exc:
-            raise ResultsError(f"{path}: cannot read the source header back: {exc}") from exc
-        out.append(normalise_source(ds, path))
-    return out

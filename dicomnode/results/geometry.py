@@ -18,6 +18,7 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -284,4 +285,20 @@ def with_projection_geometry(src: Dataset) -> Dataset:
         out.PixelSpacing = source_measures(src).PixelSpacing
     thickness = src.get("BodyPartThickness") or src.get("SliceThickness") or 1.0
     out.SliceThickness = thickness
+    return out
+
+
+def read_sources(analysis: ImageAnalysis) -> list[Dataset]:
+    """Headers (no pixel data) of the source image, one per file, in slice order, with
+    their geometry normalised as highdicom needs it (see normalise_source)."""
+    paths = analysis.image.source_paths
+    if not paths:
+        raise ResultsError(f"image {analysis.image.series_uid} has no source files to reference")
+    out = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except (OSError, pydicom.errors.InvalidDicomError) as exc:
+            raise ResultsError(f"{path}: cannot read the source header back: {exc}") from exc
+        out.append(normalise_source(ds, path))
     return out

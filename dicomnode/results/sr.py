@@ -52,13 +52,13 @@ from dicomnode.results.common import (
     device_uid,
     model_name,
     private_code,
-    read_sources,
     result_uid,
     serial_number,
     series_description,
     source_series_number,
 )
 from dicomnode.results.findings import flagged_regions
+from dicomnode.results.geometry import read_sources
 from dicomnode.results.seg import SegmentationResult, slice_spacing
 from gmic.classes import MALIGNANT
 
