@@ -1,6 +1,18 @@
 """The inference worker: claims ready studies, runs the model on every breast image, builds
 the SR, SEG and Parametric Map, archives them and queues their delivery.
 
+A job goes through named stages (:meth:`Worker.process`):
+
+1. ``find_images``: the study's archived files -> the usable breast images' headers
+   (:class:`~dicomnode.pipeline.images.ImageHeader`), images left out recorded;
+2. ``select_models``: the headers' modalities -> the loaded weights per modality;
+3. ``analyse_images``: each image's pixels loaded and run through the model ->
+   :class:`~dicomnode.pipeline.analysis.ImageAnalysis` per image;
+4. ``queue_results``: per image, the result objects (an :class:`ImageResultBuilder`) archived
+   and their deliveries queued; then the study's own (a :class:`StudyResultBuilder`, the
+   CAD SR) -> the SOP Instance UIDs produced, from which earlier runs' results are
+   superseded.
+
 Several workers (threads, processes or machines sharing a PostgreSQL queue) can run at
 once: storage hands each job to exactly one of them under a lease that the worker renews
 while it works; a worker that dies loses its lease and the job runs again elsewhere.
@@ -15,10 +27,10 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -37,7 +49,10 @@ from dicomnode.pipeline.inference import analyse_image
 from dicomnode.pipeline.weights import LoadedModel, ModelRegistry, ModelUnavailable
 
 if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
     from dicomnode.config import Config
+    from dicomnode.results import ResultOptions
     from storage import Job, Store
 
 log = logging.getLogger("dicomnode.worker")
@@ -45,6 +60,26 @@ log = logging.getLogger("dicomnode.worker")
 
 class JobFailed(DicomnodeError):
     """The study cannot be processed as it is (no usable image, no model): not retried."""
+
+
+# A result object and its kind ("sr", "seg", "pmap", "cad-sr"; identifiers.RESULT_KINDS).
+ResultObject = tuple["Dataset", str]
+
+
+class ImageResultBuilder(Protocol):
+    """One image's result objects (SEG, Parametric Maps, SR), given its analysis and its
+    breast's combined analysis (None where the breast has none)."""
+
+    def __call__(self, analysis: ImageAnalysis, breast: BreastAnalysis | None,
+                 /) -> list[ResultObject]: ...
+
+
+class StudyResultBuilder(Protocol):
+    """The study's own result objects (the CAD SR), given the analyses that got results and
+    the reasons the study's other images were left out."""
+
+    def __call__(self, job: Job, analyses: list[ImageAnalysis], left_out: Sequence[str] = (),
+                 /) -> list[ResultObject]: ...
 
 
 # The worker ids made in this process: a lease owner with this process's id that is not
@@ -152,8 +187,8 @@ class StageTimes:
 class Worker:
     def __init__(self, config: Config, store: Store, *, models: ModelRegistry | None = None,
                  name: str | None = None,
-                 result_builder: Callable[..., list] | None = None,
-                 study_result_builder: Callable[..., list] | None = None) -> None:
+                 result_builder: ImageResultBuilder | None = None,
+                 study_result_builder: StudyResultBuilder | None = None) -> None:
         from dicomnode.network.scu import Deliverer
         from dicomnode.wiring import destinations_from_config
 
@@ -163,8 +198,9 @@ class Worker:
         self.id = name or worker_id()
         self.destinations = destinations_from_config(config)
         self.deliverer = Deliverer(store, config.node.ae_title, self.destinations, self.id)
-        self._build = result_builder or _default_result_builder(config)
-        self._build_study = study_result_builder or _default_study_result_builder(config)
+        self._build: ImageResultBuilder = result_builder or _default_result_builder(config)
+        self._build_study: StudyResultBuilder = (study_result_builder
+                                                 or _default_study_result_builder(config))
         self.retention = RetentionSchedule(config, store)
         self._stop = threading.Event()
         self.jobs_done = 0
@@ -268,9 +304,20 @@ class Worker:
         self.store.renew_lease(job.id, self.id, lease_seconds=self.config.worker.lease_seconds)
 
     def process(self, job: Job) -> StageTimes:
-        from dicomnode.results.common import ResultsError
-
+        """The job's stages, in order (see the module's docstring); the seconds each took."""
         times = StageTimes()
+        headers = self.find_images(job, times)
+        models = self.select_models(job, headers)
+        analyses = self.analyse_images(job, headers, models, times)
+        t0 = time.perf_counter()
+        produced = self.queue_results(job, analyses, times)
+        self._supersede(job, produced)
+        times.results = time.perf_counter() - t0
+        return times
+
+    def find_images(self, job: Job, times: StageTimes) -> list[ImageHeader]:
+        """Stage 1: the headers of the study's usable breast images; the others are left
+        out (recorded in ``times.skipped`` and the audit trail). JobFailed when none is."""
         paths = [i.path for i in self.store.study_instances(job.study_uid)]
         headers, times.skipped = usable_headers(paths)
         for problem in times.skipped:
@@ -278,7 +325,12 @@ class Worker:
         if not headers:
             raise JobFailed(f"study {job.study_uid} has no usable breast image"
                             + (f": {times.skipped[0]}" if times.skipped else ""))
-        # Fail early and clearly when no modality of the study has a model.
+        return headers
+
+    def select_models(self, job: Job, headers: Sequence[ImageHeader]) -> dict[str, LoadedModel]:
+        """Stage 2: the loaded model of each modality the study holds. Fails early and
+        clearly (JobFailed) when no modality of the study has one; a modality without one
+        is logged and its images skipped."""
         models: dict[str, LoadedModel] = {}
         unavailable: list[str] = []
         for modality in sorted({h.modality for h in headers}):
@@ -296,7 +348,14 @@ class Worker:
                             "in [model]")
         for problem in unavailable:
             log.warning("event=modality_skipped %s", kv(job=job.id, reason=problem))
+        return models
 
+    def analyse_images(self, job: Job, headers: Sequence[ImageHeader],
+                       models: dict[str, LoadedModel], times: StageTimes
+                       ) -> list[ImageAnalysis]:
+        """Stage 3: each image with a model loaded (pixels) and analysed, one at a time (a
+        DBT is large); an image that cannot be read is left out. JobFailed when none
+        could be."""
         analyses: list[ImageAnalysis] = []
         for header in headers:
             loaded = models.get(header.modality)
@@ -324,8 +383,15 @@ class Worker:
             self._renew(job)
         if not analyses:
             raise JobFailed(f"study {job.study_uid}: no image could be read: {times.skipped[0]}")
+        return analyses
 
-        t0 = time.perf_counter()
+    def queue_results(self, job: Job, analyses: list[ImageAnalysis],
+                      times: StageTimes) -> list[str]:
+        """Stage 4: each image's result objects built, archived and their deliveries queued,
+        image by image; then the study's (the CAD SR, naming the images left out). The SOP
+        Instance UIDs of this run's results. JobFailed when no image's could be built."""
+        from dicomnode.results.common import ResultsError
+
         breasts = combine_breasts(analyses)
         destinations = self._destinations_for(job)
         with_results: list[ImageAnalysis] = []
@@ -350,9 +416,7 @@ class Worker:
         # the study's CAD SR, which names the images left out
         for dataset, kind in self._build_study(job, with_results, list(times.skipped)):
             produced.append(self._archive_and_queue(job, dataset, kind, destinations))
-        self._supersede(job, produced)
-        times.results = time.perf_counter() - t0
-        return times
+        return produced
 
     def _supersede(self, job: Job, produced: list[str]) -> None:
         """Results once per study: what an earlier run of the study sent and this run did
@@ -427,7 +491,8 @@ class Worker:
             return [job.calling_ae]
         return sorted(self.destinations)
 
-    def _archive_and_queue(self, job: Job, dataset, kind: str, destinations: list[str]) -> str:
+    def _archive_and_queue(self, job: Job, dataset: Dataset, kind: str,
+                           destinations: list[str]) -> str:
         from dicomnode.results.encode import encode_result
 
         # deflated maps in parallel blocks at [results] deflate_level (encode.py)
@@ -445,7 +510,7 @@ class Worker:
         return str(dataset.SOPInstanceUID)
 
 
-def result_options(config: Config):
+def result_options(config: Config) -> ResultOptions:
     from dicomnode.results import ResultOptions
 
     results = config.results
@@ -459,14 +524,14 @@ def result_options(config: Config):
         deflate=results.deflate)
 
 
-def _default_result_builder(config: Config) -> Callable:
+def _default_result_builder(config: Config) -> ImageResultBuilder:
     """(ImageAnalysis, BreastAnalysis | None) -> [(dataset, kind), ...]: the SEG, the
     Parametric Maps and the SR of one image, with the configured operating points."""
     from dicomnode.results import build_results
 
     options = result_options(config)
 
-    def build(analysis: ImageAnalysis, breast: BreastAnalysis | None) -> list:
+    def build(analysis: ImageAnalysis, breast: BreastAnalysis | None) -> list[ResultObject]:
         datasets = build_results(analysis, breast, options).datasets
         return [(ds, RESULT_KINDS.get(str(ds.SOPClassUID), "other")) for ds in datasets]
 
@@ -483,7 +548,7 @@ def _source_header(analysis: ImageAnalysis):
         return None
 
 
-def _default_study_result_builder(config: Config) -> Callable:
+def _default_study_result_builder(config: Config) -> StudyResultBuilder:
     """(Job, [ImageAnalysis], left out) -> [(dataset, kind), ...]: the Mammography CAD SR of
     the study's DBT images, when [results] cad_sr is on and the study has DBT; "left out"
     are the reasons the study's other images got no analysis (the CAD SR says "Not all
@@ -494,7 +559,8 @@ def _default_study_result_builder(config: Config) -> Callable:
 
     options = result_options(config)
 
-    def build(job: Job, analyses: list[ImageAnalysis], left_out: Sequence[str] = ()) -> list:
+    def build(job: Job, analyses: list[ImageAnalysis],
+              left_out: Sequence[str] = ()) -> list[ResultObject]:
         dbt = [a for a in analyses if a.image.modality == "dbt"]
         if not config.results.cad_sr or not dbt:
             return []
