@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build of torch. Where no torch is installed yet, install this first, so that the
-# package's torch requirement (setup.cfg) does not pull a multi-GB CUDA build. Override for a GPU:
+# package's torch requirement (pyproject.toml) does not pull a multi-GB CUDA build. Override for a GPU:
 #   make TORCH_SPEC='torch==2.13.0' PIP_TORCH_ARGS='--index-url https://.../cu124' venv
 TORCH_SPEC ?= torch==2.13.0
 PIP_TORCH_ARGS ?=
@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 
 .PHONY: venv test lint demo clean-venv
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install $(PIP_TORCH_ARGS) '$(TORCH_SPEC)'
 	$(PY) -m pip install -e '.[test]'
