@@ -19,7 +19,8 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 # Style (ruff), the package boundaries (lint-imports: gmic imports no DICOM library,
-# dicomnode or storage; storage no dicomnode, torch or gmic; [tool.importlinter]) and types
+# dicomnode or storage; storage no dicomnode, torch or gmic; dicomnode only storage's public
+# API; [tool.importlinter], docs/architecture.md) and types
 # (mypy: [tool.mypy] in pyproject.toml).
 lint: venv
 	$(VENV)/bin/ruff check dicomnode gmic storage tests

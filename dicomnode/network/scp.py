@@ -439,7 +439,7 @@ def build_ae(policy: ReceiverPolicy, limits: WireLimits | None = None) -> AE:
     ae = AE(ae_title=policy.ae_title)
     # The limit is enforced by Receiver.handle_requested; pynetdicom's is only a backstop.
     ae.maximum_associations = 2 * policy.max_associations + 32
-    # Announced to peers and enforced on every PDU before it is read (wire_guard): large
+    # Announced to peers and enforced on every PDU before it is read (guard.py): large
     # enough that a DBT costs few round trips, bounded so no PDU can claim gigabytes.
     ae.maximum_pdu_size = limits.max_pdu
     ae.require_called_aet = True

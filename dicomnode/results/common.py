@@ -1,5 +1,5 @@
-"""What every result object shares: options, identity of the producing software, codes,
-and the source headers read back from the files the analysis came from."""
+"""What every result object shares: options, identity of the producing software and codes.
+(The source headers are read back by geometry.read_sources.)"""
 
 from __future__ import annotations
 
