@@ -159,7 +159,6 @@ _IMAGE_ATTRIBUTES = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel",
                      "PhotometricInterpretation")
 
 
-
 class StoreRefused(Exception):
     """A C-STORE the node refuses: the status and the Error Comment the peer receives."""
 
@@ -169,7 +168,6 @@ class StoreRefused(Exception):
         # Error Comment is LO: one value (no backslash, which separates values), at most 64
         # characters; the message may quote what the peer sent
         self.comment = comment.replace("\\", "/")[:64]
-
 
 
 class EncodedInstance:

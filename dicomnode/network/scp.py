@@ -54,15 +54,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomnode.scp")
 
 
-
-
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_BUSY = (0x02, 0x03, 0x02)  # transient, presentation provider, local limit exceeded
 
 # How often the studies of open associations get their idle timers restarted (seconds);
-# shorter where a study's idle time is short (hold_interval).
+# shorter where a study's idle time is short (wiring.hold_interval).
 HOLD_SECONDS = 1.0
 
 

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicomnode.scu")
 
 
-
 @dataclass(frozen=True)
 class Destination:
     ae_title: str
