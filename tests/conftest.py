@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.external import dcmtk_program
-
-REQUIRE_PEERS = os.environ.get("DICOMNODE_REQUIRE_PEERS") == "1"
+from tests.support.peers import REQUIRE_PEERS, dcmtk
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -25,11 +23,6 @@ def pytest_report_header(config: pytest.Config) -> str:
     temp = tempfile.gettempdir()
     return f"free disk under {temp}: {shutil.disk_usage(temp).free / 2**30:.1f} GiB " \
            "(a full run needs about 8 GiB)"
-
-
-def dcmtk(tool: str) -> str:
-    """dcmtk's program (not pynetdicom's same-named script); "" when dcmtk is missing."""
-    return dcmtk_program(tool) or ""
 
 
 _PEER_CHECKS = {

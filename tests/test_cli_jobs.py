@@ -16,8 +16,8 @@ from dicomnode.cli import cli
 from dicomnode.store import StorageFailure
 from storage import Store, migrate
 from storage.testing import scratch_schema
-from tests import storage_support as support
-from tests.storage_support import ENGINES, instance_args
+from tests.support import storage as support
+from tests.support.storage import ENGINES, instance_args
 
 db_url = support.db_url  # fixture: schema at head
 

@@ -18,8 +18,8 @@ from dicomnode.scp import StorageSCP, policy_from_config
 from dicomnode.scu import Deliverer, destinations_from_config
 from dicomnode.store import open_store
 from storage.records import CommitmentState
-from tests.breast_dicom import phantom, write_mammo
-from tests.peers import free_port, wait_for, write_config
+from tests.support.dicom import phantom, write_mammo
+from tests.support.peers import free_port, wait_for, write_config
 
 
 class FakePacs:

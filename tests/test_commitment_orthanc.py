@@ -18,7 +18,7 @@ from dicomnode.scu import Deliverer, build_scu, destinations_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from storage.records import CommitmentState
-from tests.peers import free_port, orthanc, wait_for, write_config
+from tests.support.peers import free_port, orthanc, wait_for, write_config
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 

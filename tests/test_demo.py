@@ -21,7 +21,7 @@ from dicomnode.cli import main
 from dicomnode.external import port_open
 from dicomnode.overlay import overlay_layout
 from dicomnode.results.read import read_sr_summary
-from tests.peers import make_checkpoint
+from tests.support.peers import make_checkpoint
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 PM = "1.2.840.10008.5.1.4.1.1.30"

@@ -14,7 +14,14 @@ from pathlib import Path
 import pytest
 
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.peers import free_port, make_checkpoint, node_process, orthanc, wait_for, write_config
+from tests.support.peers import (
+    free_port,
+    make_checkpoint,
+    node_process,
+    orthanc,
+    wait_for,
+    write_config,
+)
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"

@@ -16,7 +16,14 @@ import pytest
 
 from dicomnode.dicomweb.stow import hash_token
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.peers import free_port, make_checkpoint, node_process, orthanc, wait_for, write_config
+from tests.support.peers import (
+    free_port,
+    make_checkpoint,
+    node_process,
+    orthanc,
+    wait_for,
+    write_config,
+)
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TOKEN = "orthanc-to-dicomnode-token"

@@ -75,7 +75,7 @@ def test_localisation_table_mean_std_and_ensemble() -> None:
 
 
 def test_test_time_augmentation_averages_copies() -> None:
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     torch.set_num_threads(1)
     from dicomnode.inference import run_model
@@ -130,7 +130,7 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     from dicomnode.worker import analyse_image
     from gmic.checkpoint import save_checkpoint
     from gmic.config import GMICConfig
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     torch.set_num_threads(1)
     images = tmp_path / "images"

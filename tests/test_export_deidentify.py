@@ -21,7 +21,7 @@ from dicomnode.config import load_config
 from dicomnode.deidentify import KEY_FILE
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.results_support import findings, make_analysis, make_breast
+from tests.support.results import findings, make_analysis, make_breast
 
 IDENTIFYING_TEXT = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID",
                     "SourceApplicationEntityTitle",

@@ -9,7 +9,7 @@ from pathlib import Path
 from click.testing import CliRunner
 
 from dicomnode.cli import cli
-from tests.breast_dicom import (
+from tests.support.dicom import (
     JPEG2000Lossless,
     phantom,
     write_enhanced_dbt,

@@ -13,7 +13,7 @@ import torch
 from gmic.lesion_crops import NO_DEPTH, Lesion, find_lesions, sample_lesion_crops
 from gmic.metrics import roc_auc
 from gmic.train import Trainer, TrainError, TrainSettings
-from tests.train_support import TINY, tiny_model
+from tests.support.training import TINY, tiny_model
 
 
 @pytest.fixture(autouse=True)
@@ -179,7 +179,7 @@ def test_archive_items_carry_each_lesion_on_its_slice(tmp_path_factory) -> None:
     from dicomnode.training.run import load_labelled
     from dicomnode.volume import load_image
     from gmic.preprocess import preprocess
-    from tests.results_support import findings, study_root
+    from tests.support.results import findings, study_root
 
     root = study_root(tmp_path_factory, "enhanced")
     data = load_labelled(None, root / "labels.csv", "dbt", root)

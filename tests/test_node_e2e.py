@@ -22,16 +22,6 @@ from dicomnode.results.validate import (
 from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import analyse_image, result_options
-from tests.conftest import dcmtk
-from tests.peers import (
-    free_port,
-    make_checkpoint,
-    node_process,
-    orthanc,
-    storescp,
-    wait_for,
-    write_config,
-)
 from tests.result_checks import (
     WITH_FINDINGS,
     WITHOUT_FINDINGS,
@@ -40,6 +30,16 @@ from tests.result_checks import (
     dciodvfy_complaints,
     evidence_uids,
     finding_groups,
+)
+from tests.support.peers import (
+    dcmtk,
+    free_port,
+    make_checkpoint,
+    node_process,
+    orthanc,
+    storescp,
+    wait_for,
+    write_config,
 )
 
 MODALITIES = ("dbt", "ffdm", "s2d")

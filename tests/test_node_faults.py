@@ -35,9 +35,16 @@ from pynetdicom.sop_class import Verification
 from dicomnode.config import load_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.conftest import dcmtk
-from tests.ops_support import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
-from tests.peers import free_port, make_checkpoint, node_process, storescp, wait_for, write_config
+from tests.support.ops import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
+from tests.support.peers import (
+    dcmtk,
+    free_port,
+    make_checkpoint,
+    node_process,
+    storescp,
+    wait_for,
+    write_config,
+)
 
 MG = "1.2.840.10008.5.1.4.1.1.1.2"
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"

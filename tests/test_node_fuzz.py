@@ -34,8 +34,8 @@ from pynetdicom.sop_class import Verification
 from dicomnode.config import load_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.ops_support import NODE_AE, rss_mb
-from tests.peers import free_port, node_process, write_config
+from tests.support.ops import NODE_AE, rss_mb
+from tests.support.peers import free_port, node_process, write_config
 
 PATIENT_NAME = "FUZZ^SECRETNAME"
 PATIENT_ID = "FZ90210XQ"

@@ -32,8 +32,8 @@ from dicomnode.config import load_config
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
-from tests.ops_support import rss_mb
-from tests.peers import free_port, node_process, wait_for, write_config
+from tests.support.ops import rss_mb
+from tests.support.peers import free_port, node_process, wait_for, write_config
 from tests.test_node_tls import _client as tls_client
 from tests.test_node_tls import pki  # noqa: F401  (fixture)
 

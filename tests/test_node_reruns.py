@@ -342,7 +342,7 @@ def test_dead_workers_are_only_this_hosts_gone_processes() -> None:
 def test_real_results_of_a_grown_dbt_study_get_one_cad_sr(tmp_path: Path) -> None:
     """The same with the real model and builders: the partial run's Mammography CAD SR is
     rejected by a KOS that dciodvfy-clean highdicom builds from the real header."""
-    from tests.peers import make_checkpoint
+    from tests.support.peers import make_checkpoint
 
     out = tmp_path / "study"
     generate_studies(out, SynthOptions(studies=1, size="small", seed=41, modalities=("dbt",)))

@@ -23,9 +23,16 @@ from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import analyse_image
 from storage.testing import scratch_schema
-from tests.conftest import dcmtk
-from tests.ops_support import NODE_AE, copies_of
-from tests.peers import free_port, make_checkpoint, node_process, storescp, wait_for, write_config
+from tests.support.ops import NODE_AE, copies_of
+from tests.support.peers import (
+    dcmtk,
+    free_port,
+    make_checkpoint,
+    node_process,
+    storescp,
+    wait_for,
+    write_config,
+)
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
-from tests.conftest import dcmtk
+from tests.support.peers import dcmtk
 
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
 MG = "1.2.840.10008.5.1.4.1.1.1.2"

@@ -41,8 +41,7 @@ import pytest
 
 from dicomnode.results.pmap import real_world_values
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.conftest import REQUIRE_PEERS
-from tests.ohif_support import (
+from tests.support.ohif import (
     CDPError,
     Page,
     chromium,
@@ -52,7 +51,14 @@ from tests.ohif_support import (
     save_png,
     websocket_client_available,
 )
-from tests.peers import free_port, node_process, orthanc, wait_for, write_config
+from tests.support.peers import (
+    REQUIRE_PEERS,
+    free_port,
+    node_process,
+    orthanc,
+    wait_for,
+    write_config,
+)
 from tests.test_deploy_orthanc import DEPLOY, deploy_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.ohif]

@@ -29,8 +29,8 @@ from dicomnode.http import HealthServer, parse_listen
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
-from tests.ops_support import scu
-from tests.peers import write_config
+from tests.support.ops import scu
+from tests.support.peers import write_config
 
 
 def test_counter_and_histogram_render_prometheus_text() -> None:

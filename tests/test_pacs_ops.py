@@ -12,8 +12,8 @@ from dicomnode import metrics
 from dicomnode.cli import cli
 from dicomnode.health import queue_collector
 from storage import Store
-from tests.peers import write_config
-from tests.storage_support import instance_args
+from tests.support.peers import write_config
+from tests.support.storage import instance_args
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 

@@ -17,7 +17,7 @@ from dicomnode.results import (
     build_segmentation,
 )
 from dicomnode.results.validate import dciodvfy_errors
-from tests.results_support import CASES, analysis_for, make_breast
+from tests.support.results import CASES, analysis_for, make_breast
 
 
 def test_build_results_makes_one_series_per_object(tmp_path_factory) -> None:

@@ -13,7 +13,7 @@ from dicomnode.results import ResultOptions, build_parametric_maps
 from dicomnode.results.geometry import block_mean
 from dicomnode.results.pmap import real_world_values
 from dicomnode.results.validate import dciodvfy_errors
-from tests.results_support import (
+from tests.support.results import (
     CASES,
     analysis_for,
     expected_source,

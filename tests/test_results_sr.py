@@ -22,7 +22,7 @@ from dicomnode.results.validate import (
     dsrdump_output,
     sr_validator_errors,
 )
-from tests.results_support import CASES, analysis_for, make_breast
+from tests.support.results import CASES, analysis_for, make_breast
 
 THRESHOLDS = (0.2, 0.5)
 

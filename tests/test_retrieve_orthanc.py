@@ -14,7 +14,7 @@ import torch
 
 from dicomnode.cli import main
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.peers import free_port, orthanc, write_config
+from tests.support.peers import free_port, orthanc, write_config
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 

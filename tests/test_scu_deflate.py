@@ -21,7 +21,7 @@ from dicomnode.scu import (
     send_files,
 )
 from storage.records import DeliveryTask
-from tests.results_support import analysis_for
+from tests.support.results import analysis_for
 
 
 @pytest.mark.parametrize("accepted,expected", [

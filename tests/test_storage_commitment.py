@@ -9,8 +9,8 @@ import pytest
 
 from storage import Store
 from storage.records import CommitmentState
-from tests import storage_support as support
-from tests.storage_support import T0, instance_args
+from tests.support import storage as support
+from tests.support.storage import T0, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store
 

@@ -14,8 +14,8 @@ import pytest
 from storage import JobState, Store, StoreOutcome
 from storage.errors import InvalidState, LeaseLost, StudyNotFound
 from storage.records import DeliveryState
-from tests import storage_support as support
-from tests.storage_support import T0, archive_files, instance_args
+from tests.support import storage as support
+from tests.support.storage import T0, archive_files, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
 

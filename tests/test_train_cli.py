@@ -177,7 +177,7 @@ def test_init_from_another_model(synth: Path, tmp_path: Path, capsys) -> None:
 
 def test_checkpoint_of_another_format_version(synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     path = tmp_path / "future.pt"
     save_checkpoint(path, tiny_model())
@@ -195,7 +195,7 @@ def test_lesion_crop_stage_trains_the_local_network_of_init(synth: Path, tmp_pat
                                                             capsys) -> None:
     from gmic.checkpoint import load_checkpoint, save_checkpoint
     from gmic.config import GMICConfig
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     init = tmp_path / "init.pt"
     save_checkpoint(init, tiny_model(0, GMICConfig.s2d(input_size=(448, 320), crop_size=(64, 64),
@@ -285,7 +285,7 @@ def test_init_file_takes_the_checkpoints_model_and_flags_that_do_not_change_it(
         synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
     from gmic.config import GMICConfig
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     cfg = GMICConfig.s2d(input_size=(256, 192), crop_size=(48, 48), num_crops=2, percent_t=0.1,
                          local_width=8, slice_chunk=0, activation_checkpointing=False)
@@ -314,7 +314,7 @@ def test_init_refuses_flags_that_contradict_the_checkpoint(
         synth: Path, tmp_path: Path, capsys, flags: list[str], named: str) -> None:
     from gmic.checkpoint import save_checkpoint
     from gmic.config import GMICConfig
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     init = tmp_path / "init.pt"
     save_checkpoint(init, tiny_model(0, GMICConfig.s2d(input_size=(256, 192), local_width=8)))
@@ -332,7 +332,7 @@ def test_init_of_another_modality_keeps_its_network_and_reads_images_the_new_way
         synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
     from gmic.config import GMICConfig
-    from tests.train_support import tiny_model
+    from tests.support.training import tiny_model
 
     init = tmp_path / "dbt.pt"
     save_checkpoint(init, tiny_model(0, GMICConfig.dbt(input_size=(256, 192), local_width=8,

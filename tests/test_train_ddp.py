@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gmic.train import DistInfo, Trainer, TrainSettings
-from tests.train_support import DiscVolumes, tiny_model
+from tests.support.training import DiscVolumes, tiny_model
 
 SETTINGS = dict(epochs=1, learning_rate=1e-3, batch_size=2, augment_px=0, seed=5,
                 progress=False, max_steps=1)

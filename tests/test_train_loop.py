@@ -10,7 +10,7 @@ import torch
 
 from gmic.checkpoint import load_checkpoint
 from gmic.train import Trainer, TrainError, TrainSettings
-from tests.train_support import TINY, DiscVolumes, tiny_model
+from tests.support.training import TINY, DiscVolumes, tiny_model
 
 SETTINGS = dict(epochs=2, learning_rate=1e-3, batch_size=2, augment_px=6, seed=3,
                 progress=False)

@@ -103,7 +103,7 @@ def test_crop_loss_labels_each_crop_by_the_lesions_it_holds() -> None:
 
 def test_crop_logits_are_the_local_classifier_on_each_crop() -> None:
     from gmic.model import GMIC
-    from tests.train_support import TINY
+    from tests.support.training import TINY
 
     model = GMIC(TINY.replace(num_crops=1)).eval()
     with torch.no_grad():

@@ -24,7 +24,7 @@ from dicomnode.volume import (
     load_images,
     scan_images,
 )
-from tests.breast_dicom import (
+from tests.support.dicom import (
     CT,
     phantom,
     write_enhanced_dbt,

@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from dicomnode.volume import load_image
-from tests.breast_dicom import phantom, write_enhanced_dbt, write_mammo
+from tests.support.dicom import phantom, write_enhanced_dbt, write_mammo
 
 pytestmark = pytest.mark.dcmtk
 

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from dicomnode.external import free_port, port_open
-from tests.peers import _stop, wait_for
+from tests.support.peers import _stop, wait_for
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVE = REPO / "deploy" / "ohif" / "serve.py"
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -12,7 +12,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
-from tests.peers import wait_for
+from tests.support.peers import wait_for
 
 NODE_AE = "DICOMNODE"
 
