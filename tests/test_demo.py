@@ -246,7 +246,7 @@ def test_demo_results_mark_only_what_the_model_flags(tmp_path: Path) -> None:
         combine_breasts,
         result_options,
     )
-    from tests.result_checks import (
+    from tests.support.results import (
         CAD_SR,
         WITH_FINDINGS,
         WITHOUT_FINDINGS,

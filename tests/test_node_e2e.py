@@ -22,15 +22,6 @@ from dicomnode.results.validate import (
 from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import analyse_image, result_options
-from tests.result_checks import (
-    WITH_FINDINGS,
-    WITHOUT_FINDINGS,
-    cad_marks,
-    cad_summary,
-    dciodvfy_complaints,
-    evidence_uids,
-    finding_groups,
-)
 from tests.support.peers import (
     dcmtk,
     free_port,
@@ -40,6 +31,15 @@ from tests.support.peers import (
     storescp,
     wait_for,
     write_config,
+)
+from tests.support.results import (
+    WITH_FINDINGS,
+    WITHOUT_FINDINGS,
+    cad_marks,
+    cad_summary,
+    dciodvfy_complaints,
+    evidence_uids,
+    finding_groups,
 )
 
 MODALITIES = ("dbt", "ffdm", "s2d")

@@ -21,8 +21,8 @@ from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import Worker, analyse_image, combine_breasts
 from storage import Store
-from tests.result_checks import WITH_FINDINGS, cad_marks, cad_summary
 from tests.support.peers import make_checkpoint
+from tests.support.results import WITH_FINDINGS, cad_marks, cad_summary
 
 MODALITIES = ("dbt", "ffdm", "s2d")
 
