@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.peers import REQUIRE_PEERS, dcmtk
+from tests.support.tls import make_pki
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -67,3 +68,10 @@ def _torch_threads() -> None:
     except ImportError:
         return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and the node's, the PACS's and a stranger's certificates (tests/support/tls.py),
+    made once per session: the tests only read them."""
+    return make_pki(tmp_path_factory.mktemp("pki"))

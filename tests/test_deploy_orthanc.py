@@ -5,8 +5,6 @@ study is routed once even though the results make it stable again."""
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +13,8 @@ import pytest
 
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.peers import (
+    DEPLOY,
+    deploy_config,
     free_port,
     make_checkpoint,
     node_process,
@@ -23,25 +23,9 @@ from tests.support.peers import (
     write_config,
 )
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PM = "1.2.840.10008.5.1.4.1.1.30"
-
-
-def deploy_config(root: Path, node_port: int) -> dict:
-    """The shipped orthanc.json with this test's paths and ports."""
-    text = (DEPLOY / "orthanc.json").read_text()
-    config = json.loads(re.sub(r"(?m)^\s*//.*$", "", text))
-    config.update({
-        "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-        "LuaScripts": [str(DEPLOY / "dicomnode-route.lua")],
-        "StableAge": 2, "Plugins": [], "SaveJobs": False,
-    })
-    config["DicomModalities"]["dicomnode"]["Port"] = node_port
-    for key in ("HttpPort", "DicomPort", "DicomAet"):  # the test server's free ports instead
-        del config[key]
-    return config
 
 
 def _text(pacs, path: str) -> str:

@@ -17,6 +17,7 @@ import pytest
 from dicomnode.dicomweb.stow import hash_token
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.peers import (
+    DICOMWEB_PLUGIN,
     free_port,
     make_checkpoint,
     node_process,
@@ -25,7 +26,6 @@ from tests.support.peers import (
     write_config,
 )
 
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TOKEN = "orthanc-to-dicomnode-token"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"

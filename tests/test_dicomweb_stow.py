@@ -8,7 +8,6 @@ import http.client
 import json
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,9 +29,10 @@ from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.scu import Deliverer, Destination
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
+from tests.support.ops import sop_uid
+from tests.support.peers import NODE_AE
 
 TOKEN = "s3cret-token-for-pacs"
-NODE_AE = "DICOMNODE"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
@@ -120,10 +120,6 @@ def failures(response: dict) -> dict[str, int]:
 def stored(response: dict) -> set[str]:
     items = response.get("00081199", {}).get("Value", [])
     return {i["00081155"]["Value"][0] for i in items}
-
-
-def sop_uid(path: Path) -> str:
-    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def good_stow_still_works(node: Node, study: Path) -> None:
@@ -429,25 +425,6 @@ def test_oversized_body_is_413(tmp_path: Path, study: Path) -> None:
 
 
 # -- mutual TLS ----------------------------------------------------------------------------
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name, cn in (("node", "localhost"), ("pacs", "pacs.hospital"), ("other", "stranger")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
-                 "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-                 "-copy_extensions", "copy", "-out", str(d / f"{name}.crt"))
-    return d
 
 
 def test_mutual_tls_identifies_the_peer_by_certificate(tmp_path: Path, study: Path,

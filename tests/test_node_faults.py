@@ -37,6 +37,7 @@ from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.ops import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
 from tests.support.peers import (
+    NO_MODELS,
     dcmtk,
     free_port,
     make_checkpoint,
@@ -49,7 +50,6 @@ from tests.support.peers import (
 MG = "1.2.840.10008.5.1.4.1.1.1.2"
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
 EXPLICIT = "1.2.840.10008.1.2.1"
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False}
 
 

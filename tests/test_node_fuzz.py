@@ -35,11 +35,10 @@ from dicomnode.config import load_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.ops import NODE_AE, rss_mb
-from tests.support.peers import free_port, node_process, write_config
+from tests.support.peers import NO_MODELS, free_port, node_process, write_config
 
 PATIENT_NAME = "FUZZ^SECRETNAME"
 PATIENT_ID = "FZ90210XQ"
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 SEED = 20261207
 MUTANTS = 300
 

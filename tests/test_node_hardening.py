@@ -33,12 +33,9 @@ from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_c
 from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.support.ops import rss_mb
-from tests.support.peers import free_port, node_process, wait_for, write_config
-from tests.test_node_tls import _client as tls_client
-from tests.test_node_tls import pki  # noqa: F401  (fixture)
+from tests.support.peers import NO_MODELS, NODE_AE, free_port, node_process, wait_for, write_config
+from tests.support.tls import client_context as tls_client
 
-NODE_AE = "DICOMNODE"
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False}
 # A-ASSOCIATE-RQ header claiming a PDU of 4 GB, then nothing (the campaign's bytes).
 HUGE_RQ_HEADER = bytes.fromhex("0100ffffffff0001")
@@ -424,7 +421,7 @@ def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
 
 @pytest.mark.slow
 def test_a_stalled_tls_handshake_neither_blocks_the_listener_nor_stays_open(
-        tmp_path: Path, pki: Path) -> None:  # noqa: F811  (the fixture imported above)
+        tmp_path: Path, pki: Path) -> None:
     from dicomnode.config import Config, TLSConfig
     from dicomnode.scp import ssl_context_from_config
 

@@ -20,9 +20,8 @@ from dicomnode.scp import archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.ops import kill
-from tests.support.peers import free_port, node_process, wait_for, write_config
+from tests.support.peers import NO_MODELS, free_port, node_process, wait_for, write_config
 
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 RESULTS = 12
 
 

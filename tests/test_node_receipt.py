@@ -17,10 +17,10 @@ from pynetdicom import AE
 from pynetdicom.dsutils import encode_file_meta
 
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.test_node_scp import (
+from tests.support.peers import NODE_AE
+from tests.support.scp import (
     BTO,
     MG,
-    NODE_AE,
     Node,
     image_files,
     still_serves,

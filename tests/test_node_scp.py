@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,17 +12,19 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.synth import SynthOptions, generate_studies
-from storage import Store
-from tests.support.peers import dcmtk
-
-BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
-MG = "1.2.840.10008.5.1.4.1.1.1.2"
-NODE_AE = "DICOMNODE"
+from tests.support.scp import (
+    BTO,
+    MG,
+    Node,
+    associate,
+    image_files,
+    still_serves,
+    store_status,
+    storescu,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,65 +34,11 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def image_files(study: Path) -> list[Path]:
-    return sorted(p for m in ("dbt", "ffdm", "s2d") for p in study.glob(f"*/{m}/*.dcm"))
-
-
-class Node:
-    def __init__(self, root: Path, min_free_bytes: int = 0, other: str = "reject",
-                 hold_seconds: float = 1.0) -> None:
-        self.store = Store(f"sqlite:///{root / 'db.sqlite'}", root / "archive",
-                           min_free_bytes=min_free_bytes)
-        policy = ReceiverPolicy(NODE_AE, [AllowedPeer("PACS", "127.0.0.1")],
-                                other_storage=other, max_associations=4,
-                                patient_key_salt=b"test")
-        self.scp = StorageSCP(self.store, policy, "127.0.0.1", 0, hold_seconds=hold_seconds)
-        self.scp.start()
-        self.port = self.scp.port
-
-    def close(self) -> None:
-        self.scp.stop()
-        self.store.close()
-
-
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     n = Node(tmp_path)
     yield n
     n.close()
-
-
-def storescu(node: Node, files: list[Path], *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [dcmtk("storescu"), "-R", *options, "-aet", "PACS", "-aec", NODE_AE, "127.0.0.1",
-         str(node.port), *map(str, files)], capture_output=True, text=True, timeout=120)
-
-
-def associate(node: Node, contexts: list[str], calling: str = "PACS", called: str = NODE_AE):
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 30
-    for uid in contexts:
-        ae.add_requested_context(uid)
-    return ae.associate("127.0.0.1", node.port, ae_title=called)
-
-
-def still_serves(node: Node) -> bool:
-    assoc = associate(node, [Verification])
-    try:
-        return assoc.is_established and assoc.send_c_echo().Status == 0
-    finally:
-        if assoc.is_established:
-            assoc.release()
-
-
-def store_status(node: Node, dataset_or_path, sop_class: str) -> tuple[int, str]:
-    assoc = associate(node, [sop_class])
-    assert assoc.is_established
-    try:
-        rsp = assoc.send_c_store(dataset_or_path)
-        return int(rsp.Status), str(rsp.get("ErrorComment", ""))
-    finally:
-        assoc.release()
 
 
 @pytest.mark.dcmtk

@@ -3,8 +3,6 @@ refuses one without; a bad key path is a configuration error."""
 
 from __future__ import annotations
 
-import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,32 +13,7 @@ from dicomnode.config import Config, TLSConfig
 from dicomnode.errors import ConfigError
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, ssl_context_from_config
 from storage import Store
-
-
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name in ("node", "pacs"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
-                 "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-                 "-copy_extensions", "copy", "-out", str(d / f"{name}.crt"))
-    return d
-
-
-def _client(pki: Path, with_cert: bool) -> ssl.SSLContext:
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
-    if with_cert:
-        context.load_cert_chain(str(pki / "pacs.crt"), str(pki / "pacs.key"))
-    return context
+from tests.support.tls import client_context
 
 
 def test_mutual_tls(tmp_path: Path, pki: Path) -> None:
@@ -56,12 +29,12 @@ def test_mutual_tls(tmp_path: Path, pki: Path) -> None:
         ae.acse_timeout = ae.network_timeout = 10
         ae.add_requested_context(Verification)
         good = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE",
-                            tls_args=(_client(pki, True), "localhost"))
+                            tls_args=(client_context(pki, True), "localhost"))
         assert good.is_established
         assert good.send_c_echo().Status == 0
         good.release()
         no_cert = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE",
-                               tls_args=(_client(pki, False), "localhost"))
+                               tls_args=(client_context(pki, False), "localhost"))
         assert not no_cert.is_established
         plain = ae.associate("127.0.0.1", scp.port, ae_title="DICOMNODE")
         assert not plain.is_established

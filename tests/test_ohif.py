@@ -52,14 +52,15 @@ from tests.support.ohif import (
     websocket_client_available,
 )
 from tests.support.peers import (
+    DEPLOY,
     REQUIRE_PEERS,
+    deploy_config,
     free_port,
     node_process,
     orthanc,
     wait_for,
     write_config,
 )
-from tests.test_deploy_orthanc import DEPLOY, deploy_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.ohif]
 

@@ -12,25 +12,7 @@ from gmic.preprocess import (
     otsu_threshold,
     preprocess,
 )
-
-
-def breast(depth: int, rows: int, cols: int, side: str = "L", *, height: float = 0.6,
-           reach: float = 0.5, seed: int = 0, label: bool = True) -> np.ndarray:
-    """(D, H, W) float32: a half-ellipse breast (fat ~300, dense texture ~900) on the
-    chest-wall edge (left for L), rows centred at 45%, a bright label in a far corner."""
-    rng = np.random.default_rng(seed)
-    rr, cc = np.mgrid[0:rows, 0:cols]
-    centre = rows * 0.45
-    inside = ((rr - centre) / (rows * height / 2)) ** 2 + (cc / (cols * reach)) ** 2 <= 1
-    vol = np.zeros((depth, rows, cols), dtype=np.float32)
-    for d in range(depth):
-        tissue = 300 + 600 * (rng.random((rows, cols)) > 0.7) + rng.normal(0, 20, (rows, cols))
-        vol[d] = np.where(inside, tissue, rng.normal(5, 2, (rows, cols)))
-    if label:
-        vol[:, rows - 12:rows - 4, cols - 20:cols - 4] = 4000
-    if side == "R":
-        vol = vol[:, :, ::-1].copy()
-    return vol
+from tests.support.training import breast
 
 
 def test_otsu_separates_two_levels() -> None:

@@ -23,7 +23,6 @@ from dicomnode.retrieve import RetrieveError, Retriever, StudyKey, retrieve_meth
 from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.test_dicomweb_stow import pki  # noqa: F401 (a fixture)
 
 TOKEN = "wado-test-token"
 SERIES = "1.2.826.0.1.3680043.10.999.7"  # the server files every instance under this series
@@ -233,7 +232,7 @@ def test_wrong_token_stops_the_run_and_names_the_token(pacs, tmp_path: Path) -> 
     assert len(fake.requests) == 1  # the second study was not tried
 
 
-def test_mutual_tls_with_the_peers_ca_certificate_and_key(study_files, pki: Path,  # noqa: F811
+def test_mutual_tls_with_the_peers_ca_certificate_and_key(study_files, pki: Path,
                                                           tmp_path: Path) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
     context.load_cert_chain(str(pki / "node.crt"), str(pki / "node.key"))

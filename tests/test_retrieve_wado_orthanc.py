@@ -19,9 +19,9 @@ from dicomnode.config import load_config
 from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
 from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
-from tests.support.peers import free_port, orthanc, write_config
-from tests.test_dicomweb_orthanc import DICOMWEB_PLUGIN
-from tests.test_retrieve_orthanc import ABSENT, TINY_ARGS, read_report, run_cli
+from tests.support.cli import ABSENT, read_report, run_cli
+from tests.support.peers import DICOMWEB_PLUGIN, free_port, orthanc, write_config
+from tests.support.training import TINY_ARGS
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 

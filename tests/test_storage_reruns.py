@@ -5,7 +5,6 @@ restarts."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 
 import pytest
 
@@ -13,13 +12,9 @@ from storage import JobState, Store
 from storage.errors import LeaseLost
 from storage.records import DeliveryState
 from tests.support import storage as support
-from tests.support.storage import T0, instance_args
+from tests.support.storage import at, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
-
-
-def at(seconds: float):
-    return T0 + timedelta(seconds=seconds)
 
 
 def test_attempts_survive_instances_that_keep_arriving(

@@ -11,15 +11,12 @@ import pydicom
 import pytest
 import torch
 
-from dicomnode.cli import main
 from dicomnode.synth import SynthOptions, generate_studies
+from tests.support.cli import run_cli
+from tests.support.training import TINY_ARGS
+
 
 # seed 183: the first studies are malignant, malignant, malignant, normal
-TINY_ARGS = ["--input-size", "448x320", "--crop-size", "64x64", "--num-crops", "1",
-             "--batch-size", "2", "--augment-px", "8", "--split", "0.5,0.5,0",
-             "--no-progress", "--device", "cpu"]
-
-
 @pytest.fixture(autouse=True)
 def _one_thread() -> None:
     torch.set_num_threads(1)
@@ -30,13 +27,6 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     generate_studies(out, SynthOptions(studies=4, modalities=("s2d",), seed=183))
     return out
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gmic.augment import shift_resize, shift_resize_with_masks
 from gmic.loss import crop_mask_loss, saliency_mask_loss
 from gmic.preprocess import preprocess
-from tests.test_preprocess import breast
+from tests.support.training import breast
 
 
 @pytest.mark.parametrize("side", ["L", "R"])

@@ -12,9 +12,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import AE, _config
 
-from tests.support.peers import wait_for
-
-NODE_AE = "DICOMNODE"
+from tests.support.peers import NODE_AE, wait_for
 
 
 def copies_of(source: Path, out: Path, count: int, *, study_uid: str | None = None
@@ -102,5 +100,5 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-__all__ = ["acknowledged", "copies_of", "kill", "rss_mb", "scu",
+__all__ = ["NODE_AE", "acknowledged", "copies_of", "kill", "rss_mb", "scu",
            "send_raw", "sop_uid", "wait_for"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from dicomnode.external import dcmtk_program, free_port, port_open, stop_process
 # Under CI (.ci/run sets DICOMNODE_REQUIRE_PEERS=1) a missing peer fails the test instead of
 # skipping it (tests/conftest.py).
 REQUIRE_PEERS = os.environ.get("DICOMNODE_REQUIRE_PEERS") == "1"
+NODE_AE = "DICOMNODE"  # the node's AE title, as write_config sets it
+NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}  # write_config's models: none
 
 
 def dcmtk(tool: str) -> str:
@@ -104,6 +107,26 @@ class OrthancServer:
     def stop(self) -> None:
         if self.proc is not None:
             _stop(self.proc)
+
+
+# deploy/orthanc as shipped, and Orthanc's DICOMweb plugin (Debian orthanc-dicomweb)
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def deploy_config(root: Path, node_port: int) -> dict:
+    """The shipped orthanc.json with this test's paths and ports."""
+    text = (DEPLOY / "orthanc.json").read_text()
+    config = json.loads(re.sub(r"(?m)^\s*//.*$", "", text))
+    config.update({
+        "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+        "LuaScripts": [str(DEPLOY / "dicomnode-route.lua")],
+        "StableAge": 2, "Plugins": [], "SaveJobs": False,
+    })
+    config["DicomModalities"]["dicomnode"]["Port"] = node_port
+    for key in ("HttpPort", "DicomPort", "DicomAet"):  # the test server's free ports instead
+        del config[key]
+    return config
 
 
 @contextmanager

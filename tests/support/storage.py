@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,11 @@ ENGINES = [
 T0 = datetime(2026, 1, 5, 9, 0, 0, tzinfo=UTC)
 MG = "1.2.840.10008.5.1.4.1.1.1.2"          # Digital Mammography X-Ray Image Storage
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+def at(seconds: float) -> datetime:
+    """T0 plus ``seconds``: the stores' clock in the tests."""
+    return T0 + timedelta(seconds=seconds)
 
 
 @pytest.fixture(params=ENGINES)
