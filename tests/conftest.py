@@ -10,10 +10,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.support import synth
 from tests.support.peers import REQUIRE_PEERS, dcmtk
 from tests.support.tls import make_pki
 
@@ -75,3 +77,13 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA and the node's, the PACS's and a stranger's certificates (tests/support/tls.py),
     made once per session: the tests only read them."""
     return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def synth_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """synth_study(**SynthOptions fields) -> the folder of that synthetic study, generated once
+    per session and shared: read it, or copy it first (tests/support/synth.py)."""
+    def study(**options: object) -> Path:
+        return synth.synth_study(tmp_path_factory, **options)
+
+    return study

@@ -3,14 +3,11 @@ chance on a synthetic study they never saw."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from dicomnode.config import ModelConfig
 from dicomnode.models import BUILTIN_DIR, ModelRegistry
-from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from gmic.model import predict
 from gmic.preprocess import preprocess
@@ -32,18 +29,17 @@ def test_builtin_weights_are_small_and_say_what_they_are() -> None:
                    if v.is_floating_point())
 
 
-def test_builtin_dbt_scores_the_malignant_breast_higher(tmp_path: Path) -> None:
+def test_builtin_dbt_scores_the_malignant_breast_higher(synth_study) -> None:
     """Seed 1 (the demo's study): a malignant and a benign mass in the right breast, the
     left one normal; not a seed the weights were trained or validated on."""
     torch.set_num_threads(1)
-    generate_studies(tmp_path, SynthOptions(studies=1, size="small", seed=1,
-                                            modalities=("dbt",)))
+    study = synth_study(studies=1, size="small", seed=1, modalities=("dbt",))
     model = ModelRegistry(ModelConfig(device="cpu")).get("dbt").model
     scores = {}
     for side in ("L", "R"):
         per_view = []
         for view in ("CC", "MLO"):
-            image = load_image(next(tmp_path.glob(f"*/dbt/{side}_{view}.dcm")))
+            image = load_image(next(study.glob(f"*/dbt/{side}_{view}.dcm")))
             volume, _ = preprocess(image.pixels, "dbt", image.laterality,
                                    input_size=model.cfg.input_size)
             per_view.append(float(predict(model, torch.from_numpy(volume)).y[1]))

@@ -16,9 +16,9 @@ from dicomnode.config import load_config
 from dicomnode.scp import StorageSCP, policy_from_config
 from dicomnode.scu import Deliverer, build_scu, destinations_from_config
 from dicomnode.store import open_store
-from dicomnode.synth import SynthOptions, generate_studies
 from storage.records import CommitmentState
 from tests.support.peers import free_port, orthanc, wait_for, write_config
+from tests.support.synth import SMALL
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -33,9 +33,8 @@ def _result_file(source: Path, out: Path) -> pydicom.Dataset:
     return ds
 
 
-def test_results_are_committed_by_orthanc(tmp_path: Path, capsys) -> None:
-    generate_studies(tmp_path / "synth", SynthOptions(studies=1, modalities=("s2d",), seed=3))
-    image = sorted((tmp_path / "synth").rglob("s2d/*.dcm"))[0]
+def test_results_are_committed_by_orthanc(tmp_path: Path, capsys, synth_study) -> None:
+    image = sorted(synth_study(**SMALL).rglob("s2d/*.dcm"))[0]
     node_port = free_port()
     modalities = {"node": {"AET": "DICOMNODE", "Host": "127.0.0.1", "Port": node_port,
                            "AllowStorageCommitment": True}}

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.peers import (
     DEPLOY,
     deploy_config,
@@ -22,6 +21,7 @@ from tests.support.peers import (
     wait_for,
     write_config,
 )
+from tests.support.synth import SMALL
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -42,9 +42,9 @@ def test_shipped_orthanc_config_is_json_with_the_lua_script() -> None:
 
 @pytest.mark.slow
 @pytest.mark.orthanc
-def test_orthanc_routes_stable_breast_study_and_keeps_results(tmp_path: Path) -> None:
-    study_dir = tmp_path / "study"
-    generate_studies(study_dir, SynthOptions(studies=1, size="small", seed=5))
+def test_orthanc_routes_stable_breast_study_and_keeps_results(tmp_path: Path,
+                                                              synth_study) -> None:
+    study_dir = synth_study(**SMALL)
     images = sorted(study_dir.glob("*/s2d/*.dcm"))  # 4 synthetic 2D views: small and quick
     ground_truth = sorted(study_dir.glob("*/seg/s2d_*.dcm"))[:1]  # a SEG is not routed
     checkpoint = make_checkpoint(tmp_path / "s2d.pt", "s2d")

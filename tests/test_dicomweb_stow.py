@@ -27,20 +27,18 @@ from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token, stow_ssl_c
 from dicomnode.errors import ConfigError
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from dicomnode.scu import Deliverer, Destination
-from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.support.ops import sop_uid
 from tests.support.peers import NODE_AE
+from tests.support.synth import SMALL
 
 TOKEN = "s3cret-token-for-pacs"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=21))
-    return out
+def study(synth_study) -> Path:
+    return synth_study(**SMALL)
 
 
 def image_files(study: Path) -> list[Path]:

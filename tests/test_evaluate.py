@@ -116,7 +116,8 @@ def test_conspicuity_drops_when_tissue_overlaps_the_finding() -> None:
 
 
 @pytest.mark.parametrize("copies", [0, 2])
-def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies: int) -> None:
+def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies: int,
+                                                      synth_study) -> None:
     """The AUC `evaluate` reports is measured on the node's own path: per image, its score
     is the probability the worker puts in its results (same checkpoint, same image, same
     [model] test-time augmentation, which evaluate follows by default)."""
@@ -125,7 +126,6 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     from dicomnode.cli import main
     from dicomnode.config import ModelConfig
     from dicomnode.models import ModelRegistry
-    from dicomnode.synth import SynthOptions, generate_studies
     from dicomnode.volume import load_image
     from dicomnode.worker import analyse_image
     from gmic.checkpoint import save_checkpoint
@@ -133,8 +133,7 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     from tests.support.training import tiny_model
 
     torch.set_num_threads(1)
-    images = tmp_path / "images"
-    generate_studies(images, SynthOptions(studies=2, modalities=("s2d",), seed=183))
+    images = synth_study(studies=2, modalities=("s2d",), seed=183)
     checkpoint = tmp_path / "s2d.pt"
     save_checkpoint(checkpoint, tiny_model(3, GMICConfig.s2d(
         input_size=(160, 112), crop_size=(32, 32), num_crops=2, percent_t=0.1, local_width=8,

@@ -19,7 +19,6 @@ from dicomnode.results.validate import (
     dsrdump_errors,
     sr_validator_errors,
 )
-from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import analyse_image, result_options
 from tests.support.peers import (
@@ -60,9 +59,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=31))
+def study(synth_study) -> list[Path]:
+    out = synth_study(studies=1, size="small", seed=31)
     return sorted(p for m in MODALITIES for p in out.glob(f"*/{m}/*.dcm"))
 
 

@@ -34,7 +34,6 @@ from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
 from dicomnode.store import open_store
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.ops import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
 from tests.support.peers import (
     NO_MODELS,
@@ -46,6 +45,7 @@ from tests.support.peers import (
     wait_for,
     write_config,
 )
+from tests.support.synth import SMALL
 
 MG = "1.2.840.10008.5.1.4.1.1.1.2"
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
@@ -54,10 +54,8 @@ PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": Fals
 
 
 @pytest.fixture(scope="module")
-def s2d(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=23))
-    return sorted(out.glob("*/s2d/*.dcm"))
+def s2d(synth_study) -> list[Path]:
+    return sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))
 
 
 def cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

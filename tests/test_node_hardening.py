@@ -30,10 +30,10 @@ from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
-from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.support.ops import rss_mb
 from tests.support.peers import NO_MODELS, NODE_AE, free_port, node_process, wait_for, write_config
+from tests.support.synth import SMALL
 from tests.support.tls import client_context as tls_client
 
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False}
@@ -302,10 +302,8 @@ def test_a_pdu_above_the_negotiated_maximum_aborts_the_association(tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def s2d_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=29))
-    return sorted(out.glob("*/s2d/*.dcm"))[0]
+def s2d_image(synth_study) -> Path:
+    return sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))[0]
 
 
 def test_c_store_without_affected_sop_instance_uid(

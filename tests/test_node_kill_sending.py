@@ -18,9 +18,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from dicomnode.config import load_config
 from dicomnode.scp import archive_instance, policy_from_config
 from dicomnode.store import open_store
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.ops import kill
 from tests.support.peers import NO_MODELS, free_port, node_process, wait_for, write_config
+from tests.support.synth import SMALL
 
 RESULTS = 12
 
@@ -78,10 +78,8 @@ def queue_results(config: Path, source: Path, count: int) -> None:
 
 @pytest.mark.slow
 def test_worker_killed_while_sending_resumes_at_restart_and_resends_only_the_one_in_flight(
-        tmp_path: Path) -> None:
-    out = tmp_path / "synth"
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=5, modalities=("s2d",)))
-    source = sorted(out.glob("*/s2d/*.dcm"))[0]
+        tmp_path: Path, synth_study) -> None:
+    source = sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))[0]
     pacs = SlowPacs()
     try:
         config = write_config(

@@ -16,7 +16,6 @@ from pydicom.sequence import Sequence
 from pynetdicom import AE
 from pynetdicom.dsutils import encode_file_meta
 
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.peers import NODE_AE
 from tests.support.scp import (
     BTO,
@@ -27,13 +26,12 @@ from tests.support.scp import (
     store_status,
     storescu,
 )
+from tests.support.synth import SMALL
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=11))
-    return out
+def study(synth_study) -> Path:
+    return synth_study(**SMALL)
 
 
 @pytest.fixture
@@ -200,10 +198,9 @@ def test_dbt_with_laterality_per_frame_is_stored_as_a_file_too(node: Node, study
     dict(dbt_layout="single-frame"), dict(dbt_geometry="per-frame"),
     dict(transfer_syntax="j2k"), dict(dbt_geometry="per-frame", transfer_syntax="j2k"),
 ], ids=["single-frame", "per-frame-geometry", "j2k", "per-frame-j2k"])
-def test_every_synth_variant_is_stored_through_storescu(node: Node, tmp_path: Path,
+def test_every_synth_variant_is_stored_through_storescu(node: Node, synth_study,
                                                         variant: dict) -> None:
-    out = tmp_path / "variant"
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=21, **variant))
+    out = synth_study(**SMALL, **variant)
     files = image_files(out)
     extra = ["-xv"] if variant.get("transfer_syntax") == "j2k" else []
     proc = storescu(node, files, *extra)

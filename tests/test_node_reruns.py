@@ -28,7 +28,6 @@ from dicomnode.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnaly
 from dicomnode.config import Config, PeerConfig
 from dicomnode.results.common import ResultsError
 from dicomnode.scp import ReceiverPolicy, archive_instance
-from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.worker import Worker
 from storage import JobState, Store
 from storage.records import DeliveryState
@@ -39,9 +38,8 @@ KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=31, modalities=("ffdm",)))
+def study(synth_study) -> Path:
+    out = synth_study(studies=1, size="small", seed=31, modalities=("ffdm",))
     return next(p for p in out.iterdir() if p.is_dir())
 
 
@@ -339,13 +337,12 @@ def test_dead_workers_are_only_this_hosts_gone_processes() -> None:
 
 
 @pytest.mark.slow
-def test_real_results_of_a_grown_dbt_study_get_one_cad_sr(tmp_path: Path) -> None:
+def test_real_results_of_a_grown_dbt_study_get_one_cad_sr(tmp_path: Path, synth_study) -> None:
     """The same with the real model and builders: the partial run's Mammography CAD SR is
     rejected by a KOS that dciodvfy-clean highdicom builds from the real header."""
     from tests.support.peers import make_checkpoint
 
-    out = tmp_path / "study"
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=41, modalities=("dbt",)))
+    out = synth_study(studies=1, size="small", seed=41, modalities=("dbt",))
     files = sorted(out.glob("*/dbt/*.dcm"))
     config = Config()
     config.node.data_dir = str(tmp_path / "data")

@@ -19,7 +19,6 @@ from dicomnode.config import Config, load_config
 from dicomnode.models import ModelRegistry
 from dicomnode.results.read import read_sr_summary
 from dicomnode.store import open_store
-from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import analyse_image
 from storage.testing import scratch_schema
@@ -33,6 +32,7 @@ from tests.support.peers import (
     wait_for,
     write_config,
 )
+from tests.support.synth import SMALL
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -41,10 +41,8 @@ SR = "1.2.840.10008.5.1.4.1.1.88.34"
 @pytest.mark.postgres
 @pytest.mark.dcmtk
 def test_two_workers_share_a_postgres_queue_results_identical_and_sent_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synth = tmp_path / "synth"
-    generate_studies(synth, SynthOptions(studies=1, size="small", seed=41))
-    views = sorted(synth.glob("*/s2d/*.dcm"))
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synth_study) -> None:
+    views = sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))
     # two one-image studies: a job for each worker (whichever claims first)
     study_a, _ = copies_of(views[0], tmp_path / "a", 1)
     study_b, _ = copies_of(views[1], tmp_path / "b", 1)

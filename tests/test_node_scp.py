@@ -14,7 +14,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.scp import (
     BTO,
     MG,
@@ -25,13 +24,12 @@ from tests.support.scp import (
     store_status,
     storescu,
 )
+from tests.support.synth import SMALL
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=11))
-    return out
+def study(synth_study) -> Path:
+    return synth_study(**SMALL)
 
 
 @pytest.fixture
@@ -63,10 +61,9 @@ def test_storescu_study_is_archived_byte_for_byte(node: Node, study: Path) -> No
 
 
 @pytest.mark.dcmtk
-def test_storescu_sends_jpeg2000_as_received(node: Node, tmp_path: Path) -> None:
-    out = tmp_path / "j2k"
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=12, transfer_syntax="j2k",
-                                       modalities=("dbt",)))
+def test_storescu_sends_jpeg2000_as_received(node: Node, synth_study) -> None:
+    # the DBT of the JPEG 2000 variant test_node_receipt sends too
+    out = synth_study(**SMALL, transfer_syntax="j2k")
     files = sorted(out.glob("*/dbt/*.dcm"))
     proc = storescu(node, files, "-xv")  # propose JPEG 2000 lossless
     assert proc.returncode == 0, proc.stderr

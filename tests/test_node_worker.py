@@ -17,12 +17,12 @@ from dicomnode.results.common import result_uid
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
 from dicomnode.scp import ReceiverPolicy, archive_instance
-from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image
 from dicomnode.worker import Worker, analyse_image, combine_breasts
 from storage import Store
 from tests.support.peers import make_checkpoint
 from tests.support.results import WITH_FINDINGS, cad_marks, cad_summary
+from tests.support.synth import SMALL
 
 MODALITIES = ("dbt", "ffdm", "s2d")
 
@@ -34,10 +34,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=21))
-    return next(p for p in out.iterdir() if p.is_dir())
+def study(synth_study) -> Path:
+    return next(p for p in synth_study(**SMALL).iterdir() if p.is_dir())
 
 
 def node_config(tmp_path: Path, checkpoints: dict[str, str]) -> Config:

@@ -40,7 +40,6 @@ import pydicom
 import pytest
 
 from dicomnode.results.pmap import real_world_values
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.ohif import (
     CDPError,
     Page,
@@ -338,11 +337,10 @@ def _save(shot: np.ndarray, name: str, tmp_path: Path, docs: bool = True) -> Non
 # ---------------------------------------------------------------------------- the test
 
 
-def test_ohif_shows_the_results_on_the_dbt(tmp_path: Path, ohif_prerequisites) -> None:
+def test_ohif_shows_the_results_on_the_dbt(tmp_path: Path, ohif_prerequisites,
+                                          synth_study) -> None:
     started = time.monotonic()
-    study_dir = tmp_path / "study"
-    generate_studies(study_dir, SynthOptions(studies=1, size="small", seed=SEED,
-                                             modalities=("dbt",)))
+    study_dir = synth_study(studies=1, size="small", seed=SEED, modalities=("dbt",))
     image_path = next(study_dir.glob(f"*/dbt/{VIEW}.dcm"))
     finding = next(f for f in json.loads((study_dir / "findings.json").read_text())
                    if f["path"].endswith(f"dbt/{VIEW}.dcm") and f["malignant"])

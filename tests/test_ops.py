@@ -27,10 +27,10 @@ from dicomnode.health import (
 )
 from dicomnode.http import HealthServer, parse_listen
 from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
-from dicomnode.synth import SynthOptions, generate_studies
 from storage import Store
 from tests.support.ops import scu
 from tests.support.peers import write_config
+from tests.support.synth import SMALL
 
 
 def test_counter_and_histogram_render_prometheus_text() -> None:
@@ -142,10 +142,8 @@ def test_status_files_of_live_processes_only(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=7))
-    return sorted(out.glob("*/s2d/*.dcm"))[0]
+def image(synth_study) -> Path:
+    return sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))[0]
 
 
 def test_logs_and_audit_carry_uids_never_patient_names_or_ids(

@@ -12,7 +12,6 @@ import pydicom
 import pytest
 import torch
 
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.cli import ABSENT, read_report, run_cli
 from tests.support.peers import free_port, orthanc, write_config
 from tests.support.training import TINY_ARGS
@@ -20,10 +19,8 @@ from tests.support.training import TINY_ARGS
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=4, modalities=("s2d",), seed=183))
-    return out
+def synth(synth_study) -> Path:
+    return synth_study(studies=4, modalities=("s2d",), seed=183)
 
 
 def test_retrieve_by_get_and_move_then_train(synth: Path, tmp_path: Path, capsys) -> None:

@@ -22,7 +22,6 @@ from dicomnode.errors import ConfigError
 from dicomnode.retrieve import RetrieveError, Retriever, StudyKey, retrieve_method
 from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
 from dicomnode.store import open_store
-from dicomnode.synth import SynthOptions, generate_studies
 
 TOKEN = "wado-test-token"
 SERIES = "1.2.826.0.1.3680043.10.999.7"  # the server files every instance under this series
@@ -123,9 +122,8 @@ def _handler(pacs: FakePacs) -> type[BaseHTTPRequestHandler]:
 
 
 @pytest.fixture(scope="module")
-def study_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, dict[str, Path]]:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=1, modalities=("s2d",), seed=7))
+def study_files(synth_study) -> tuple[str, str, dict[str, Path]]:
+    out = synth_study(studies=1, modalities=("s2d",), seed=7)
     files = {}
     for path in sorted(out.rglob("s2d/*.dcm")):
         ds = pydicom.dcmread(path, stop_before_pixels=True)

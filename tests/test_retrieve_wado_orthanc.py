@@ -18,7 +18,6 @@ import torch
 from dicomnode.config import load_config
 from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
 from dicomnode.store import open_store
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.cli import ABSENT, read_report, run_cli
 from tests.support.peers import DICOMWEB_PLUGIN, free_port, orthanc, write_config
 from tests.support.training import TINY_ARGS
@@ -27,10 +26,8 @@ pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=4, modalities=("s2d",), seed=183))
-    return out
+def synth(synth_study) -> Path:
+    return synth_study(studies=4, modalities=("s2d",), seed=183)
 
 
 def _sha256(path: Path) -> str:

@@ -11,7 +11,6 @@ import pydicom
 import pytest
 import torch
 
-from dicomnode.synth import SynthOptions, generate_studies
 from tests.support.cli import run_cli
 from tests.support.training import TINY_ARGS
 
@@ -23,10 +22,8 @@ def _one_thread() -> None:
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=4, modalities=("s2d",), seed=183))
-    return out
+def synth(synth_study) -> Path:
+    return synth_study(studies=4, modalities=("s2d",), seed=183)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:

@@ -19,16 +19,13 @@ from gmic.preprocess import preprocess
 SLOW = pytest.mark.slow
 
 
-def _generate(out: Path, **options) -> Path:
-    # imported here so that, while the generator is missing, only these tests fail
-    from dicomnode.synth import SynthOptions, generate_studies
-
+def _generate(synth_study, **options) -> Path:
+    """The session's study of seed 0 with these options (shared: read only)."""
     opts = dict(studies=1, size="small", seed=0, transfer_syntax="explicit",
                 modalities=("dbt", "ffdm", "s2d"), dbt_layout="enhanced",
                 dbt_geometry="shared")
     opts.update(options)
-    generate_studies(out, SynthOptions(**opts))
-    return out
+    return synth_study(**opts)
 
 
 def _independent(paths: list[Path]) -> np.ndarray:
@@ -53,8 +50,8 @@ def _expect_name(image: BreastImage, name: str) -> None:
 
 @pytest.mark.parametrize("geometry", ["shared", "per-frame"])
 @pytest.mark.parametrize("syntax", ["explicit", pytest.param("j2k", marks=SLOW)])
-def test_synth_enhanced_round_trip(tmp_path: Path, syntax: str, geometry: str) -> None:
-    out = _generate(tmp_path, transfer_syntax=syntax, dbt_geometry=geometry)
+def test_synth_enhanced_round_trip(synth_study, syntax: str, geometry: str) -> None:
+    out = _generate(synth_study, transfer_syntax=syntax, dbt_geometry=geometry)
     files = sorted(f for f in out.glob("*/*/*.dcm") if f.parent.name != "seg")
     assert {f.parent.name for f in files} == {"dbt", "ffdm", "s2d"}
     for path in files:
@@ -78,10 +75,10 @@ def test_synth_enhanced_round_trip(tmp_path: Path, syntax: str, geometry: str) -
 
 
 @pytest.mark.parametrize("syntax", ["explicit", pytest.param("j2k", marks=SLOW)])
-def test_synth_single_frame_round_trip(tmp_path: Path, syntax: str) -> None:
-    single = _generate(tmp_path / "single", transfer_syntax=syntax, modalities=("dbt",),
+def test_synth_single_frame_round_trip(synth_study, syntax: str) -> None:
+    single = _generate(synth_study, transfer_syntax=syntax, modalities=("dbt",),
                        dbt_layout="single-frame")
-    enhanced = _generate(tmp_path / "enhanced", transfer_syntax=syntax, modalities=("dbt",))
+    enhanced = _generate(synth_study, transfer_syntax=syntax, modalities=("dbt",))
     folders = sorted(p for p in single.glob("*/dbt/*") if p.is_dir())
     assert folders
     for folder in folders:
@@ -102,10 +99,10 @@ def test_synth_single_frame_round_trip(tmp_path: Path, syntax: str) -> None:
 
 
 @pytest.mark.parametrize("layout", ["enhanced", "single-frame"])
-def test_synth_findings_survive_preprocessing(tmp_path: Path, layout: str) -> None:
+def test_synth_findings_survive_preprocessing(synth_study, layout: str) -> None:
     """Each finding's (frame, row, col) lies in its image, on the slice the generator names,
     and maps into the model window and back to the same source pixel."""
-    out = _generate(tmp_path, dbt_layout=layout)
+    out = _generate(synth_study, dbt_layout=layout)
     items = json.loads((out / "findings.json").read_text())
     images = {}
     for image in load_images([out]):  # the ground-truth SEGs under seg/ are skipped
@@ -130,10 +127,10 @@ def test_synth_findings_survive_preprocessing(tmp_path: Path, layout: str) -> No
     assert items
 
 
-def test_synth_laterality_from_image_when_tags_removed(tmp_path: Path) -> None:
+def test_synth_laterality_from_image_when_tags_removed(tmp_path: Path, synth_study) -> None:
     """The image-content fallback agrees with the generator's tags on every view, and the
     preprocessing flips exactly the right breasts."""
-    out = _generate(tmp_path, modalities=("dbt", "s2d"))
+    out = _generate(synth_study, modalities=("dbt", "s2d"))
     for path in sorted(out.glob("*/*/[LR]_*.dcm")):
         ds = pydicom.dcmread(path)
         for keyword in ("ImageLaterality", "Laterality"):

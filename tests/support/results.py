@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +28,9 @@ from dicomnode.analysis import (
     ImageAnalysis,
 )
 from dicomnode.results.common import SEGMENT_PROPERTIES
-from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.volume import load_image, load_images
 from gmic.preprocess import preprocess
+from tests.support.synth import synth_study
 
 ALGORITHM = AlgorithmIdentity(name="3D-GMIC", version="0.0.test", checkpoint_name="builtin:dbt",
                               checkpoint_sha256="0123456789abcdef" * 4,
@@ -43,19 +42,12 @@ LAYOUTS = {"enhanced": ("enhanced", "shared"), "per-frame": ("enhanced", "per-fr
            "single-frame": ("single-frame", "shared")}
 
 
-@cache
-def _study(base: Path, layout: str) -> Path:
-    dbt_layout, geometry = LAYOUTS[layout]
-    modalities = ("dbt", "ffdm", "s2d") if layout == "enhanced" else ("dbt",)
-    out = base / f"synth-{layout}"
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=SEED, dbt_layout=dbt_layout,
-                                       dbt_geometry=geometry, modalities=modalities))
-    return out
-
-
 def study_root(tmp_path_factory: pytest.TempPathFactory, layout: str) -> Path:
     """The folder of one small synthetic study (generated once per session and layout)."""
-    return _study(tmp_path_factory.getbasetemp(), layout)
+    dbt_layout, geometry = LAYOUTS[layout]
+    modalities = ("dbt", "ffdm", "s2d") if layout == "enhanced" else ("dbt",)
+    return synth_study(tmp_path_factory, studies=1, size="small", seed=SEED,
+                       dbt_layout=dbt_layout, dbt_geometry=geometry, modalities=modalities)
 
 
 def findings(root: Path, modality: str) -> list[dict]:
