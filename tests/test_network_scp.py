@@ -62,7 +62,7 @@ def test_storescu_study_is_archived_byte_for_byte(node: Node, study: Path) -> No
 
 @pytest.mark.dcmtk
 def test_storescu_sends_jpeg2000_as_received(node: Node, synth_study) -> None:
-    # the DBT of the JPEG 2000 variant test_node_receipt sends too
+    # the DBT of the JPEG 2000 variant test_network_instance_checks sends too
     out = synth_study(**SMALL, transfer_syntax="j2k")
     files = sorted(out.glob("*/dbt/*.dcm"))
     proc = storescu(node, files, "-xv")  # propose JPEG 2000 lossless

@@ -4,7 +4,7 @@ the rest of the study gets its results; a study that grows after its results wer
 what it was sent superseded, never two contradicting CAD SRs at the PACS.
 
 The model and the result builders are stand-ins here (the real ones are covered by
-test_node_worker and test_results_*): what is under test is the worker and the store."""
+test_pipeline_worker and test_results_*): what is under test is the worker and the store."""
 
 from __future__ import annotations
 
