@@ -1,8 +1,10 @@
 """Shared test set-up.
 
-Tests that need a real peer carry a marker (dcmtk, dicom3tools, postgres). Here, where the
-peer is missing, they are skipped; under CI (.ci/run sets DICOMNODE_REQUIRE_PEERS=1) a missing
-peer is an error, so nothing is silently skipped there.
+Tests that need a real peer carry a marker (dcmtk, dicom3tools, pixelmed, orthanc, postgres).
+Here, where the peer is missing, they are skipped; under CI (.ci/run sets
+DICOMNODE_REQUIRE_PEERS=1) a missing peer is an error, so nothing is silently skipped there.
+Session fixtures the tests only read: synthetic studies (synth_study) and a PKI (pki).
+Helpers are in tests/support (tests/README.md).
 """
 
 from __future__ import annotations
