@@ -19,7 +19,8 @@ import pytest
 
 from dicomnode.synth import SynthOptions, generate_studies
 
-# One small study of all three modalities; seed 21: a malignant and a benign finding.
+# One small study of all three modalities, 12 images and their SEGs (seed 21: a benign mass
+# in the right breast, the left one normal).
 SMALL = dict(studies=1, size="small", seed=21)
 
 _STUDIES: dict[tuple[Path, SynthOptions], Path] = {}
