@@ -1,8 +1,10 @@
 """Shared test set-up.
 
-Tests that need a real peer carry a marker (dcmtk, dicom3tools, postgres). Here, where the
-peer is missing, they are skipped; under CI (.ci/run sets DICOMNODE_REQUIRE_PEERS=1) a missing
-peer is an error, so nothing is silently skipped there.
+Tests that need a real peer carry a marker (dcmtk, dicom3tools, pixelmed, orthanc, postgres).
+Here, where the peer is missing, they are skipped; under CI (.ci/run sets
+DICOMNODE_REQUIRE_PEERS=1) a missing peer is an error, so nothing is silently skipped there.
+Session fixtures the tests only read: synthetic studies (synth_study) and a PKI (pki).
+Helpers are in tests/support (tests/README.md).
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from dicomnode.external import dcmtk_program
-
-REQUIRE_PEERS = os.environ.get("DICOMNODE_REQUIRE_PEERS") == "1"
+from tests.support import synth
+from tests.support.peers import REQUIRE_PEERS, dcmtk
+from tests.support.tls import make_pki
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -25,11 +28,6 @@ def pytest_report_header(config: pytest.Config) -> str:
     temp = tempfile.gettempdir()
     return f"free disk under {temp}: {shutil.disk_usage(temp).free / 2**30:.1f} GiB " \
            "(a full run needs about 8 GiB)"
-
-
-def dcmtk(tool: str) -> str:
-    """dcmtk's program (not pynetdicom's same-named script); "" when dcmtk is missing."""
-    return dcmtk_program(tool) or ""
 
 
 _PEER_CHECKS = {
@@ -74,3 +72,20 @@ def _torch_threads() -> None:
     except ImportError:
         return
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA and the node's, the PACS's and a stranger's certificates (tests/support/tls.py),
+    made once per session: the tests only read them."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def synth_study(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """synth_study(**SynthOptions fields) -> the folder of that synthetic study, generated once
+    per session and shared: read it, or copy it first (tests/support/synth.py)."""
+    def study(**options: object) -> Path:
+        return synth.synth_study(tmp_path_factory, **options)
+
+    return study

@@ -13,12 +13,12 @@ import pytest
 
 from dicomnode.cli import main
 from dicomnode.config import load_config
-from dicomnode.network.scp import StorageSCP
-from dicomnode.network.scu import Deliverer, build_scu
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import destinations_from_config, open_store, policy_from_config
+from dicomnode.scp import StorageSCP, policy_from_config
+from dicomnode.scu import Deliverer, build_scu, destinations_from_config
+from dicomnode.store import open_store
 from storage.records import CommitmentState
-from tests.peers import free_port, orthanc, wait_for, write_config
+from tests.support.peers import free_port, orthanc, wait_for, write_config
+from tests.support.synth import SMALL
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
@@ -33,9 +33,8 @@ def _result_file(source: Path, out: Path) -> pydicom.Dataset:
     return ds
 
 
-def test_results_are_committed_by_orthanc(tmp_path: Path, capsys) -> None:
-    generate_studies(tmp_path / "synth", SynthOptions(studies=1, modalities=("s2d",), seed=3))
-    image = sorted((tmp_path / "synth").rglob("s2d/*.dcm"))[0]
+def test_results_are_committed_by_orthanc(tmp_path: Path, capsys, synth_study) -> None:
+    image = sorted(synth_study(**SMALL).rglob("s2d/*.dcm"))[0]
     node_port = free_port()
     modalities = {"node": {"AET": "DICOMNODE", "Host": "127.0.0.1", "Port": node_port,
                            "AllowStorageCommitment": True}}
@@ -82,7 +81,7 @@ def test_results_are_committed_by_orthanc(tmp_path: Path, capsys) -> None:
             # The second is asked for without being sent: Orthanc must report it failed.
             delivery_ids.append(store.enqueue_delivery(results[1].id, "ORTHANC"))
             [task] = store.claim_due_deliveries("w1")
-            from dicomnode.network.commitment import request_commitment
+            from dicomnode.commitment import request_commitment
 
             assoc = build_scu("DICOMNODE").associate("127.0.0.1", pacs.dicom_port,
                                                      ae_title="ORTHANC")

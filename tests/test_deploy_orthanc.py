@@ -5,36 +5,27 @@ study is routed once even though the results make it stable again."""
 
 from __future__ import annotations
 
-import json
-import re
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from dicomnode.synth import SynthOptions, generate_studies
-from tests.peers import free_port, make_checkpoint, node_process, orthanc, wait_for, write_config
+from tests.support.peers import (
+    DEPLOY,
+    deploy_config,
+    free_port,
+    make_checkpoint,
+    node_process,
+    orthanc,
+    wait_for,
+    write_config,
+)
+from tests.support.synth import SMALL
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "orthanc"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 PM = "1.2.840.10008.5.1.4.1.1.30"
-
-
-def deploy_config(root: Path, node_port: int) -> dict:
-    """The shipped orthanc.json with this test's paths and ports."""
-    text = (DEPLOY / "orthanc.json").read_text()
-    config = json.loads(re.sub(r"(?m)^\s*//.*$", "", text))
-    config.update({
-        "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-        "LuaScripts": [str(DEPLOY / "dicomnode-route.lua")],
-        "StableAge": 2, "Plugins": [], "SaveJobs": False,
-    })
-    config["DicomModalities"]["dicomnode"]["Port"] = node_port
-    for key in ("HttpPort", "DicomPort", "DicomAet"):  # the test server's free ports instead
-        del config[key]
-    return config
 
 
 def _text(pacs, path: str) -> str:
@@ -51,9 +42,9 @@ def test_shipped_orthanc_config_is_json_with_the_lua_script() -> None:
 
 @pytest.mark.slow
 @pytest.mark.orthanc
-def test_orthanc_routes_stable_breast_study_and_keeps_results(tmp_path: Path) -> None:
-    study_dir = tmp_path / "study"
-    generate_studies(study_dir, SynthOptions(studies=1, size="small", seed=5))
+def test_orthanc_routes_stable_breast_study_and_keeps_results(tmp_path: Path,
+                                                              synth_study) -> None:
+    study_dir = synth_study(**SMALL)
     images = sorted(study_dir.glob("*/s2d/*.dcm"))  # 4 synthetic 2D views: small and quick
     ground_truth = sorted(study_dir.glob("*/seg/s2d_*.dcm"))[:1]  # a SEG is not routed
     checkpoint = make_checkpoint(tmp_path / "s2d.pt", "s2d")

@@ -15,10 +15,17 @@ from pathlib import Path
 import pytest
 
 from dicomnode.dicomweb.stow import hash_token
-from dicomnode.synth import SynthOptions, generate_studies
-from tests.peers import free_port, make_checkpoint, node_process, orthanc, wait_for, write_config
+from tests.support.peers import (
+    DICOMWEB_PLUGIN,
+    free_port,
+    make_checkpoint,
+    node_process,
+    orthanc,
+    wait_for,
+    write_config,
+)
+from tests.support.synth import SMALL
 
-DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 TOKEN = "orthanc-to-dicomnode-token"
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
@@ -53,9 +60,9 @@ def _status(config: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.orthanc
-def test_orthanc_stow_in_results_stow_out(tmp_path: Path, dicomweb_plugin: Path) -> None:
-    study_dir = tmp_path / "study"
-    generate_studies(study_dir, SynthOptions(studies=1, size="small", seed=5))
+def test_orthanc_stow_in_results_stow_out(tmp_path: Path, dicomweb_plugin: Path,
+                                          synth_study) -> None:
+    study_dir = synth_study(**SMALL)
     images = sorted(study_dir.glob("*/s2d/*.dcm"))  # 4 synthetic 2D views: small and quick
     checkpoint = make_checkpoint(tmp_path / "s2d.pt", "s2d")
     node_port, stow_port, http_port = free_port(), free_port(), free_port()

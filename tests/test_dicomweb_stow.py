@@ -8,7 +8,6 @@ import http.client
 import json
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,27 +19,26 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from dicomnode import metrics
 from dicomnode.config import Config, PeerConfig, TLSConfig, load_config
 from dicomnode.dicomweb.client import StowTarget, post_instances
 from dicomnode.dicomweb.multipart import MultipartReader, multipart_body
 from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token, stow_ssl_context
 from dicomnode.errors import ConfigError
-from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
-from dicomnode.network.scu import Deliverer, Destination
-from dicomnode.ops import prometheus as metrics
-from dicomnode.synth import SynthOptions, generate_studies
+from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.scu import Deliverer, Destination
 from storage import Store
+from tests.support.ops import sop_uid
+from tests.support.peers import NODE_AE
+from tests.support.synth import SMALL
 
 TOKEN = "s3cret-token-for-pacs"
-NODE_AE = "DICOMNODE"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=21))
-    return out
+def study(synth_study) -> Path:
+    return synth_study(**SMALL)
 
 
 def image_files(study: Path) -> list[Path]:
@@ -120,10 +118,6 @@ def failures(response: dict) -> dict[str, int]:
 def stored(response: dict) -> set[str]:
     items = response.get("00081199", {}).get("Value", [])
     return {i["00081155"]["Value"][0] for i in items}
-
-
-def sop_uid(path: Path) -> str:
-    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def good_stow_still_works(node: Node, study: Path) -> None:
@@ -431,25 +425,6 @@ def test_oversized_body_is_413(tmp_path: Path, study: Path) -> None:
 # -- mutual TLS ----------------------------------------------------------------------------
 
 
-def _openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=test-ca",
-             "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
-    for name, cn in (("node", "localhost"), ("pacs", "pacs.hospital"), ("other", "stranger")):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}",
-                 "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                 "-keyout", str(d / f"{name}.key"), "-out", str(d / f"{name}.csr"))
-        _openssl("x509", "-req", "-in", str(d / f"{name}.csr"), "-CA", str(d / "ca.crt"),
-                 "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
-                 "-copy_extensions", "copy", "-out", str(d / f"{name}.crt"))
-    return d
-
-
 def test_mutual_tls_identifies_the_peer_by_certificate(tmp_path: Path, study: Path,
                                                        pki: Path) -> None:
     context = stow_ssl_context(TLSConfig(cert=str(pki / "node.crt"), key=str(pki / "node.key"),
@@ -531,7 +506,7 @@ def test_deliveries_go_out_by_stow_rs_with_retries(tmp_path: Path, study: Path) 
 def test_stow_sender_splits_requests_by_size(tmp_path: Path, study: Path) -> None:
     from datetime import datetime
 
-    from dicomnode.network.scu import send_stow
+    from dicomnode.scu import send_stow
     from storage.records import DeliveryTask
 
     receiver = Node(tmp_path / "receiver")
@@ -569,7 +544,7 @@ token = "outbound"
 """)
     config = load_config(path, environ={})
     assert config.dicomweb.max_body_mb == 10
-    from dicomnode.wiring import destinations_from_config
+    from dicomnode.scu import destinations_from_config
 
     dest = destinations_from_config(config)["PACS"]
     assert dest.stow == StowTarget("https://pacs.example.org/dicom-web", token="outbound")
@@ -588,7 +563,7 @@ token = "outbound"
 @pytest.mark.dcmtk
 def test_bench_stow_reports_the_ratio(study: Path, tmp_path: Path) -> None:
     """The benchmark's machinery on the small study (the figure itself is from full size)."""
-    from dicomnode.bench.stow_receive import run_stow_bench
+    from dicomnode.bench.stow import run_stow_bench
 
     files = sorted(study.glob("*/dbt/*.dcm"))
     report = run_stow_bench(files, 1, tmp_path)

@@ -16,12 +16,12 @@ import pydicom
 import pytest
 from pydicom.uid import UID_dictionary
 
-from dicomnode.cli import main
 from dicomnode.config import load_config
-from dicomnode.export.deidentify import KEY_FILE
+from dicomnode.deidentify import KEY_FILE
+from dicomnode.store import open_store
 from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import open_store
-from tests.results_support import findings, make_analysis, make_breast
+from tests.support.cli import run_cli
+from tests.support.results import findings, make_analysis, make_breast
 
 IDENTIFYING_TEXT = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID",
                     "SourceApplicationEntityTitle",
@@ -31,13 +31,6 @@ IDENTIFYING_TEXT = ("PatientID", "OtherPatientIDs", "AccessionNumber", "StudyID"
 
 pytestmark = pytest.mark.slow
 IMAGES = 16
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
 
 
 def walk(ds: pydicom.Dataset):

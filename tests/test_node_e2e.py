@@ -10,9 +10,7 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Config
-from dicomnode.pipeline.images import load_image
-from dicomnode.pipeline.weights import ModelRegistry
-from dicomnode.pipeline.worker import analyse_image, result_options
+from dicomnode.models import ModelRegistry
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
 from dicomnode.results.validate import (
@@ -21,9 +19,10 @@ from dicomnode.results.validate import (
     dsrdump_errors,
     sr_validator_errors,
 )
-from dicomnode.synth import SynthOptions, generate_studies
-from tests.conftest import dcmtk
-from tests.peers import (
+from dicomnode.volume import load_image
+from dicomnode.worker import analyse_image, result_options
+from tests.support.peers import (
+    dcmtk,
     free_port,
     make_checkpoint,
     node_process,
@@ -32,7 +31,7 @@ from tests.peers import (
     wait_for,
     write_config,
 )
-from tests.result_checks import (
+from tests.support.results import (
     WITH_FINDINGS,
     WITHOUT_FINDINGS,
     cad_marks,
@@ -60,9 +59,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("study")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=31))
+def study(synth_study) -> list[Path]:
+    out = synth_study(studies=1, size="small", seed=31)
     return sorted(p for m in MODALITIES for p in out.glob(f"*/{m}/*.dcm"))
 
 

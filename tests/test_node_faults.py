@@ -33,24 +33,29 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import open_store
-from tests.conftest import dcmtk
-from tests.ops_support import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
-from tests.peers import free_port, make_checkpoint, node_process, storescp, wait_for, write_config
+from dicomnode.store import open_store
+from tests.support.ops import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
+from tests.support.peers import (
+    NO_MODELS,
+    dcmtk,
+    free_port,
+    make_checkpoint,
+    node_process,
+    storescp,
+    wait_for,
+    write_config,
+)
+from tests.support.synth import SMALL
 
 MG = "1.2.840.10008.5.1.4.1.1.1.2"
 BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
 EXPLICIT = "1.2.840.10008.1.2.1"
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False}
 
 
 @pytest.fixture(scope="module")
-def s2d(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=23))
-    return sorted(out.glob("*/s2d/*.dcm"))
+def s2d(synth_study) -> list[Path]:
+    return sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))
 
 
 def cli(config: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -180,8 +185,7 @@ def test_worker_sigkill_mid_inference_job_finished_by_another_worker_results_sen
 
 def _queue_results(config: Path, files: list[Path], destinations: list[str]) -> int:
     """Archive ``files`` as one study's results queued to ``destinations``; the job id."""
-    from dicomnode.network.scp import archive_instance
-    from dicomnode.wiring import policy_from_config
+    from dicomnode.scp import archive_instance, policy_from_config
 
     cfg = load_config(config)
     store = open_store(cfg)

@@ -32,14 +32,13 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import open_store
-from tests.ops_support import NODE_AE, rss_mb
-from tests.peers import free_port, node_process, write_config
+from dicomnode.store import open_store
+from tests.support.ops import NODE_AE, rss_mb
+from tests.support.peers import NO_MODELS, free_port, node_process, write_config
+from tests.support.synth import copy_study
 
 PATIENT_NAME = "FUZZ^SECRETNAME"
 PATIENT_ID = "FZ90210XQ"
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 SEED = 20261207
 MUTANTS = 300
 
@@ -242,10 +241,10 @@ def _echo(port: int) -> bool:
 
 @pytest.mark.slow
 def test_seeded_mutants_get_standard_answers_and_leave_the_node_consistent(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    study = tmp_path / "study"
-    generate_studies(study, SynthOptions(studies=1, size="small", seed=31))
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        synth_study) -> None:
+    # the files are rewritten below: a private copy of the shared study
+    study = copy_study(synth_study(studies=1, size="small", seed=31), tmp_path / "study")
     sources = []
     for path in sorted(study.glob("*/*/*.dcm")):
         if path.parent.name == "seg":

@@ -29,17 +29,13 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import policy_from_config
+from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
 from storage import Store
-from tests.ops_support import rss_mb
-from tests.peers import free_port, node_process, wait_for, write_config
-from tests.test_node_tls import _client as tls_client
-from tests.test_node_tls import pki  # noqa: F401  (fixture)
+from tests.support.ops import rss_mb
+from tests.support.peers import NO_MODELS, NODE_AE, free_port, node_process, wait_for, write_config
+from tests.support.synth import SMALL
+from tests.support.tls import client_context as tls_client
 
-NODE_AE = "DICOMNODE"
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False}
 # A-ASSOCIATE-RQ header claiming a PDU of 4 GB, then nothing (the campaign's bytes).
 HUGE_RQ_HEADER = bytes.fromhex("0100ffffffff0001")
@@ -228,7 +224,7 @@ def test_hostile_connections_cannot_lock_out_the_configured_peer(
 @needs_aliases
 def test_pending_connections_are_capped_per_address_and_for_unknown_addresses(
         tmp_path: Path) -> None:
-    from dicomnode.network.guard import WireLimits
+    from dicomnode.wire_guard import WireLimits
 
     limits = WireLimits(request_seconds=5, max_pending=4, max_pending_per_address=2)
     node = Node(tmp_path, policy([AllowedPeer("PACS", "127.0.0.1")]), limits=limits)
@@ -306,10 +302,8 @@ def test_a_pdu_above_the_negotiated_maximum_aborts_the_association(tmp_path: Pat
 
 
 @pytest.fixture(scope="module")
-def s2d_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=29))
-    return sorted(out.glob("*/s2d/*.dcm"))[0]
+def s2d_image(synth_study) -> Path:
+    return sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))[0]
 
 
 def test_c_store_without_affected_sop_instance_uid(
@@ -360,7 +354,7 @@ def test_c_store_without_affected_sop_instance_uid(
 def test_c_store_with_an_empty_affected_sop_instance_uid_gets_c000(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from dicomnode.network.scp import Receiver
+    from dicomnode.scp import Receiver
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "archive")
     try:
@@ -425,9 +419,9 @@ def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
 
 @pytest.mark.slow
 def test_a_stalled_tls_handshake_neither_blocks_the_listener_nor_stays_open(
-        tmp_path: Path, pki: Path) -> None:  # noqa: F811  (the fixture imported above)
+        tmp_path: Path, pki: Path) -> None:
     from dicomnode.config import Config, TLSConfig
-    from dicomnode.wiring import ssl_context_from_config
+    from dicomnode.scp import ssl_context_from_config
 
     config = Config()
     config.node.tls = TLSConfig(cert=str(pki / "node.crt"), key=str(pki / "node.key"),

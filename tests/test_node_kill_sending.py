@@ -16,13 +16,12 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.config import load_config
-from dicomnode.network.scp import archive_instance
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import open_store, policy_from_config
-from tests.ops_support import kill
-from tests.peers import free_port, node_process, wait_for, write_config
+from dicomnode.scp import archive_instance, policy_from_config
+from dicomnode.store import open_store
+from tests.support.ops import kill
+from tests.support.peers import NO_MODELS, free_port, node_process, wait_for, write_config
+from tests.support.synth import SMALL
 
-NO_MODELS = {"dbt": "none", "ffdm": "none", "s2d": "none"}
 RESULTS = 12
 
 
@@ -79,10 +78,8 @@ def queue_results(config: Path, source: Path, count: int) -> None:
 
 @pytest.mark.slow
 def test_worker_killed_while_sending_resumes_at_restart_and_resends_only_the_one_in_flight(
-        tmp_path: Path) -> None:
-    out = tmp_path / "synth"
-    generate_studies(out, SynthOptions(studies=1, size="small", seed=5, modalities=("s2d",)))
-    source = sorted(out.glob("*/s2d/*.dcm"))[0]
+        tmp_path: Path, synth_study) -> None:
+    source = sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))[0]
     pacs = SlowPacs()
     try:
         config = write_config(

@@ -18,8 +18,8 @@ from dicomnode.wiring import open_store
 from storage import Store
 from storage.errors import StudyNotFound
 from storage.store import utcnow
-from tests.peers import node_process, wait_for
-from tests.storage_support import archive_files, instance_args
+from tests.support.peers import node_process, wait_for
+from tests.support.storage import archive_files, instance_args
 
 OLD = timedelta(days=10)
 

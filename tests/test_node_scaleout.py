@@ -16,16 +16,23 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Config, load_config
-from dicomnode.pipeline.images import load_image
-from dicomnode.pipeline.weights import ModelRegistry
-from dicomnode.pipeline.worker import analyse_image
+from dicomnode.models import ModelRegistry
 from dicomnode.results.read import read_sr_summary
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import open_store
+from dicomnode.store import open_store
+from dicomnode.volume import load_image
+from dicomnode.worker import analyse_image
 from storage.testing import scratch_schema
-from tests.conftest import dcmtk
-from tests.ops_support import NODE_AE, copies_of
-from tests.peers import free_port, make_checkpoint, node_process, storescp, wait_for, write_config
+from tests.support.ops import NODE_AE, copies_of
+from tests.support.peers import (
+    dcmtk,
+    free_port,
+    make_checkpoint,
+    node_process,
+    storescp,
+    wait_for,
+    write_config,
+)
+from tests.support.synth import SMALL
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
 
@@ -34,10 +41,8 @@ SR = "1.2.840.10008.5.1.4.1.1.88.34"
 @pytest.mark.postgres
 @pytest.mark.dcmtk
 def test_two_workers_share_a_postgres_queue_results_identical_and_sent_once(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    synth = tmp_path / "synth"
-    generate_studies(synth, SynthOptions(studies=1, size="small", seed=41))
-    views = sorted(synth.glob("*/s2d/*.dcm"))
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, synth_study) -> None:
+    views = sorted(synth_study(**SMALL).glob("*/s2d/*.dcm"))
     # two one-image studies: a job for each worker (whichever claims first)
     study_a, _ = copies_of(views[0], tmp_path / "a", 1)
     study_b, _ = copies_of(views[1], tmp_path / "b", 1)

@@ -40,9 +40,7 @@ import pydicom
 import pytest
 
 from dicomnode.results.pmap import real_world_values
-from dicomnode.synth import SynthOptions, generate_studies
-from tests.conftest import REQUIRE_PEERS
-from tests.ohif_support import (
+from tests.support.ohif import (
     CDPError,
     Page,
     chromium,
@@ -52,8 +50,16 @@ from tests.ohif_support import (
     save_png,
     websocket_client_available,
 )
-from tests.peers import free_port, node_process, orthanc, wait_for, write_config
-from tests.test_deploy_orthanc import DEPLOY, deploy_config
+from tests.support.peers import (
+    DEPLOY,
+    REQUIRE_PEERS,
+    deploy_config,
+    free_port,
+    node_process,
+    orthanc,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.ohif]
 
@@ -331,11 +337,10 @@ def _save(shot: np.ndarray, name: str, tmp_path: Path, docs: bool = True) -> Non
 # ---------------------------------------------------------------------------- the test
 
 
-def test_ohif_shows_the_results_on_the_dbt(tmp_path: Path, ohif_prerequisites) -> None:
+def test_ohif_shows_the_results_on_the_dbt(tmp_path: Path, ohif_prerequisites,
+                                          synth_study) -> None:
     started = time.monotonic()
-    study_dir = tmp_path / "study"
-    generate_studies(study_dir, SynthOptions(studies=1, size="small", seed=SEED,
-                                             modalities=("dbt",)))
+    study_dir = synth_study(studies=1, size="small", seed=SEED, modalities=("dbt",))
     image_path = next(study_dir.glob(f"*/dbt/{VIEW}.dcm"))
     finding = next(f for f in json.loads((study_dir / "findings.json").read_text())
                    if f["path"].endswith(f"dbt/{VIEW}.dcm") and f["malignant"])

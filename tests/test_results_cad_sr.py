@@ -32,7 +32,7 @@ from dicomnode.results.validate import (
     dsrdump_output,
     sr_validator_errors,
 )
-from tests.results_support import make_analysis, study_root
+from tests.support.results import make_analysis, study_root
 
 OPTIONS = ResultOptions(thresholds=(0.5, 0.5), cad_operating_points=(0.5, 0.35, 0.25),
                         cad_presentation_required=1)

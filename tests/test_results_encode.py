@@ -13,7 +13,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.results import ResultOptions, build_results
 from dicomnode.results.encode import encode_result, encode_result_bytes
-from tests.results_support import analysis_for
+from tests.support.results import analysis_for
 
 
 def _split(data: bytes) -> tuple[bytes, bytes]:
@@ -62,7 +62,7 @@ def test_same_bytes_whatever_the_threads(tmp_path_factory):
 
 def test_bench_results_on_a_small_image(tmp_path_factory):
     from dicomnode.bench.results import run_results_bench
-    from tests.results_support import findings, study_root
+    from tests.support.results import findings, study_root
 
     root = study_root(tmp_path_factory, "enhanced")
     report = run_results_bench(root / findings(root, "dbt")[0]["path"], runs=1,

@@ -17,7 +17,7 @@ from dicomnode.results.geometry import (
     result_grid,
     with_projection_geometry,
 )
-from tests.results_support import findings, make_analysis, study_root
+from tests.support.results import findings, make_analysis, study_root
 
 
 def _per_frame_dataset(orientations: list[list[float]]) -> Dataset:

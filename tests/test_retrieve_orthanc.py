@@ -12,36 +12,15 @@ import pydicom
 import pytest
 import torch
 
-from dicomnode.cli import main
-from dicomnode.synth import SynthOptions, generate_studies
-from tests.peers import free_port, orthanc, write_config
+from tests.support.cli import ABSENT, read_report, run_cli
+from tests.support.peers import free_port, orthanc, write_config
+from tests.support.training import TINY_ARGS
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
-# as tests/test_train_cli.py: seed 183 gives malignant and normal studies
-TINY_ARGS = ["--input-size", "448x320", "--crop-size", "64x64", "--num-crops", "1",
-             "--batch-size", "2", "--augment-px", "8", "--split", "0.5,0.5,0",
-             "--no-progress", "--device", "cpu"]
-ABSENT = "1.2.826.0.1.3680043.10.999.424242"
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    captured = capsys.readouterr()
-    return int(exc.value.code or 0), captured.out, captured.err
-
-
-def read_report(path: Path) -> dict[str, dict[str, str]]:
-    with path.open(newline="") as fh:
-        return {r["study_uid"]: r for r in csv.DictReader(fh)}
-
-
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=4, modalities=("s2d",), seed=183))
-    return out
+def synth(synth_study) -> Path:
+    return synth_study(studies=4, modalities=("s2d",), seed=183)
 
 
 def test_retrieve_by_get_and_move_then_train(synth: Path, tmp_path: Path, capsys) -> None:

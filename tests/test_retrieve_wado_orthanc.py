@@ -16,22 +16,18 @@ import pytest
 import torch
 
 from dicomnode.config import load_config
-from dicomnode.network.instance_checks import EncodedInstance
-from dicomnode.network.scp import archive_instance
-from dicomnode.synth import SynthOptions, generate_studies
-from dicomnode.wiring import open_store, policy_from_config
-from tests.peers import free_port, orthanc, write_config
-from tests.test_dicomweb_orthanc import DICOMWEB_PLUGIN
-from tests.test_retrieve_orthanc import ABSENT, TINY_ARGS, read_report, run_cli
+from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
+from dicomnode.store import open_store
+from tests.support.cli import ABSENT, read_report, run_cli
+from tests.support.peers import DICOMWEB_PLUGIN, free_port, orthanc, write_config
+from tests.support.training import TINY_ARGS
 
 pytestmark = [pytest.mark.orthanc, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synth")
-    generate_studies(out, SynthOptions(studies=4, modalities=("s2d",), seed=183))
-    return out
+def synth(synth_study) -> Path:
+    return synth_study(studies=4, modalities=("s2d",), seed=183)
 
 
 def _sha256(path: Path) -> str:

@@ -9,16 +9,12 @@ import pytest
 
 from storage import Store
 from storage.records import CommitmentState
-from tests import storage_support as support
-from tests.storage_support import T0, instance_args
+from tests.support import storage as support
+from tests.support.storage import at, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def at(seconds: float):
-    return T0 + timedelta(seconds=seconds)
 
 
 def _delivered(store: Store, study: int, destination: str = "PACS") -> tuple[int, int, str]:

@@ -19,9 +19,9 @@ from storage import tables as m
 from storage.errors import LeaseLost
 from storage.store import utcnow
 from storage.testing import claim_worker, seed_queued_jobs
-from tests import storage_procs
-from tests import storage_support as support
-from tests.storage_support import archive_files, instance_args
+from tests.support import storage as support
+from tests.support import storage_procs
+from tests.support.storage import archive_files, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
 

@@ -26,8 +26,8 @@ from storage.errors import (
     StorageError,
 )
 from storage.testing import scratch_schema
-from tests import storage_support as support
-from tests.storage_support import archive_files, instance_args
+from tests.support import storage as support
+from tests.support.storage import archive_files, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
 

@@ -5,21 +5,16 @@ restarts."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 
 import pytest
 
 from storage import JobState, Store
 from storage.errors import LeaseLost
 from storage.records import DeliveryState
-from tests import storage_support as support
-from tests.storage_support import T0, instance_args
+from tests.support import storage as support
+from tests.support.storage import at, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
-
-
-def at(seconds: float):
-    return T0 + timedelta(seconds=seconds)
 
 
 def test_attempts_survive_instances_that_keep_arriving(

@@ -14,16 +14,12 @@ import pytest
 from storage import JobState, Store, StoreOutcome
 from storage.errors import InvalidState, LeaseLost, StudyNotFound
 from storage.records import DeliveryState
-from tests import storage_support as support
-from tests.storage_support import T0, archive_files, instance_args
+from tests.support import storage as support
+from tests.support.storage import T0, archive_files, at, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
 
 SR = "1.2.840.10008.5.1.4.1.1.88.34"
-
-
-def at(seconds: float):
-    return T0 + timedelta(seconds=seconds)
 
 
 def test_store_instance_is_indexed_and_archived(store: Store, tmp_path: Path) -> None:
