@@ -44,7 +44,7 @@ def one_error_line(err: str) -> str:
 def import_folder(folder: Path, config: Path) -> None:
     """Index synthetic files into the node's archive as if they had been received."""
     from dicomnode.config import load_config
-    from dicomnode.store import open_store
+    from dicomnode.wiring import open_store
 
     with open_store(load_config(config)) as store:
         for path in sorted(folder.rglob("*.dcm")):
@@ -181,7 +181,7 @@ def test_checkpoint_of_another_format_version(synth: Path, tmp_path: Path, capsy
 def test_lesion_crop_stage_trains_the_local_network_of_init(synth: Path, tmp_path: Path,
                                                             capsys) -> None:
     from gmic.checkpoint import load_checkpoint, save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.support.training import tiny_model
 
     init = tmp_path / "init.pt"
@@ -253,7 +253,7 @@ def _trained_config(out: Path) -> dict:
 
 def test_init_builtin_trains_the_shipped_model_without_architecture_flags(
         synth: Path, tmp_path: Path, capsys) -> None:
-    from dicomnode.models import BUILTIN_DIR
+    from dicomnode.pipeline.weights import BUILTIN_DIR
     from gmic.checkpoint import checkpoint_config
 
     out = tmp_path / "run"
@@ -271,7 +271,7 @@ def test_init_builtin_trains_the_shipped_model_without_architecture_flags(
 def test_init_file_takes_the_checkpoints_model_and_flags_that_do_not_change_it(
         synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.support.training import tiny_model
 
     cfg = GMICConfig.s2d(input_size=(256, 192), crop_size=(48, 48), num_crops=2, percent_t=0.1,
@@ -300,7 +300,7 @@ def test_init_file_takes_the_checkpoints_model_and_flags_that_do_not_change_it(
 def test_init_refuses_flags_that_contradict_the_checkpoint(
         synth: Path, tmp_path: Path, capsys, flags: list[str], named: str) -> None:
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.support.training import tiny_model
 
     init = tmp_path / "init.pt"
@@ -318,7 +318,7 @@ def test_init_refuses_flags_that_contradict_the_checkpoint(
 def test_init_of_another_modality_keeps_its_network_and_reads_images_the_new_way(
         synth: Path, tmp_path: Path, capsys) -> None:
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.support.training import tiny_model
 
     init = tmp_path / "dbt.pt"
@@ -329,7 +329,7 @@ def test_init_of_another_modality_keeps_its_network_and_reads_images_the_new_way
                             str(tmp_path / "o"), "--local-width", "16", *ONE_STEP], capsys)
     assert code == 1 and "--local-width 16 contradicts the checkpoint's 8" in one_error_line(err)
 
-    from dicomnode.training.run import model_config
+    from dicomnode.training.runner import model_config
 
     cfg = model_config("s2d", {"input_size": (256, 192)}, GMICConfig.dbt(
         input_size=(256, 192), local_width=8, crop_size=(48, 48), zeta=3))

@@ -13,9 +13,9 @@ import pytest
 
 from dicomnode.cli import main
 from dicomnode.config import load_config
-from dicomnode.scp import StorageSCP, policy_from_config
-from dicomnode.scu import Deliverer, build_scu, destinations_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import StorageSCP
+from dicomnode.network.scu import Deliverer, build_scu
+from dicomnode.wiring import destinations_from_config, open_store, policy_from_config
 from storage.records import CommitmentState
 from tests.support.peers import free_port, orthanc, wait_for, write_config
 from tests.support.synth import SMALL
@@ -81,7 +81,7 @@ def test_results_are_committed_by_orthanc(tmp_path: Path, capsys, synth_study) -
             # The second is asked for without being sent: Orthanc must report it failed.
             delivery_ids.append(store.enqueue_delivery(results[1].id, "ORTHANC"))
             [task] = store.claim_due_deliveries("w1")
-            from dicomnode.commitment import request_commitment
+            from dicomnode.network.commitment import request_commitment
 
             assoc = build_scu("DICOMNODE").associate("127.0.0.1", pacs.dicom_port,
                                                      ae_title="ORTHANC")

@@ -18,8 +18,8 @@ from PIL import Image
 from pydicom import dcmread
 
 from dicomnode.cli import main
+from dicomnode.demo.overlay import overlay_layout
 from dicomnode.external import port_open
-from dicomnode.overlay import overlay_layout
 from dicomnode.results.read import read_sr_summary
 from tests.support.peers import make_checkpoint
 
@@ -147,9 +147,9 @@ def test_demo_runs_end_to_end(tmp_path: Path, model_dir: Path) -> None:
 
 def test_missing_builtin_weights_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    import dicomnode.models
+    import dicomnode.pipeline.weights
 
-    monkeypatch.setattr(dicomnode.models, "BUILTIN_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr(dicomnode.pipeline.weights, "BUILTIN_DIR", tmp_path / "no-weights")
     for key in [k for k in os.environ if k.startswith("DICOMNODE_")]:
         monkeypatch.delenv(key)
     with pytest.raises(SystemExit) as exc:
@@ -235,17 +235,17 @@ def test_demo_results_mark_only_what_the_model_flags(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from dicomnode.config import load_config
-    from dicomnode.models import ModelRegistry
-    from dicomnode.results.findings import flagged_regions
-    from dicomnode.results.validate import dciodvfy_output, sr_validator_errors
-    from dicomnode.volume import load_image
-    from dicomnode.worker import (
+    from dicomnode.pipeline.images import load_image
+    from dicomnode.pipeline.weights import ModelRegistry
+    from dicomnode.pipeline.worker import (
         _default_result_builder,
         _default_study_result_builder,
         analyse_image,
         combine_breasts,
         result_options,
     )
+    from dicomnode.results.findings import flagged_regions
+    from dicomnode.results.validate import dciodvfy_output, sr_validator_errors
     from tests.support.results import (
         CAD_SR,
         WITH_FINDINGS,

@@ -19,14 +19,14 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomnode import metrics
 from dicomnode.config import Config, PeerConfig, TLSConfig, load_config
 from dicomnode.dicomweb.client import StowTarget, post_instances
 from dicomnode.dicomweb.multipart import MultipartReader, multipart_body
 from dicomnode.dicomweb.stow import StowAuth, StowServer, hash_token, stow_ssl_context
 from dicomnode.errors import ConfigError
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
-from dicomnode.scu import Deliverer, Destination
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.network.scu import Deliverer, Destination
+from dicomnode.ops import prometheus as metrics
 from storage import Store
 from tests.support.ops import sop_uid
 from tests.support.peers import NODE_AE
@@ -506,7 +506,7 @@ def test_deliveries_go_out_by_stow_rs_with_retries(tmp_path: Path, study: Path) 
 def test_stow_sender_splits_requests_by_size(tmp_path: Path, study: Path) -> None:
     from datetime import datetime
 
-    from dicomnode.scu import send_stow
+    from dicomnode.network.scu import send_stow
     from storage.records import DeliveryTask
 
     receiver = Node(tmp_path / "receiver")
@@ -544,7 +544,7 @@ token = "outbound"
 """)
     config = load_config(path, environ={})
     assert config.dicomweb.max_body_mb == 10
-    from dicomnode.scu import destinations_from_config
+    from dicomnode.wiring import destinations_from_config
 
     dest = destinations_from_config(config)["PACS"]
     assert dest.stow == StowTarget("https://pacs.example.org/dicom-web", token="outbound")
@@ -563,7 +563,7 @@ token = "outbound"
 @pytest.mark.dcmtk
 def test_bench_stow_reports_the_ratio(study: Path, tmp_path: Path) -> None:
     """The benchmark's machinery on the small study (the figure itself is from full size)."""
-    from dicomnode.bench.stow import run_stow_bench
+    from dicomnode.bench.stow_receive import run_stow_bench
 
     files = sorted(study.glob("*/dbt/*.dcm"))
     report = run_stow_bench(files, 1, tmp_path)

@@ -19,9 +19,10 @@ import pytest
 
 from dicomnode.config import Config, NodeConfig, PeerConfig
 from dicomnode.errors import ConfigError
-from dicomnode.retrieve import RetrieveError, Retriever, StudyKey, retrieve_method
-from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
-from dicomnode.store import open_store
+from dicomnode.network.instance_checks import EncodedInstance
+from dicomnode.network.retrieve import RetrieveError, Retriever, StudyKey, retrieve_method
+from dicomnode.network.scp import archive_instance
+from dicomnode.wiring import open_store, policy_from_config
 
 TOKEN = "wado-test-token"
 SERIES = "1.2.826.0.1.3680043.10.999.7"  # the server files every instance under this series
@@ -270,7 +271,7 @@ def _in_syntax(path: Path, out: Path, syntax: str) -> Path:
     """The file with its meta saying ``syntax`` (the dataset bytes as they are)."""
     from pynetdicom.dsutils import encode_file_meta
 
-    from dicomnode.scp import dataset_offset
+    from dicomnode.network.instance_checks import dataset_offset
 
     encoded = EncodedInstance(path.read_bytes())
     offset = dataset_offset(encoded)

@@ -226,7 +226,8 @@ def test_study_is_not_complete_while_its_association_is_open(tmp_path: Path,
 
 def test_hold_interval_stays_under_the_shortest_idle_time() -> None:
     from dicomnode.config import Config, PeerConfig
-    from dicomnode.scp import HOLD_SECONDS, hold_interval
+    from dicomnode.network.scp import HOLD_SECONDS
+    from dicomnode.wiring import hold_interval
 
     config = Config()
     assert hold_interval(config) == HOLD_SECONDS  # the default 30 s idle time

@@ -10,7 +10,9 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Config
-from dicomnode.models import ModelRegistry
+from dicomnode.pipeline.images import load_image
+from dicomnode.pipeline.weights import ModelRegistry
+from dicomnode.pipeline.worker import analyse_image, result_options
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
 from dicomnode.results.validate import (
@@ -19,8 +21,6 @@ from dicomnode.results.validate import (
     dsrdump_errors,
     sr_validator_errors,
 )
-from dicomnode.volume import load_image
-from dicomnode.worker import analyse_image, result_options
 from tests.support.peers import (
     dcmtk,
     free_port,

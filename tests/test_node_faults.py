@@ -33,7 +33,7 @@ from pydicom.uid import JPEG2000Lossless, generate_uid
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.store import open_store
+from dicomnode.wiring import open_store
 from tests.support.ops import NODE_AE, acknowledged, copies_of, kill, rss_mb, scu, send_raw
 from tests.support.peers import (
     NO_MODELS,
@@ -185,7 +185,8 @@ def test_worker_sigkill_mid_inference_job_finished_by_another_worker_results_sen
 
 def _queue_results(config: Path, files: list[Path], destinations: list[str]) -> int:
     """Archive ``files`` as one study's results queued to ``destinations``; the job id."""
-    from dicomnode.scp import archive_instance, policy_from_config
+    from dicomnode.network.scp import archive_instance
+    from dicomnode.wiring import policy_from_config
 
     cfg = load_config(config)
     store = open_store(cfg)

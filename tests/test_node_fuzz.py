@@ -32,7 +32,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.store import open_store
+from dicomnode.wiring import open_store
 from tests.support.ops import NODE_AE, rss_mb
 from tests.support.peers import NO_MODELS, free_port, node_process, write_config
 from tests.support.synth import copy_study

@@ -29,7 +29,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP, policy_from_config
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.wiring import policy_from_config
 from storage import Store
 from tests.support.ops import rss_mb
 from tests.support.peers import NO_MODELS, NODE_AE, free_port, node_process, wait_for, write_config
@@ -224,7 +225,7 @@ def test_hostile_connections_cannot_lock_out_the_configured_peer(
 @needs_aliases
 def test_pending_connections_are_capped_per_address_and_for_unknown_addresses(
         tmp_path: Path) -> None:
-    from dicomnode.wire_guard import WireLimits
+    from dicomnode.network.guard import WireLimits
 
     limits = WireLimits(request_seconds=5, max_pending=4, max_pending_per_address=2)
     node = Node(tmp_path, policy([AllowedPeer("PACS", "127.0.0.1")]), limits=limits)
@@ -354,7 +355,7 @@ def test_c_store_without_affected_sop_instance_uid(
 def test_c_store_with_an_empty_affected_sop_instance_uid_gets_c000(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
-    from dicomnode.scp import Receiver
+    from dicomnode.network.scp import Receiver
 
     store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path / "archive")
     try:
@@ -421,7 +422,7 @@ def test_a_c_store_cut_off_mid_dataset_leaves_no_file(
 def test_a_stalled_tls_handshake_neither_blocks_the_listener_nor_stays_open(
         tmp_path: Path, pki: Path) -> None:
     from dicomnode.config import Config, TLSConfig
-    from dicomnode.scp import ssl_context_from_config
+    from dicomnode.wiring import ssl_context_from_config
 
     config = Config()
     config.node.tls = TLSConfig(cert=str(pki / "node.crt"), key=str(pki / "node.key"),

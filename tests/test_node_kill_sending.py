@@ -16,8 +16,8 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
 from dicomnode.config import load_config
-from dicomnode.scp import archive_instance, policy_from_config
-from dicomnode.store import open_store
+from dicomnode.network.scp import archive_instance
+from dicomnode.wiring import open_store, policy_from_config
 from tests.support.ops import kill
 from tests.support.peers import NO_MODELS, free_port, node_process, wait_for, write_config
 from tests.support.synth import SMALL

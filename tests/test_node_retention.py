@@ -76,12 +76,13 @@ def test_worker_process_applies_retention_at_start(tmp_path: Path) -> None:
         trail = [a for a in store.audit_trail() if a.event == "retention"]
         assert [(a.study_uid, a.count) for a in trail] == \
             [(studies["old_done"]["study_uid"], 1)]
-        assert remaining_studies(archive) == {studies["old_running"]["study_uid"],
-                                              studies["recent"]["study_uid"]}
         with pytest.raises(StudyNotFound):
             store.study_instances(studies["old_done"]["study_uid"])
         assert store.queue_counts()["jobs"] == {"running": 1, "receiving": 1}
+        # the rows go first, in one transaction, the files after: look once it has finished
         wait_for(lambda: "event=retention_applied" in log.read_text(), 30, "retention log")
+        assert remaining_studies(archive) == {studies["old_running"]["study_uid"],
+                                              studies["recent"]["study_uid"]}
     text = log.read_text()
     assert f"event=retention_removed study_uid={studies['old_done']['study_uid']}" in text
     assert "studies=1 instances=1 results=0" in text

@@ -16,11 +16,11 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Config, load_config
-from dicomnode.models import ModelRegistry
+from dicomnode.pipeline.images import load_image
+from dicomnode.pipeline.weights import ModelRegistry
+from dicomnode.pipeline.worker import analyse_image
 from dicomnode.results.read import read_sr_summary
-from dicomnode.store import open_store
-from dicomnode.volume import load_image
-from dicomnode.worker import analyse_image
+from dicomnode.wiring import open_store
 from storage.testing import scratch_schema
 from tests.support.ops import NODE_AE, copies_of
 from tests.support.peers import (

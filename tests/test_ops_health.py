@@ -1,4 +1,4 @@
-"""dicomnode.health: the status files of live processes, and `dicomnode status` reporting
+"""dicomnode.ops.health: the status files of live processes, and `dicomnode status` reporting
 the queue, the disk, the models and the audit trail."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from pydicom import dcmread
 
 from dicomnode.cli import cli
-from dicomnode.health import StatusWriter, new_process_status, queue_snapshot, read_status_files
-from dicomnode.scp import ReceiverPolicy
+from dicomnode.network.scp import ReceiverPolicy
+from dicomnode.ops.health import StatusWriter, new_process_status, queue_snapshot, read_status_files
 from storage import Store
 from tests.support.peers import write_config
 from tests.support.synth import SMALL
@@ -49,7 +49,7 @@ def test_status_command_reports_queue_disk_model_and_audit(tmp_path: Path, image
     store = Store(f"sqlite:///{tmp_path / 'data' / 'dicomnode.db'}", tmp_path / "data" /
                   "archive")
     try:
-        from dicomnode.scp import archive_instance
+        from dicomnode.network.scp import archive_instance
 
         archive_instance(store, image.read_bytes(), ReceiverPolicy("DICOMNODE"),
                          calling_ae="PACS")

@@ -1,4 +1,4 @@
-"""dicomnode.http: the listen addresses (loopback by default) and the HTTP endpoint's
+"""dicomnode.ops.http: the listen addresses (loopback by default) and the HTTP endpoint's
 /health/live, /health/ready, /metrics and /status."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import urllib.request
 
 import pytest
 
-from dicomnode import metrics
 from dicomnode.errors import ConfigError
-from dicomnode.http import HealthServer, parse_listen
+from dicomnode.ops import prometheus as metrics
+from dicomnode.ops.http import HealthServer, parse_listen
 
 
 def test_listen_addresses_default_to_loopback() -> None:

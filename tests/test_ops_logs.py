@@ -1,4 +1,4 @@
-"""dicomnode.logs: the node's log lines are key=value events, quote no dataset value from a
+"""dicomnode.ops.logs: the node's log lines are key=value events, quote no dataset value from a
 library, and carry UIDs but never patient names or IDs (nor does the audit trail)."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 
-from dicomnode.logs import configure_logging, kv
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.ops.logs import configure_logging, kv
 from storage import Store
 from tests.support.ops import scu
 from tests.support.synth import SMALL

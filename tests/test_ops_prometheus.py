@@ -1,4 +1,4 @@
-"""dicomnode.metrics: the Prometheus registry (counters, gauges, histograms), its text
+"""dicomnode.ops.prometheus: the Prometheus registry (counters, gauges, histograms), its text
 format, thread safety, and collectors run at scrape time."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from dicomnode import metrics
+from dicomnode.ops import prometheus as metrics
 
 
 def test_counter_and_histogram_render_prometheus_text() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.volume import load_image
+from dicomnode.pipeline.images import load_image
 from tests.support.dicom import phantom, write_enhanced_dbt, write_mammo
 
 pytestmark = pytest.mark.dcmtk

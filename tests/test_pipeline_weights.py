@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from dicomnode.config import ModelConfig
-from dicomnode.models import BUILTIN_DIR, ModelRegistry
-from dicomnode.volume import load_image
+from dicomnode.pipeline.images import load_image
+from dicomnode.pipeline.weights import BUILTIN_DIR, ModelRegistry
 from gmic.model import predict
 from gmic.preprocess import preprocess
 

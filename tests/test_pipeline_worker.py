@@ -11,14 +11,14 @@ import pytest
 from pydicom import dcmread
 
 from dicomnode.config import Config
-from dicomnode.models import ModelRegistry
+from dicomnode.network.scp import ReceiverPolicy, archive_instance
+from dicomnode.pipeline.images import load_image
+from dicomnode.pipeline.weights import ModelRegistry
+from dicomnode.pipeline.worker import Worker, analyse_image, combine_breasts
 from dicomnode.results import ResultOptions
 from dicomnode.results.common import result_uid
 from dicomnode.results.findings import flagged_regions
 from dicomnode.results.read import read_sr_summary
-from dicomnode.scp import ReceiverPolicy, archive_instance
-from dicomnode.volume import load_image
-from dicomnode.worker import Worker, analyse_image, combine_breasts
 from storage import Store
 from tests.support.peers import make_checkpoint
 from tests.support.results import WITH_FINDINGS, cad_marks, cad_summary
@@ -182,7 +182,7 @@ def test_test_time_augmentation_changes_the_scores_not_the_drawings(
 def test_no_weights_fails_the_job_with_a_clear_error(tmp_path: Path, study: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # as in a package built without the shipped weights
-    monkeypatch.setattr("dicomnode.models.BUILTIN_DIR", tmp_path / "no-weights")
+    monkeypatch.setattr("dicomnode.pipeline.weights.BUILTIN_DIR", tmp_path / "no-weights")
     config = node_config(tmp_path, {m: "builtin" for m in MODALITIES})
     store = Store(config.database_url, tmp_path / "archive")
     try:

@@ -23,12 +23,12 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from dicomnode import worker as worker_module
-from dicomnode.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnalysis
 from dicomnode.config import Config, PeerConfig
+from dicomnode.network.scp import ReceiverPolicy, archive_instance
+from dicomnode.pipeline import worker as worker_module
+from dicomnode.pipeline.analysis import AlgorithmIdentity, ClassProbabilities, ImageAnalysis
+from dicomnode.pipeline.worker import Worker
 from dicomnode.results.common import ResultsError
-from dicomnode.scp import ReceiverPolicy, archive_instance
-from dicomnode.worker import Worker
 from storage import JobState, Store
 from storage.records import DeliveryState
 
@@ -289,7 +289,7 @@ def test_deliveries_of_a_killed_node_resume_when_it_restarts(node, study: Path) 
     study_uid = receive(node.store, study_files(study))
     node.store.force_ready(study_uid)
     assert make_worker(node).run_one_job()
-    from dicomnode.worker import worker_id
+    from dicomnode.pipeline.worker import worker_id
 
     host = socket.gethostname()
     dead = f"{host}:{_dead_pid()}:dead01"
@@ -326,7 +326,7 @@ def test_deliveries_of_a_killed_node_resume_when_it_restarts(node, study: Path) 
 
 
 def test_dead_workers_are_only_this_hosts_gone_processes() -> None:
-    from dicomnode.worker import dead_workers, worker_id
+    from dicomnode.pipeline.worker import dead_workers, worker_id
 
     host = socket.gethostname()
     gone = f"{host}:{_dead_pid()}:aaaaaa"

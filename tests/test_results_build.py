@@ -8,7 +8,6 @@ import dataclasses
 import pydicom
 import pytest
 
-from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import (
     ResultOptions,
     ResultsError,
@@ -17,6 +16,7 @@ from dicomnode.results import (
     build_segmentation,
 )
 from dicomnode.results.validate import dciodvfy_errors
+from gmic.classes import CLASS_NAMES
 from tests.support.results import CASES, analysis_for, make_breast
 
 
@@ -113,8 +113,8 @@ def test_every_result_kind_carries_the_ihe_air_identification(tmp_path_factory,
     Contributing Equipment "Processing Algorithm" with the weights' Device UID, Software
     Versions naming node and weights, Series Date/Time, the source's Institution Name."""
     from dicomnode.config import Config
+    from dicomnode.pipeline.worker import _default_study_result_builder
     from dicomnode.results import identify_result
-    from dicomnode.worker import _default_study_result_builder
 
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
     source = pydicom.dcmread(analysis.image.source_paths[0], stop_before_pixels=True)

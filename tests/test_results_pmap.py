@@ -8,11 +8,11 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from dicomnode.analysis import BENIGN, CLASS_NAMES, MALIGNANT
 from dicomnode.results import ResultOptions, build_parametric_maps
 from dicomnode.results.geometry import block_mean
 from dicomnode.results.pmap import real_world_values
 from dicomnode.results.validate import dciodvfy_errors
+from gmic.classes import BENIGN, CLASS_NAMES, MALIGNANT
 from tests.support.results import (
     CASES,
     analysis_for,

@@ -10,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_segmentation
 from dicomnode.results.geometry import SALIENCY_LEVELS, block_mean, level_threshold
 from dicomnode.results.validate import dciodvfy_errors
+from gmic.classes import CLASS_NAMES
 from tests.support.results import (
     CASES,
     analysis_for,

@@ -10,7 +10,6 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.analysis import CLASS_NAMES
 from dicomnode.results import ResultOptions, build_segmentation, build_sr
 from dicomnode.results.common import SEGMENT_PROPERTIES
 from dicomnode.results.findings import flagged_regions
@@ -22,6 +21,7 @@ from dicomnode.results.validate import (
     dsrdump_output,
     sr_validator_errors,
 )
+from gmic.classes import CLASS_NAMES
 from tests.support.results import CASES, analysis_for, make_breast
 
 THRESHOLDS = (0.2, 0.5)

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from dicomnode.config import load_config
-from dicomnode.scp import EncodedInstance, archive_instance, policy_from_config
-from dicomnode.store import open_store
+from dicomnode.network.instance_checks import EncodedInstance
+from dicomnode.network.scp import archive_instance
+from dicomnode.wiring import open_store, policy_from_config
 from tests.support.cli import ABSENT, read_report, run_cli
 from tests.support.peers import DICOMWEB_PLUGIN, free_port, orthanc, write_config
 from tests.support.training import TINY_ARGS

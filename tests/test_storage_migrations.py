@@ -9,7 +9,7 @@ from sqlalchemy import inspect
 
 from storage import migrate
 from storage.engine import create_storage_engine
-from storage.models import Base
+from storage.tables import Base
 from tests.support import storage as support
 
 db_url = support.db_url  # fixture: schema already upgraded to head

@@ -78,7 +78,7 @@ def test_test_time_augmentation_averages_copies() -> None:
     from tests.support.training import tiny_model
 
     torch.set_num_threads(1)
-    from dicomnode.inference import run_model
+    from dicomnode.pipeline.inference import run_model
 
     model = tiny_model().eval()
     pixels = np.random.default_rng(0).random((1, 140, 100)).astype(np.float32)
@@ -125,11 +125,11 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
 
     from dicomnode.cli import main
     from dicomnode.config import ModelConfig
-    from dicomnode.models import ModelRegistry
-    from dicomnode.volume import load_image
-    from dicomnode.worker import analyse_image
+    from dicomnode.pipeline.images import load_image
+    from dicomnode.pipeline.weights import ModelRegistry
+    from dicomnode.pipeline.worker import analyse_image
     from gmic.checkpoint import save_checkpoint
-    from gmic.config import GMICConfig
+    from gmic.model_config import GMICConfig
     from tests.support.training import tiny_model
 
     torch.set_num_threads(1)

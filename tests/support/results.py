@@ -20,15 +20,15 @@ import numpy as np
 import pytest
 from pydicom.dataset import Dataset
 
-from dicomnode.analysis import (
+from dicomnode.pipeline.analysis import (
     AlgorithmIdentity,
     AttendedRegion,
     BreastAnalysis,
     ClassProbabilities,
     ImageAnalysis,
 )
+from dicomnode.pipeline.images import load_image, load_images
 from dicomnode.results.common import SEGMENT_PROPERTIES
-from dicomnode.volume import load_image, load_images
 from gmic.preprocess import preprocess
 from tests.support.synth import synth_study
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicomnode.scp import AllowedPeer, ReceiverPolicy, StorageSCP
+from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from storage import Store
 from tests.support.peers import NODE_AE, dcmtk
 

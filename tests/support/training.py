@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from gmic.config import GMICConfig
+from gmic.model_config import GMICConfig
 
 TINY = GMICConfig.s2d(input_size=(128, 96), crop_size=(32, 32), num_crops=2, percent_t=0.1,
                       zeta=0, slice_chunk=0, activation_checkpointing=False, beta=1e-4)
