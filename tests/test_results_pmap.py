@@ -9,9 +9,9 @@ import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from dicomnode.analysis import BENIGN, CLASS_NAMES, MALIGNANT
-from dicomnode.results import ResultOptions, build_parametric_maps
+from dicomnode.results import ResultOptions, build_parametric_map, build_parametric_maps
 from dicomnode.results.geometry import block_mean
-from dicomnode.results.pmap import real_world_values
+from dicomnode.results.pmap import real_world_values, reference_parametric_map
 from dicomnode.results.validate import dciodvfy_errors
 from tests.results_support import (
     CASES,
@@ -162,3 +162,47 @@ def test_pm_passes_dciodvfy(tmp_path_factory, tmp_path, layout, modality, factor
         path = tmp_path / f"pm{class_index}.dcm"
         pm.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
+
+
+def _differences(a, b, path="") -> list[str]:
+    """Where two datasets differ, element by element (sequences item by item)."""
+    out = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):
+        name = f"{path}{pydicom.datadict.keyword_for_tag(tag) or tag}"
+        if tag not in a or tag not in b:
+            out.append(f"{name}: only in {'the first' if tag in a else 'the second'}")
+        elif a[tag].VR == "SQ":
+            if len(a[tag].value) != len(b[tag].value):
+                out.append(f"{name}: {len(a[tag].value)} != {len(b[tag].value)} items")
+            else:
+                for i, (x, y) in enumerate(zip(a[tag].value, b[tag].value)):
+                    out += _differences(x, y, f"{name}[{i}].")
+        elif a[tag].VR != b[tag].VR or a[tag].value != b[tag].value:
+            out.append(f"{name}: differs")
+    return out
+
+
+@pytest.mark.parametrize("layout,modality", CASES)
+@pytest.mark.parametrize("factor,encoding", [(1, "float"), (3, "float"), (1, "integer"),
+                                           (2, "integer")])
+def test_pm_is_the_dataset_highdicom_builds_from_the_whole_array(
+        tmp_path_factory, layout, modality, factor, encoding) -> None:
+    """build_parametric_map writes the pixel data itself (highdicom gets a stand-in array):
+    the same dataset, element for element and byte for byte, as highdicom builds from the
+    whole value array with the frames then reordered along the normal."""
+    analysis = analysis_for(tmp_path_factory, layout, modality)
+    for class_index in range(len(CLASS_NAMES)):
+        options = ResultOptions(pmap_decimation=factor, pmap_values=encoding)
+        fast = build_parametric_map(analysis, class_index, options)
+        slow = reference_parametric_map(analysis, class_index, options)
+        # what differs from one build to the next: the time, a new random UID
+        assert set(_differences(fast, slow)) <= {
+            "ContentTime: differs", "InstanceCreationTime: differs", "SeriesTime: differs",
+            "ContentDate: differs", "InstanceCreationDate: differs", "SeriesDate: differs",
+            "ContributingEquipmentSequence[1].ContributionDateTime: differs",
+            "DimensionOrganizationSequence[0].DimensionOrganizationUID: differs",
+            "DimensionIndexSequence[0].DimensionOrganizationUID: differs"}
+        assert fast.file_meta == slow.file_meta
+        keyword = "PixelData" if encoding == "integer" else "FloatPixelData"
+        assert type(getattr(fast, keyword)) is bytes
+        assert getattr(fast, keyword) == getattr(slow, keyword)
