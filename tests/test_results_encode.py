@@ -60,6 +60,26 @@ def test_same_bytes_whatever_the_threads(tmp_path_factory):
     assert encode_result(pm, threads=3, block=4096) == one
 
 
+def test_zlib_ng_deflates_where_installed(tmp_path_factory):
+    """zlib-ng (a dependency) deflates the results; its stream and zlib's inflate to the
+    same dataset, at every level, split into blocks or not."""
+    zlib_ng = pytest.importorskip("zlib_ng.zlib_ng")
+    from dicomnode.results import encode
+
+    assert encode.DEFLATER is zlib_ng
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    pm = build_results(analysis).pmaps[0]
+    for level, block in ((1, 4096), (6, 1 << 20), (9, 777)):
+        fast = encode_result_bytes(pm, level=level, block=block)
+        plain = encode_result_bytes(pm, level=level, block=block, deflater=zlib)
+        assert fast != plain  # another deflater, another stream ...
+        fast_meta, fast_body = _split(fast)
+        plain_meta, plain_body = _split(plain)
+        assert fast_meta == plain_meta  # ... of the same dataset
+        assert zlib.decompress(fast_body, -zlib.MAX_WBITS) == \
+            zlib.decompress(plain_body, -zlib.MAX_WBITS)
+
+
 def test_bench_results_on_a_small_image(tmp_path_factory):
     from dicomnode.bench.results import run_results_bench
     from tests.results_support import findings, study_root

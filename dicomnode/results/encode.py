@@ -13,7 +13,13 @@ deflates them
 - in DEFLATE_BLOCK blocks on DEFLATE_THREADS threads (zlib releases the GIL), pigz-style:
   each block is primed with the 32 KiB before it and ends on a sync flush, so the blocks
   make one raw deflate stream that any inflater reads as if deflated in one go. The block
-  boundaries do not depend on the number of threads: the bytes are the same on every run.
+  boundaries do not depend on the number of threads: the bytes are the same on every run;
+- with zlib-ng (the `zlib-ng` package, a dependency) where it is installed, else with
+  Python's zlib: the same raw deflate format, read by any inflater. On a full-size DBT
+  view's real (random-weights) saliency map at level 6, zlib-ng deflates 1.7x as fast as
+  zlib (182 against 106 MB/s a thread) to the same size (1.72 % of the raw bytes); its
+  level 1 is 2.6x zlib's but gives 30 % more bytes than zlib's level 1. The bytes differ
+  from zlib's, the inflated dataset does not.
 
 Inflated, the dataset is byte for byte what pydicom writes (tests/test_results_encode.py).
 Other transfer syntaxes go through pydicom's dcmwrite unchanged.
@@ -35,6 +41,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
+try:  # the same deflate format, faster (module docstring)
+    from zlib_ng import zlib_ng as DEFLATER
+except ImportError:  # pragma: no cover - zlib-ng is a dependency; a site without it
+    DEFLATER = zlib  # type: ignore[assignment]
+
 DEFLATE_LEVEL = 6  # zlib's default; [results] deflate_level
 DEFLATE_BLOCK = 8 * 1024 * 1024
 DEFLATE_THREADS = max(1, min(4, os.cpu_count() or 1))
@@ -44,16 +55,19 @@ _BULK = {0x7FE00008: b"OF", 0x7FE00009: b"OD", 0x7FE00010: None}
 
 
 def deflate_blocks(blocks: Sequence[bytes | memoryview], level: int = DEFLATE_LEVEL,
-                   threads: int = DEFLATE_THREADS) -> list[bytes]:
+                   threads: int = DEFLATE_THREADS, deflater=None) -> list[bytes]:
     """One raw deflate stream (wbits -15) of the concatenated blocks, as a list of parts.
     Block i is primed with the last 32 KiB of block i-1 (blocks shorter than that prime the
-    next with what they have: fewer matches, same stream)."""
+    next with what they have: fewer matches, same stream). `deflater`: a module with
+    zlib's compressobj (default DEFLATER: zlib-ng where installed, else zlib)."""
+    z = deflater or DEFLATER
+
     def one(i: int) -> bytes:
         primer = blocks[i - 1][-_WINDOW:] if i else b""
-        c = (zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS, zdict=primer)
-             if len(primer) else zlib.compressobj(level, zlib.DEFLATED, -zlib.MAX_WBITS))
+        c = (z.compressobj(level, z.DEFLATED, -zlib.MAX_WBITS, zdict=primer)
+             if len(primer) else z.compressobj(level, z.DEFLATED, -zlib.MAX_WBITS))
         return c.compress(blocks[i]) + c.flush(
-            zlib.Z_FINISH if i == len(blocks) - 1 else zlib.Z_SYNC_FLUSH)
+            z.Z_FINISH if i == len(blocks) - 1 else z.Z_SYNC_FLUSH)
 
     if threads <= 1 or len(blocks) < 2:
         return [one(i) for i in range(len(blocks))]
@@ -110,7 +124,7 @@ def _dataset_blocks(ds: Dataset, block: int) -> list[bytes | memoryview]:
 
 
 def encode_result(ds: Dataset, *, level: int = DEFLATE_LEVEL, threads: int = DEFLATE_THREADS,
-                  block: int = DEFLATE_BLOCK) -> list[bytes]:
+                  block: int = DEFLATE_BLOCK, deflater=None) -> list[bytes]:
     """The Part 10 file of `ds` as a list of byte strings to write one after the other
     (what storage's store_result takes): preamble, file meta, dataset. A deflated dataset is
     deflated at `level` in parallel blocks (module docstring); any other goes through
@@ -126,7 +140,8 @@ def encode_result(ds: Dataset, *, level: int = DEFLATE_LEVEL, threads: int = DEF
     meta.write(getattr(ds, "preamble", None) or b"\x00" * 128)
     meta.write(b"DICM")
     write_file_meta_info(meta, _file_meta(ds), enforce_standard=True)
-    parts = [meta.getvalue(), *deflate_blocks(_dataset_blocks(ds, block), level, threads)]
+    parts = [meta.getvalue(),
+             *deflate_blocks(_dataset_blocks(ds, block), level, threads, deflater)]
     if sum(len(p) for p in parts[1:]) % 2:
         parts.append(b"\x00")  # as dcmwrite pads the deflated stream
     return parts
