@@ -92,6 +92,10 @@ def test_bench_results_on_a_small_image(tmp_path_factory):
     assert rows["OT"]["L1_bytes"] >= rows["OT"]["L9_bytes"] > 0
     assert rows["SR"]["encode_bytes"] == rows["SR"]["dcmwrite_bytes"]
     assert any(r.name.startswith("build + dcmwrite") for r in report.ratios)
+    stages = [t.name for t in report.timings if t.name.startswith("build stage: ")]
+    assert stages == [f"build stage: {name}" for name in (
+        "source headers", "saliency levels (both classes)", "SEG", "Parametric Map", "SR",
+        "identification")]
 
 
 @pytest.mark.parametrize("level", [0, 10, "1"])
