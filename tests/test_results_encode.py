@@ -107,3 +107,53 @@ def test_deflate_level_out_of_range_is_a_config_error(level):
     config.results.deflate_level = level
     with pytest.raises(ConfigError, match="deflate_level"):
         validate(config)
+
+
+def test_early_deflation_is_taken_and_gives_the_same_stream(tmp_path_factory, monkeypatch):
+    """The blocks deflate_early started are the ones encode_result writes, when it writes
+    the same pixel bytes at the same level and block size; at another level they are not
+    used. Either way the bytes are those of a deflation from scratch."""
+    from dicomnode.results import encode
+
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    pm = build_results(analysis).pmaps[0]
+    value = pm.FloatPixelData
+    scratch = {level: encode_result_bytes(pm, level=level, block=4096) for level in (1, 6)}
+    taken: list[dict] = []
+    take = encode._take_early
+    monkeypatch.setattr(encode, "_take_early", lambda *args: taken.append(take(*args))
+                        or taken[-1])
+    started = encode.deflate_early(value, 6, block=4096)
+    assert started == -(-len(value) // 4096) - 2 > 0
+    assert encode_result_bytes(pm, level=6, block=4096) == scratch[6]
+    assert len(taken[-1]) == started  # all taken ...
+    assert encode_result_bytes(pm, level=6, block=4096) == scratch[6]
+    assert taken[-1] == {}  # ... once
+    encode.deflate_early(value, 6, block=4096)
+    assert encode_result_bytes(pm, level=1, block=4096) == scratch[1]
+    assert taken[-1] == {}  # another level: deflated anew
+    encode.deflate_early(value, 6, block=4096)
+    encode.deflate_early(value + b"", 6, block=4096)  # a copy, not the same object
+    encode.discard()
+    assert encode_result_bytes(pm, level=6, block=4096) == scratch[6]
+
+
+def test_maps_and_segs_start_deflating_when_built(tmp_path_factory, monkeypatch):
+    """build_results starts the deflation of the map's and the SEG's pixel data at the
+    options' level, before the SR is built."""
+    from dicomnode.results import pmap, seg
+
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    started: list[tuple[bytes, int]] = []
+    for module in (pmap, seg):
+        monkeypatch.setattr(module, "deflate_early",
+                            lambda value, level: started.append((value, level)))
+    results = build_results(analysis, None, ResultOptions(deflate_level=3))
+    assert [(v is results.seg.PixelData, level) for v, level in started[:1]] == [(True, 3)]
+    assert [(v is results.pmaps[0].FloatPixelData, level) for v, level in started[1:]] == \
+        [(True, 3)]
+    started.clear()
+    build_results(analysis, None, ResultOptions(deflate=False))
+    assert started == []
+    with pytest.raises(ValueError, match="deflate_level"):
+        ResultOptions(deflate_level=0)

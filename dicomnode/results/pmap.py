@@ -43,6 +43,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.buffers import BytesArray
+from dicomnode.results.encode import deflate_early
 from dicomnode.results.common import (
     MANUFACTURER,
     NO_UNITS,
@@ -156,9 +157,11 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
     # highdicom stored one marker per frame: the index of the plane the frame holds
     planes = np.frombuffer(getattr(pm, _pixel_keyword(pm)), dtype=dtype).astype(np.intp)
     order = _finish_map(pm, analysis, sources[0])
-    setattr(pm, _pixel_keyword(pm), _map_pixel_data(levels, planes[order], integer))
+    pixel_data = _map_pixel_data(levels, planes[order], integer)
+    setattr(pm, _pixel_keyword(pm), pixel_data)
     if options.deflate:
         pm.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        deflate_early(pixel_data, options.deflate_level)  # while the SR is built
     return pm
 
 

@@ -27,6 +27,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.buffers import BytesArray
+from dicomnode.results.encode import deflate_early
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,
@@ -376,6 +377,7 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
     describe_segments(seg, analysis, options)
     if options.deflate:
         seg.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        deflate_early(seg.PixelData, options.deflate_level)  # while the rest is built
     if grid.plane_positions is None:
         # a 2D image's SEG: the breast thickness is the only extent along the beam
         measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")
