@@ -157,3 +157,49 @@ def test_maps_and_segs_start_deflating_when_built(tmp_path_factory, monkeypatch)
     assert started == []
     with pytest.raises(ValueError, match="deflate_level"):
         ResultOptions(deflate_level=0)
+
+
+def test_early_deflation_works_in_a_forked_child(tmp_path_factory):
+    """A process forked after early deflation started gets threads of its own."""
+    import multiprocessing
+
+    from dicomnode.results import encode
+
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    pm = build_results(analysis).pmaps[0]
+    assert encode.deflate_early(pm.FloatPixelData, 6, block=4096) > 0  # threads started
+    expected = encode_result_bytes(pm, level=6, block=4096)
+
+    def child(queue):
+        encode.deflate_early(pm.FloatPixelData, 6, block=4096)
+        queue.put(encode_result_bytes(pm, level=6, block=4096) == expected)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    assert queue.get(timeout=60) is True
+    process.join(timeout=60)
+
+
+def test_bytes_array_fills_a_bytes_object_in_place(monkeypatch):
+    """BytesArray's array writes into the bytes object finish() returns (no copy), on huge
+    pages where it is large; small ones are plain copies."""
+    import numpy as np
+
+    from dicomnode.results import buffers
+
+    advised: list[int] = []
+    monkeypatch.setattr(buffers, "_huge_pages", lambda address, size: advised.append(size))
+    out = buffers.BytesArray((4, 1024, 1024), np.float32)
+    out.array[:] = 0.5
+    out.array[3, -1, -1] = 2.0
+    data = out.finish()
+    assert type(data) is bytes and len(data) == 16 * 1024 * 1024
+    assert advised == [len(data)]
+    values = np.frombuffer(data, np.float32)
+    assert values[0] == 0.5 and values[-1] == 2.0 and (values[:-1] == 0.5).all()
+    small = buffers.BytesArray((3,), np.uint16)
+    small.array[:] = [1, 2, 3]
+    assert small.finish() == np.array([1, 2, 3], np.uint16).tobytes()
+    assert advised == [len(data)]

@@ -8,6 +8,10 @@ can make a bytes object whose contents are left to the caller to fill before it 
 shared (PyBytes_FromStringAndSize(NULL, n)): new_bytes_array makes one and returns a
 writable array over its buffer. Elsewhere (not CPython, small sizes) it fills an ordinary
 array and copies it once at the end (BytesArray.finish).
+
+On Linux, a large buffer is marked for transparent huge pages (madvise MADV_HUGEPAGE, where
+the kernel's THP mode is "madvise"): filling 1 GB of fresh memory then takes 512 page
+faults instead of 262,144.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class BytesArray:
         if sys.implementation.name == "cpython" and size >= _MIN_BYTES:
             self._data = _uninitialised_bytes(size)
             address = _bytes_address(self._data)
+            _huge_pages(address, size)
             buffer = (ctypes.c_char * size).from_address(address)
             self.array = np.frombuffer(buffer, dtype=dtype).reshape(shape)
         else:
@@ -42,6 +47,24 @@ class BytesArray:
         data, self._data = self._data, None
         self.array = None  # type: ignore[assignment]
         return data
+
+
+_HUGE = 2 * 1024 * 1024
+_MADV_HUGEPAGE = 14
+
+
+def _huge_pages(address: int, size: int) -> None:
+    """Advise huge pages for the whole 2 MiB pages inside [address, address + size)."""
+    if not sys.platform.startswith("linux") or size < 4 * _HUGE:
+        return
+    start = -(-address // _HUGE) * _HUGE
+    end = (address + size) // _HUGE * _HUGE
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        libc.madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: errors ignored
+    except (OSError, AttributeError):
+        pass
 
 
 def _uninitialised_bytes(size: int) -> bytes:

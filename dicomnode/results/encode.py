@@ -194,6 +194,20 @@ _early_queue: queue.SimpleQueue = queue.SimpleQueue()
 _early_threads: list[threading.Thread] = []
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has none of its parent's threads: start afresh (queued blocks and
+    entries would otherwise wait for threads that do not exist there)."""
+    global _early_lock, _early_queue
+    _early_lock = threading.Lock()
+    _early_queue = queue.SimpleQueue()
+    _early_threads.clear()
+    _early.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _early_worker() -> None:
     while True:
         future, fn = _early_queue.get()
