@@ -171,7 +171,7 @@ def dataset_differences(a, b, path="") -> list[str]:
             if len(a[tag].value) != len(b[tag].value):
                 out.append(f"{name}: {len(a[tag].value)} != {len(b[tag].value)} items")
             else:
-                for i, (x, y) in enumerate(zip(a[tag].value, b[tag].value)):
+                for i, (x, y) in enumerate(zip(a[tag].value, b[tag].value, strict=True)):
                     out += dataset_differences(x, y, f"{name}[{i}].")
         elif a[tag].VR != b[tag].VR or a[tag].value != b[tag].value:
             out.append(f"{name}: differs")

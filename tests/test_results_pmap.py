@@ -15,8 +15,8 @@ from dicomnode.results.pmap import real_world_values, reference_parametric_map
 from dicomnode.results.validate import dciodvfy_errors
 from tests.results_support import (
     CASES,
-    build_differences,
     analysis_for,
+    build_differences,
     expected_source,
     frame_positions,
     frame_sources,

@@ -15,9 +15,9 @@ from dicomnode.results import ResultOptions, build_segmentation
 from dicomnode.results.geometry import SALIENCY_LEVELS, block_mean, level_threshold
 from dicomnode.results.validate import dciodvfy_errors
 from tests.results_support import (
-    build_differences,
     CASES,
     analysis_for,
+    build_differences,
     expected_source,
     frame_sources,
     slice_of_frames,

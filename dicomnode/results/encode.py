@@ -41,6 +41,7 @@ import os
 import queue
 import struct
 import threading
+import types
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -54,10 +55,11 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-try:  # the same deflate format, faster (module docstring)
+DEFLATER: types.ModuleType  # the same deflate format, faster (module docstring)
+try:
     from zlib_ng import zlib_ng as DEFLATER
 except ImportError:  # pragma: no cover - zlib-ng is a dependency; a site without it
-    DEFLATER = zlib  # type: ignore[assignment]
+    DEFLATER = zlib
 
 DEFLATE_LEVEL = 6  # zlib's default; [results] deflate_level
 DEFLATE_BLOCK = 8 * 1024 * 1024

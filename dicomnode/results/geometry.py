@@ -254,7 +254,7 @@ def _levels_on_source(analysis: ImageAnalysis, class_index: int) -> np.ndarray:
         frame = out[d, r_lo + wr:r_hi + wr, cols]
         if t.flipped:
             frame = frame[:, ::-1]
-        for start, end in zip(starts.tolist(), ends.tolist()):
+        for start, end in zip(starts.tolist(), ends.tolist(), strict=True):
             row = int(i0[start])
             part = band[:end - start]
             if i1[start] == row:  # past the last saliency row: a1 - a0 is 0

@@ -43,7 +43,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.buffers import BytesArray
-from dicomnode.results.encode import deflate_early
 from dicomnode.results.common import (
     MANUFACTURER,
     NO_UNITS,
@@ -58,6 +57,7 @@ from dicomnode.results.common import (
     software_versions,
     source_series_number,
 )
+from dicomnode.results.encode import deflate_early
 from dicomnode.results.geometry import (
     SALIENCY_LEVELS,
     decimation_factor,
@@ -177,6 +177,7 @@ def reference_parametric_map(analysis: ImageAnalysis, class_index: int,
     factor = factor or pmap_factor(analysis, options)
     grid = result_grid(analysis, sources, factor)
     levels = saliency_levels(analysis, class_index, factor)
+    array: np.ndarray
     if options.pmap_values == "integer":
         array = levels.astype(np.uint16)
     else:  # float32 values on the same 1/255 steps: 256 bit patterns, deflate well

@@ -27,7 +27,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.analysis import CLASS_NAMES, ImageAnalysis
 from dicomnode.results.buffers import BytesArray
-from dicomnode.results.encode import deflate_early
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,
@@ -45,6 +44,7 @@ from dicomnode.results.common import (
     software_versions,
     source_series_number,
 )
+from dicomnode.results.encode import deflate_early
 from dicomnode.results.geometry import (
     decimation_factor,
     finish_result,
