@@ -178,7 +178,7 @@ def encode_result_bytes(ds: Dataset, **kwargs) -> bytes:
 
 # --- early deflation of bulk pixel data (module docstring) ---------------------------------
 
-_EARLY_KEEP = 2  # pixel values whose early blocks are kept (each holds its value alive)
+_EARLY_KEEP = 4  # pixel values with early blocks kept (a SEG, two maps; each held alive)
 
 
 @dataclass
