@@ -88,6 +88,7 @@ def stage_times(analysis) -> dict[str, float]:
     from dicomnode.analysis import CLASS_NAMES
     from dicomnode.results import ResultOptions, identify_result
     from dicomnode.results.common import read_sources
+    from dicomnode.results.encode import discard
     from dicomnode.results.geometry import saliency_levels
     from dicomnode.results.pmap import build_parametric_maps, pmap_class_indices, pmap_factor
     from dicomnode.results.seg import build_segmentation, seg_factor
@@ -120,6 +121,9 @@ def stage_times(analysis) -> dict[str, float]:
     for ds in (segmentation.dataset, *pmaps, sr):
         identify_result(ds, analysis.algorithm, sources[0])
     lap("identification")
+    # the deflation the SEG and the map started: nobody writes them, and left running it
+    # would slow the next run's stages
+    discard()
     return times
 
 
