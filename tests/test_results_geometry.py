@@ -127,3 +127,33 @@ def test_options_reject_bad_values() -> None:
         ResultOptions(seg_type="labelmap")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="pmap_decimation"):
         ResultOptions(pmap_decimation=0)
+
+
+@pytest.mark.parametrize("flipped", [False, True])
+@pytest.mark.parametrize("window_origin", [(0, 0), (-7, 5), (11, -9), (-3, -4)])
+@pytest.mark.parametrize("small", [(5, 4), (1, 3), (13, 9)])
+def test_levels_on_source_are_map_to_source_quantised(flipped, window_origin, small) -> None:
+    """saliency_levels on the source grid (banded, window only) gives, bit for bit, the
+    levels of the transform's map_to_source clipped, x255 and rounded (values outside 0..1
+    included), for windows inside, overhanging and offset, flipped or not."""
+    from types import SimpleNamespace
+
+    from dicomnode.results import geometry
+    from gmic.preprocess import PreprocessTransform
+
+    depth, rows, cols = 3, 61, 47
+    transform = PreprocessTransform(
+        source_shape=(depth, rows, cols), input_shape=(57, 40), flipped=flipped,
+        crop_box=(0, 0, rows, cols), window_origin=window_origin, padding=(0, 0, 0, 0),
+        mean=0.0, std=1.0)
+    rng = np.random.default_rng([abs(v) for v in (*window_origin, flipped, *small)])
+    saliency = rng.uniform(-0.2, 1.2, (depth, 2, *small)).astype(np.float32)
+    analysis = SimpleNamespace(image=SimpleNamespace(shape=(depth, rows, cols)),
+                               saliency=saliency, transform=transform)
+    for class_index in range(2):
+        expected = geometry._quantise(
+            transform.map_to_source(saliency[:, class_index])).astype(np.uint8)
+        got = geometry.saliency_levels(analysis, class_index, 1)  # type: ignore[arg-type]
+        assert got.dtype == np.uint8 and got.shape == (depth, rows, cols)
+        np.testing.assert_array_equal(got, expected)
+        assert 0 < np.count_nonzero(got) < got.size

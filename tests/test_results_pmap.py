@@ -8,14 +8,15 @@ import pydicom
 import pytest
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
-from dicomnode.results import ResultOptions, build_parametric_maps
+from dicomnode.results import ResultOptions, build_parametric_map, build_parametric_maps
 from dicomnode.results.geometry import block_mean
-from dicomnode.results.pmap import real_world_values
+from dicomnode.results.pmap import real_world_values, reference_parametric_map
 from dicomnode.results.validate import dciodvfy_errors
 from gmic.classes import BENIGN, CLASS_NAMES, MALIGNANT
 from tests.support.results import (
     CASES,
     analysis_for,
+    build_differences,
     expected_source,
     frame_positions,
     frame_sources,
@@ -162,3 +163,23 @@ def test_pm_passes_dciodvfy(tmp_path_factory, tmp_path, layout, modality, factor
         path = tmp_path / f"pm{class_index}.dcm"
         pm.save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == []
+
+
+@pytest.mark.parametrize("layout,modality", CASES)
+@pytest.mark.parametrize("factor,encoding", [(1, "float"), (3, "float"), (1, "integer"),
+                                           (2, "integer")])
+def test_pm_is_the_dataset_highdicom_builds_from_the_whole_array(
+        tmp_path_factory, layout, modality, factor, encoding) -> None:
+    """build_parametric_map writes the pixel data itself (highdicom gets a stand-in array):
+    the same dataset, element for element and byte for byte, as highdicom builds from the
+    whole value array with the frames then reordered along the normal."""
+    analysis = analysis_for(tmp_path_factory, layout, modality)
+    for class_index in range(len(CLASS_NAMES)):
+        options = ResultOptions(pmap_decimation=factor, pmap_values=encoding)
+        fast = build_parametric_map(analysis, class_index, options)
+        slow = reference_parametric_map(analysis, class_index, options)
+        assert build_differences(fast, slow) == []
+        assert fast.file_meta == slow.file_meta
+        keyword = "PixelData" if encoding == "integer" else "FloatPixelData"
+        assert type(getattr(fast, keyword)) is bytes
+        assert getattr(fast, keyword) == getattr(slow, keyword)

@@ -17,6 +17,7 @@ from gmic.classes import CLASS_NAMES
 from tests.support.results import (
     CASES,
     analysis_for,
+    build_differences,
     expected_source,
     frame_sources,
     slice_of_frames,
@@ -235,3 +236,28 @@ def test_cheaper_overlap_check_agrees_with_highdicoms(overlap) -> None:
         assert ours[1] == theirs[1] == (hd.seg.SegmentsOverlapValues.YES if overlap
                                         else hd.seg.SegmentsOverlapValues.NO)
         assert ours[0] is stack and np.array_equal(theirs[0], stack)
+
+
+@pytest.mark.parametrize("layout,modality", CASES)
+@pytest.mark.parametrize("thresholds", [(0.5, 0.5), THRESHOLDS, (0.99, 0.99)])
+@pytest.mark.parametrize("factor", [1, 3])
+def test_binary_seg_is_the_dataset_highdicom_builds_from_the_whole_array(
+        tmp_path_factory, monkeypatch, layout, modality, thresholds, factor) -> None:
+    """build_segmentation packs a BINARY SEG's frames itself (highdicom gets a stand-in
+    array): the same dataset, element for element and bit for bit, as highdicom builds
+    from the label map or the per-segment stack, overlapping segments or not, flagging
+    something or nothing."""
+    from dicomnode.results import seg as seg_module
+
+    analysis = analysis_for(tmp_path_factory, layout, modality)
+    options = ResultOptions(thresholds=thresholds, seg_decimation=factor)
+    fast = build_segmentation(analysis, options)
+    monkeypatch.setattr(seg_module, "DIRECT_PIXELS", False)
+    slow = build_segmentation(analysis, options)
+    assert build_differences(fast.dataset, slow.dataset) == []
+    assert fast.dataset.file_meta == slow.dataset.file_meta
+    assert type(fast.dataset).__name__ == "_MarkerSegmentation"  # the direct path ran
+    assert type(fast.dataset.PixelData) is bytes
+    assert fast.dataset.PixelData == slow.dataset.PixelData
+    assert (fast.flagged_pixels, fast.flagged_boxes) == (slow.flagged_pixels,
+                                                         slow.flagged_boxes)

@@ -13,6 +13,7 @@ from pydicom.dataset import Dataset
 from dicomnode.results import ResultOptions, build_segmentation, build_sr
 from dicomnode.results.common import SEGMENT_PROPERTIES
 from dicomnode.results.findings import flagged_regions
+from dicomnode.results.geometry import read_sources
 from dicomnode.results.read import read_sr_summary
 from dicomnode.results.sr import _box
 from dicomnode.results.validate import (
@@ -22,7 +23,7 @@ from dicomnode.results.validate import (
     sr_validator_errors,
 )
 from gmic.classes import CLASS_NAMES
-from tests.support.results import CASES, analysis_for, make_breast
+from tests.support.results import CASES, analysis_for, build_differences, make_breast
 
 THRESHOLDS = (0.2, 0.5)
 
@@ -299,3 +300,34 @@ def test_sr_uid_follows_the_images_its_breast_figures_come_from(tmp_path_factory
     first = build_sr(analysis, alone).SOPInstanceUID
     assert build_sr(analysis, make_breast(analysis)).SOPInstanceUID == first
     assert build_sr(analysis, grown).SOPInstanceUID != first
+
+
+@pytest.mark.parametrize("layout,modality", CASES)
+@pytest.mark.parametrize("with_breast_and_seg", [True, False])
+def test_sr_is_the_dataset_highdicom_builds_from_the_whole_tree(
+        tmp_path_factory, monkeypatch, layout, modality, with_breast_and_seg) -> None:
+    """build_sr gives highdicom the content's root alone and puts the tree in itself: the
+    same dataset, element for element, as highdicom builds from the whole tree."""
+    from dicomnode.results import sr as sr_module
+
+    analysis = analysis_for(tmp_path_factory, layout, modality)
+    breast = make_breast(analysis) if with_breast_and_seg else None
+    seg = build_segmentation(analysis) if with_breast_and_seg else None
+    fast = build_sr(analysis, breast, seg)
+    monkeypatch.setattr(sr_module, "STUB_CONTENT", False)
+    slow = build_sr(analysis, breast, seg)
+    assert build_differences(fast, slow) == []
+    assert len(fast.ContentSequence) > 2
+
+
+def test_sr_content_must_reference_its_evidence(tmp_path_factory) -> None:
+    """A reference to an instance that is not evidence is refused, as highdicom does."""
+    from dicomnode.results.sr import _check_evidence
+
+    analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
+    seg = build_segmentation(analysis)
+    sr = build_sr(analysis, None, seg)
+    sources = read_sources(analysis)
+    _check_evidence(sr, [*sources, seg.dataset])
+    with pytest.raises(ValueError, match="No evidence"):
+        _check_evidence(sr, [seg.dataset])  # the image is referenced

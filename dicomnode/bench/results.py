@@ -8,7 +8,12 @@ over a few slices, both classes, so the BINARY SEG flags a region for each (over
 its centre, as the random-weights model's saliency in `bench e2e` does) and the map is
 mostly zero (more than a real one: `bench e2e` measures real maps' bytes). Timed, median of N runs:
 
-- `build_results` (SEG, malignant Parametric Map, SR);
+- `build_results` then `encode_result` of each object, as the worker does (the map's and
+  the SEG's pixel data deflating in the background while the SR is built: encode.
+  deflate_early);
+- `build_results` (SEG, malignant Parametric Map, SR), and the same build stage by stage
+  (stage_times: reading the source headers, the saliency levels of both classes on the
+  result grid, the SEG, the Parametric Map, the SR, the IHE AIR identification);
 - writing each object as the worker archives it (encode.encode_result: deflated objects at
   DEFLATE_LEVEL in parallel blocks) against pydicom's dcmwrite (level 6, one call: the
   baseline, same run), and encode_result at zlib levels 1, 6 and 9 with the bytes each
@@ -78,6 +83,49 @@ def _dcmwrite(ds) -> list[bytes]:
     return [buffer.getvalue()]
 
 
+def stage_times(analysis) -> dict[str, float]:
+    """Seconds of each stage of one build_results (the same calls in the same order)."""
+    from dicomnode.results import ResultOptions, identify_result
+    from dicomnode.results.encode import discard
+    from dicomnode.results.geometry import read_sources, saliency_levels
+    from dicomnode.results.pmap import build_parametric_maps, pmap_class_indices, pmap_factor
+    from dicomnode.results.seg import build_segmentation, seg_factor
+    from dicomnode.results.sr import build_sr
+    from gmic.classes import CLASS_NAMES
+
+    options = ResultOptions()
+    times: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        times[name] = now - t
+        t = now
+
+    sources = read_sources(analysis)
+    lap("source headers")
+    factor = pmap_factor(analysis, options)
+    levels = ({c: saliency_levels(analysis, c, factor) for c in range(len(CLASS_NAMES))}
+              if seg_factor(analysis, sources, options) == factor else None)
+    lap("saliency levels (both classes)")
+    segmentation = build_segmentation(analysis, options, sources, levels=levels)
+    lap("SEG")
+    pmaps = build_parametric_maps(
+        analysis, options, sources,
+        levels={c: levels[c] for c in pmap_class_indices(options)} if levels else None)
+    lap("Parametric Map")
+    sr = build_sr(analysis, None, segmentation, options, sources)
+    lap("SR")
+    for ds in (segmentation.dataset, *pmaps, sr):
+        identify_result(ds, analysis.algorithm, sources[0])
+    lap("identification")
+    # the deflation the SEG and the map started: nobody writes them, and left running it
+    # would slow the next run's stages
+    discard()
+    return times
+
+
 def _timed(fn: Callable[[], T], runs: int) -> tuple[list[float], T]:
     samples = []
     for _ in range(runs):
@@ -98,7 +146,7 @@ def run_results_bench(source: Path | None, runs: int, workdir: Path | None = Non
                       seed: int = 1, profile: bool = False) -> BenchReport:
     from dicomnode.bench.receive import synth_dbt_files
     from dicomnode.results import build_results
-    from dicomnode.results.encode import encode_result
+    from dicomnode.results.encode import DEFLATER, discard, encode_result
 
     tmp = Path(tempfile.mkdtemp(prefix="dicomnode-bench-results-", dir=workdir))
     try:
@@ -107,8 +155,23 @@ def run_results_bench(source: Path | None, runs: int, workdir: Path | None = Non
         report = BenchReport("results", device="cpu", memory_kind="rss")
         if profile:
             _profile("build_results", lambda: build_results(analysis))
-        samples, built = _timed(lambda: build_results(analysis), runs)
+        def build_only():
+            out = build_results(analysis)
+            discard()  # the early deflation it started: nobody writes these
+            return out
+
+        def as_the_worker() -> None:
+            for ds in build_results(analysis).datasets:
+                encode_result(ds)
+
+        samples, _ = _timed(as_the_worker, runs)
+        report.add_timing("build_results + encode_result of each (as the worker)", samples)
+        samples, built = _timed(build_only, runs)
         build_s = report.add_timing("build_results (SEG, PM, SR)", samples)
+        stages = [stage_times(analysis) for _ in range(runs)]
+        discard()
+        for name in stages[0]:
+            report.add_timing(f"build stage: {name}", [s[name] for s in stages])
         results = built.datasets
         total_old = total_new = 0.0
         for ds in results:
@@ -121,7 +184,7 @@ def run_results_bench(source: Path | None, runs: int, workdir: Path | None = Non
             new_s = report.add_timing(f"{kind}: encode_result", new_samples)
             total_old += old_s
             total_new += new_s
-            row: dict = {"object": kind,
+            row: dict = {"object": kind, "deflater": DEFLATER.__name__,
                          "frames": int(ds.get("NumberOfFrames", 1)),
                          "dcmwrite_s": old_s, "dcmwrite_bytes": sum(map(len, old)),
                          "encode_s": new_s, "encode_bytes": sum(map(len, new))}

@@ -70,6 +70,11 @@ class ResultOptions:
         Endian transfer syntax (lossless; the maps are mostly zero, so a few % of their
         size). False: Explicit VR Little Endian, for a PACS that refuses deflate (the SCU
         also falls back by itself when a peer does not accept it).
+    deflate_level: the zlib level the objects will be written at ([results]
+        deflate_level); a deflated map's or SEG's pixel data starts deflating at it in the
+        background as soon as the object is built (encode.deflate_early), and writing it
+        at that level takes the blocks done. Written at another level, the object is
+        deflated anew (the same bytes, the background work wasted).
     """
 
     thresholds: tuple[float, float] = (0.5, 0.5)
@@ -85,6 +90,7 @@ class ResultOptions:
     pmap_classes: tuple[str, ...] = ("malignant",)
     pmap_values: Literal["float", "integer"] = "float"
     deflate: bool = True
+    deflate_level: int = 6
 
     def __post_init__(self) -> None:
         check_cad_operating_points(self.cad_operating_points, self.cad_presentation_required)
@@ -94,6 +100,8 @@ class ResultOptions:
             raise ValueError(f"seg_type must be binary or fractional, got {self.seg_type!r}")
         if self.max_array_bytes < 1024:
             raise ValueError(f"max_array_bytes is too small: {self.max_array_bytes}")
+        if not isinstance(self.deflate_level, int) or not 1 <= self.deflate_level <= 9:
+            raise ValueError(f"deflate_level must be 1..9, got {self.deflate_level!r}")
         if self.pmap_values not in ("float", "integer"):
             raise ValueError(f"pmap_values must be float or integer, got {self.pmap_values!r}")
         unknown = [c for c in self.pmap_classes if c not in CLASS_NAMES]

@@ -42,6 +42,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.pipeline.analysis import ImageAnalysis
+from dicomnode.results.buffers import BytesArray
 from dicomnode.results.common import (
     MANUFACTURER,
     NO_UNITS,
@@ -55,6 +56,7 @@ from dicomnode.results.common import (
     software_versions,
     source_series_number,
 )
+from dicomnode.results.encode import deflate_early
 from dicomnode.results.geometry import (
     SALIENCY_LEVELS,
     decimation_factor,
@@ -132,7 +134,15 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
                          sources: list[Dataset] | None = None, *, factor: int | None = None,
                          levels: np.ndarray | None = None) -> Dataset:
     """The saliency of one class (CLASS_NAMES order) as a Parametric Map, the only instance
-    of its own series."""
+    of its own series.
+
+    highdicom builds everything but the pixels (from a stand-in array, _PlaneMarkers); the
+    pixel data is then written once, straight from the uint8 levels into the final bytes
+    in the final frame order (_map_pixel_data). Building the full array and letting
+    highdicom encode it copied a full-size DBT's 1 GB map four times (float conversion,
+    per-frame flatten and tobytes, join, the frame reorder: about 3 s a view).
+    tests/test_results_pmap.py checks the dataset is the one highdicom builds from the
+    whole array (reference_parametric_map), attribute for attribute."""
     options = options or ResultOptions()
     sources = pm_sources(sources if sources is not None else read_sources(analysis))
     factor = factor or pmap_factor(analysis, options)
@@ -142,18 +152,62 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
     if levels.shape != (analysis.image.shape[0], grid.rows, grid.columns):
         raise ValueError(f"levels of shape {levels.shape} are not on the PM's grid")
     integer = options.pmap_values == "integer"
+    dtype = np.dtype(np.uint16 if integer else np.float32)
+    pm = _highdicom_map(analysis, class_index, options, sources, grid,
+                        _plane_markers(levels.shape, dtype), cls=_MarkerMap)
+    # highdicom stored one marker per frame: the index of the plane the frame holds
+    planes = np.frombuffer(getattr(pm, _pixel_keyword(pm)), dtype=dtype).astype(np.intp)
+    order = _finish_map(pm, analysis, sources[0])
+    pixel_data = _map_pixel_data(levels, planes[order], integer)
+    setattr(pm, _pixel_keyword(pm), pixel_data)
+    if options.deflate:
+        pm.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        deflate_early(pixel_data, options.deflate_level)  # while the SR is built
+    return pm
+
+
+def reference_parametric_map(analysis: ImageAnalysis, class_index: int,
+                             options: ResultOptions | None = None,
+                             sources: list[Dataset] | None = None, *,
+                             factor: int | None = None) -> Dataset:
+    """The same Parametric Map built the straightforward way, slowly: the whole value array
+    through highdicom, then the frames reordered along the normal. The tests compare
+    build_parametric_map with it."""
+    options = options or ResultOptions()
+    sources = pm_sources(sources if sources is not None else read_sources(analysis))
+    factor = factor or pmap_factor(analysis, options)
+    grid = result_grid(analysis, sources, factor)
+    levels = saliency_levels(analysis, class_index, factor)
     array: np.ndarray
-    if integer:
+    if options.pmap_values == "integer":
         array = levels.astype(np.uint16)
-        top = float(SALIENCY_LEVELS)
     else:  # float32 values on the same 1/255 steps: 256 bit patterns, deflate well
         array = levels.astype(np.float32)
         array *= np.float32(1.0 / SALIENCY_LEVELS)
-        top = 1.0
+    pm = _highdicom_map(analysis, class_index, options, sources, grid, array,
+                        cls=hd.pm.ParametricMap)
+    groups = list(pm.PerFrameFunctionalGroupsSequence)
+    order = _finish_map(pm, analysis, sources[0])
+    frames = np.frombuffer(getattr(pm, _pixel_keyword(pm)), dtype=array.dtype)
+    setattr(pm, _pixel_keyword(pm),
+            frames.reshape(len(groups), -1)[order].tobytes())
+    if options.deflate:
+        pm.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return pm
+
+
+def _pixel_keyword(pm: Dataset) -> str:
+    return "FloatPixelData" if "FloatPixelData" in pm else "PixelData"
+
+
+def _highdicom_map(analysis: ImageAnalysis, class_index: int, options: ResultOptions,
+                   sources: list[Dataset], grid, array: np.ndarray, *, cls) -> Dataset:
+    integer = array.dtype != np.float32
+    top = float(SALIENCY_LEVELS) if integer else 1.0
     name = model_name(analysis.algorithm)
     label = CLASS_NAMES[class_index]
     with building("Parametric Map", analysis):
-        pm = hd.pm.ParametricMap(
+        pm = cls(
             source_images=sources,
             pixel_array=array,
             series_instance_uid=result_uid(analysis, options, "pmap-series", label),
@@ -171,7 +225,7 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
             voi_lut_transformations=[hd.VOILUTTransformation(
                 window_center=[top / 2], window_width=[top + 1 if integer else top],
                 window_explanation=["SALIENCY 0-1"])],
-            content_description=f"{name} {label} saliency, pixel grid 1/{factor}"[:64],
+            content_description=f"{name} {label} saliency, pixel grid 1/{grid.factor}"[:64],
             content_label=LUT_LABELS[class_index],
             content_creator_name=_creator(name),
             plane_positions=grid.plane_positions,
@@ -180,19 +234,59 @@ def build_parametric_map(analysis: ImageAnalysis, class_index: int,
             series_description=series_description(f"{label} saliency", analysis),
             institution_name=options.institution_name,
         )
-    del array
     # Which weights made the values: the PM has no algorithm identification of its own.
     pm.DerivationDescription = (
         f"{name} {analysis.algorithm.version} {label} saliency; checkpoint "
         f"{analysis.algorithm.checkpoint_name} sha256 {analysis.algorithm.checkpoint_sha256}"
     )[:1024]
-    # Frame Laterality in Frame Anatomy; General Series Laterality must then be absent
-    finish_result(pm, analysis, sources[0])
-    add_frame_anatomy(pm, analysis.image.laterality)
-    frames_along_normal(pm)
-    if options.deflate:
-        pm.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     return pm
+
+
+def _finish_map(pm: Dataset, analysis: ImageAnalysis, src: Dataset) -> np.ndarray:
+    """Frame Anatomy and the frames' order along the normal (per-frame groups reordered);
+    returns the order: new frame k is highdicom's frame order[k]."""
+    # Frame Laterality in Frame Anatomy; General Series Laterality must then be absent
+    finish_result(pm, analysis, src)
+    add_frame_anatomy(pm, analysis.image.laterality)
+    return frames_along_normal(pm)
+
+
+class _MarkerMap(hd.pm.ParametricMap):
+    """highdicom's ParametricMap storing, instead of each frame's pixels, its first pixel:
+    with _plane_markers, the index of the plane the frame holds (everything else it
+    writes does not depend on the pixel values)."""
+
+    def _encode_pixels_native(self, planes: np.ndarray) -> bytes:
+        return planes[:1].tobytes()
+
+
+class _PlaneMarkers(np.ndarray):
+    """A (planes, rows, columns) array without memory: every pixel of plane d is d. Its
+    flatten (what highdicom calls per frame) gives the first pixel only."""
+
+    def flatten(self, order="C"):  # type: ignore[override]
+        return np.asarray(self).reshape(-1)[:1].copy()
+
+
+def _plane_markers(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
+    index = np.arange(shape[0], dtype=dtype)
+    markers = np.lib.stride_tricks.as_strided(index, shape=shape,
+                                              strides=(dtype.itemsize, 0, 0), writeable=False)
+    return markers.view(_PlaneMarkers)
+
+
+def _map_pixel_data(levels: np.ndarray, planes: np.ndarray, integer: bool) -> bytes:
+    """The pixel data of frames levels[planes[0]], levels[planes[1]], ...: 16-bit levels
+    or float32 level/255 (the same float32 product as levels.astype(float32) * (1/255)),
+    written once, into the bytes object itself (buffers.BytesArray)."""
+    out = BytesArray((len(planes), *levels.shape[1:]), np.uint16 if integer else np.float32)
+    scale = np.float32(1.0 / SALIENCY_LEVELS)
+    for k, plane in enumerate(planes):
+        if integer:
+            out.array[k] = levels[plane]
+        else:
+            np.multiply(levels[plane], scale, out=out.array[k], dtype=np.float32)
+    return out.finish()
 
 
 def frame_anatomy(laterality: str | None) -> Dataset:
@@ -214,30 +308,27 @@ def add_frame_anatomy(obj: Dataset, laterality: str | None) -> None:
         [frame_anatomy(laterality)])
 
 
-def frames_along_normal(pm: Dataset) -> None:
-    """Store the frames in order of position along the orientation's normal (row direction
-    x column direction), the order in which viewers built on cornerstone3D (OHIF) stack the
-    source into a volume. OHIF 3.13 copies a Parametric Map's pixel data into that volume
-    frame by frame in storage order, ignoring the frames' positions; highdicom writes them in
-    the opposite order, so OHIF drew each slice's map on its mirror slice."""
+def frames_along_normal(pm: Dataset) -> np.ndarray:
+    """Order the per-frame functional groups by position along the orientation's normal
+    (row direction x column direction), the order in which viewers built on cornerstone3D
+    (OHIF) stack the source into a volume, and return that order (new frame k is frame
+    order[k]); the caller stores the pixel data in it. OHIF 3.13 copies a Parametric Map's
+    pixel data into that volume frame by frame in storage order, ignoring the frames'
+    positions; highdicom writes them in the opposite order, so OHIF drew each slice's map
+    on its mirror slice."""
     groups = pm.get("PerFrameFunctionalGroupsSequence")
     shared = pm.SharedFunctionalGroupsSequence[0]
+    count = int(pm.get("NumberOfFrames", 1))
     if not groups or len(groups) < 2 or "PlaneOrientationSequence" not in shared:
-        return
+        return np.arange(count)
     iop = np.array(shared.PlaneOrientationSequence[0].ImageOrientationPatient, float)
     normal = np.cross(iop[:3], iop[3:])
     distances = [float(np.dot(g.PlanePositionSequence[0].ImagePositionPatient, normal))
                  for g in groups]
     order = np.argsort(distances, kind="stable")
-    if np.array_equal(order, np.arange(len(order))):
-        return
-    keyword, dtype = (("FloatPixelData", "<f4") if "FloatPixelData" in pm
-                      else ("PixelData", "<u2"))  # float32 or 16-bit integer maps
-    frames = np.frombuffer(getattr(pm, keyword), dtype=dtype).reshape(len(groups), -1)
-    # highdicom's order is usually the exact reverse: a view, copied once by tobytes
-    reverse = np.array_equal(order, np.arange(len(order))[::-1])
-    setattr(pm, keyword, (frames[::-1] if reverse else frames[order]).tobytes())
-    pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
+    if not np.array_equal(order, np.arange(len(order))):
+        pm.PerFrameFunctionalGroupsSequence = [groups[i] for i in order]
+    return order
 
 
 def _creator(name: str) -> str:

@@ -16,6 +16,7 @@ green, malignant red), so a viewer need not pick one.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -25,6 +26,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from dicomnode.pipeline.analysis import ImageAnalysis
+from dicomnode.results.buffers import BytesArray
 from dicomnode.results.common import (
     LATERALITY_CODES,
     MANUFACTURER,
@@ -41,6 +43,7 @@ from dicomnode.results.common import (
     software_versions,
     source_series_number,
 )
+from dicomnode.results.encode import deflate_early
 from dicomnode.results.geometry import (
     decimation_factor,
     finish_result,
@@ -183,6 +186,80 @@ class _Segmentation(hd.seg.Segmentation):
                                                    segmentation_type, dtype)
 
 
+# build_segmentation writes a BINARY SEG's pixel data itself (_packed_frames) and gives
+# highdicom a memoryless stand-in (_MarkerSegmentation); False: highdicom's own path, the
+# reference the tests compare with.
+DIRECT_PIXELS = True
+
+
+class _SegMarkers(np.ndarray):
+    """A (planes, rows, columns) uint8 array without memory whose plane d holds d, with the
+    SegmentsOverlap value of the real pixels (`overlap`)."""
+
+    overlap: hd.seg.SegmentsOverlapValues
+
+
+def _seg_markers(shape: tuple[int, int, int], overlap: bool) -> _SegMarkers:
+    index = np.arange(shape[0], dtype=np.intp)
+    markers = np.lib.stride_tricks.as_strided(
+        index, shape=shape, strides=(index.itemsize, 0, 0), writeable=False).view(_SegMarkers)
+    markers.overlap = (hd.seg.SegmentsOverlapValues.YES if overlap
+                       else hd.seg.SegmentsOverlapValues.NO)
+    return markers
+
+
+class _MarkerSegmentation(_Segmentation):
+    """highdicom's BINARY Segmentation of a _SegMarkers stand-in: everything but the pixel
+    data, with the order of its frames recorded in `frame_order` ((plane, segment number)
+    per frame) for _packed_frames. highdicom would compare, flatten and bit-pack every frame
+    of every segment (and, with overlapping segments, first sum a 4D stack over its segment
+    axis): about 2 s of a full-size DBT view."""
+
+    @classmethod
+    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type,
+                                    dtype):
+        if isinstance(pixel_array, _SegMarkers):
+            return pixel_array, pixel_array.overlap
+        return super()._check_and_cast_pixel_array(pixel_array, segment_numbers,
+                                                   segmentation_type, dtype)
+
+    def _get_segment_pixel_array(self, pixel_array, segment_number, *args, **kwargs):
+        if isinstance(pixel_array, _SegMarkers):
+            if "frame_order" not in self.__dict__:
+                self.__dict__["frame_order"] = []
+            plane = int(np.asarray(pixel_array).flat[0])
+            self.__dict__["frame_order"].append((plane, int(segment_number)))
+            return np.zeros(0, dtype=np.uint8)
+        return super()._get_segment_pixel_array(pixel_array, segment_number, *args, **kwargs)
+
+    def _encode_pixels_native(self, planes: np.ndarray) -> bytes:
+        return b""
+
+
+def _packed_frames(class_bits: np.ndarray, frame_order: list[tuple[int, int]]) -> bytes:
+    """BINARY SEG pixel data: frame i is bit (segment - 1) of class_bits[plane] for the
+    i-th (plane, segment), packed 8 pixels a byte, least significant bit first, frames
+    back to back without padding (as highdicom and pydicom's pack_bits write them); an
+    odd length gets highdicom's trailing byte."""
+    pixels = class_bits[0].size
+    # frames packed together so that each run starts on a byte boundary
+    run = 8 // math.gcd(pixels, 8)
+    size = -(-pixels * len(frame_order) // 8)
+    out = BytesArray((size,), np.uint8)
+    at = 0
+    bits = np.empty((run, *class_bits.shape[1:]), dtype=np.uint8)
+    for start in range(0, len(frame_order), run):
+        group = frame_order[start:start + run]
+        for k, (plane, segment) in enumerate(group):
+            np.right_shift(class_bits[plane], segment - 1, out=bits[k])
+            np.bitwise_and(bits[k], 1, out=bits[k])
+        packed = np.packbits(bits[:len(group)], bitorder="little")
+        out.array[at:at + len(packed)] = packed
+        at += len(packed)
+    data = out.finish()
+    return data + b"0" if len(data) % 2 else data  # highdicom's pad (a '0', not a null)
+
+
 def _segment_stack(class_bits: np.ndarray) -> np.ndarray:
     """highdicom's pixel array from the per-pixel class bits. Where no pixel is flagged for
     both classes: a label map (0 none, 1 benign, 2 malignant: the segment numbers), which
@@ -251,12 +328,19 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
                 boxes[class_index] = _flagged_box(mask, d, factor, analysis.image.shape[1:])
             if binary:
                 array[d] |= mask.view(np.uint8) << class_index
-    if binary:
+    class_bits = None
+    direct = (binary and DIRECT_PIXELS and not options.seg_omit_empty_frames
+              and len(CLASS_NAMES) == 2)
+    if direct:
+        class_bits = array
+        both = (1 << len(CLASS_NAMES)) - 1
+        array = _seg_markers(class_bits.shape, overlap=bool((class_bits == both).any()))
+    elif binary:
         array = _segment_stack(array)
     name = model_name(analysis.algorithm)
     tracking_uids = [str(result_uid(analysis, options, "segment", name)) for name in CLASS_NAMES]
     with building("SEG", analysis):
-        seg = _Segmentation(
+        seg = (_MarkerSegmentation if direct else _Segmentation)(
             source_images=sources,
             pixel_array=array,
             segmentation_type=(hd.seg.SegmentationTypeValues.BINARY if binary
@@ -284,10 +368,17 @@ def build_segmentation(analysis: ImageAnalysis, options: ResultOptions | None = 
             institution_name=options.institution_name,
         )
     del array
+    if class_bits is not None:
+        order = seg.__dict__.pop("frame_order")
+        if len(order) != int(seg.NumberOfFrames):
+            raise AssertionError("SEG frames and recorded frame order disagree")
+        seg.PixelData = _packed_frames(class_bits, order)
+        del class_bits
     finish_result(seg, analysis, sources[0])
     describe_segments(seg, analysis, options)
     if options.deflate:
         seg.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+        deflate_early(seg.PixelData, options.deflate_level)  # while the rest is built
     if grid.plane_positions is None:
         # a 2D image's SEG: the breast thickness is the only extent along the beam
         measures = seg.SharedFunctionalGroupsSequence[0].get("PixelMeasuresSequence")

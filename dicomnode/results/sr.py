@@ -34,6 +34,7 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
@@ -299,9 +300,23 @@ def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
         imaging_measurements=groups,
     )
     evidence = list(sources) + ([seg.dataset] if seg is not None else [])
-    return hd.sr.Comprehensive3DSR(
+    root = report[0]
+    content: Dataset = root
+    if STUB_CONTENT:
+        # highdicom deep-copies and parses the whole content tree and walks it, building a
+        # ContentItem per node, to check the references against the evidence: over half of
+        # a DBT view's SR (1.8 s with the random-weights model's many regions). It gets the
+        # root alone; the tree goes in as highdicom would put it (the same element), and the
+        # references are checked here. tests/test_results_sr.py compares the datasets.
+        _check_evidence(root, evidence)
+        content = Dataset()
+        for element in root:
+            if element.tag != _CONTENT_SEQUENCE:
+                content.add(element)
+        content.ContentSequence = Sequence([])
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
-        content=report,
+        content=content,
         series_instance_uid=result_uid(analysis, options, "sr-series"),
         series_number=SR_SERIES_OFFSET + source_series_number(sources),
         sop_instance_uid=sop_uid,
@@ -315,3 +330,33 @@ def _build_sr(analysis: ImageAnalysis, breast: BreastAnalysis | None,
         coding_schemes=coding_schemes(),
         is_complete=True,
     )
+    if content is not root:
+        sr[_CONTENT_SEQUENCE] = root[_CONTENT_SEQUENCE]
+    return sr
+
+
+# _build_sr hands highdicom the content's root without its tree (see there); False: the
+# whole tree, highdicom's own path, which the tests compare with.
+STUB_CONTENT = True
+_CONTENT_SEQUENCE = 0x0040A730
+_REFERENCING = ("IMAGE", "COMPOSITE")
+
+
+def _check_evidence(root: Dataset, evidence: list[Dataset]) -> None:
+    """highdicom's check: every instance an IMAGE or COMPOSITE item references is among
+    the evidence (ValueError, as highdicom raises)."""
+    known = {str(ds.SOPInstanceUID) for ds in evidence}
+    stack = [root]
+    missing = set()
+    while stack:
+        node = stack.pop()
+        for item in node.get("ContentSequence", ()):
+            if item.get("ValueType") in _REFERENCING:
+                uid = str(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                if uid not in known:
+                    missing.add(uid)
+            if "ContentSequence" in item:
+                stack.append(item)
+    if missing:
+        raise ValueError("No evidence was provided for the following SOP instances, which "
+                         f"are referenced in the document content: {sorted(missing)}")

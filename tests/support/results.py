@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -262,3 +263,34 @@ def evidence_uids(ds: Dataset) -> set[str]:
     return {str(r.ReferencedSOPInstanceUID)
             for e in ds.get("CurrentRequestedProcedureEvidenceSequence", [])
             for s in e.ReferencedSeriesSequence for r in s.ReferencedSOPSequence}
+
+
+def dataset_differences(a, b, path="") -> list[str]:
+    """Where two datasets differ, element by element (sequences item by item)."""
+    out = []
+    for tag in sorted(set(a.keys()) | set(b.keys())):
+        name = f"{path}{pydicom.datadict.keyword_for_tag(tag) or tag}"
+        if tag not in a or tag not in b:
+            out.append(f"{name}: only in {'the first' if tag in a else 'the second'}")
+        elif a[tag].VR == "SQ":
+            if len(a[tag].value) != len(b[tag].value):
+                out.append(f"{name}: {len(a[tag].value)} != {len(b[tag].value)} items")
+            else:
+                for i, (x, y) in enumerate(zip(a[tag].value, b[tag].value, strict=True)):
+                    out += dataset_differences(x, y, f"{name}[{i}].")
+        elif a[tag].VR != b[tag].VR or a[tag].value != b[tag].value:
+            out.append(f"{name}: differs")
+    return out
+
+
+# what differs between two builds of the same object: the time of building, highdicom's
+# new random Dimension Organization UID (keywords, wherever they are)
+BUILD_TO_BUILD = {"ContentTime", "InstanceCreationTime", "SeriesTime", "ContentDate",
+                  "InstanceCreationDate", "SeriesDate", "ContributionDateTime",
+                  "DimensionOrganizationUID"}
+
+
+def build_differences(a, b) -> list[str]:
+    """dataset_differences less those of BUILD_TO_BUILD."""
+    return [d for d in dataset_differences(a, b)
+            if d.split(":")[0].rsplit(".", 1)[-1] not in BUILD_TO_BUILD]
