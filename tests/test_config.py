@@ -138,6 +138,18 @@ def test_cad_operating_points_from_file_and_environment(tmp_path: Path) -> None:
     assert options.cad_operating_points == (0.7, 0.3) and options.cad_presentation_required == 2
 
 
+def test_deflate_level_reaches_the_result_builders(tmp_path: Path) -> None:
+    """The maps and SEG start deflating while the SR is built: at the level the objects are
+    written at, or that early work is thrown away."""
+    from dicomnode.pipeline.worker import result_options
+
+    path = tmp_path / "node.toml"
+    path.write_text("[results]\ndeflate_level = 1\n")
+    config = load_config(path, environ={})
+    assert config.results.deflate_level == 1
+    assert result_options(config).deflate_level == 1
+
+
 @pytest.mark.parametrize("text", [
     "cad_operating_points = [0.25, 0.5]",  # the most specific must come first
     "cad_operating_points = []",

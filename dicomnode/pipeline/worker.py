@@ -521,7 +521,7 @@ def result_options(config: Config) -> ResultOptions:
         cad_operating_points=tuple(results.cad_operating_points),
         cad_presentation_required=results.cad_presentation_required,
         pmap_classes=results.pmap_classes, pmap_values=results.map_values,  # type: ignore[arg-type]
-        deflate=results.deflate)
+        deflate=results.deflate, deflate_level=results.deflate_level)
 
 
 def _default_result_builder(config: Config) -> ImageResultBuilder:
