@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -239,6 +240,24 @@ def receive_part(reader: MultipartReader, directory: Path) -> tuple[Path, bool]:
         path.unlink(missing_ok=True)
         raise
     return path, complete
+
+
+STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live request
+
+
+def sweep_stale_parts(directory: Path, older_than_s: float = STALE_PART_S) -> int:
+    """Remove the part files (receive_part's) a killed process left in `directory`; not
+    younger ones, which may be another live process's on a shared data directory. How many."""
+    removed = 0
+    cutoff = time.time() - older_than_s
+    for stale in directory.glob("part-*"):
+        try:
+            if stale.stat().st_mtime < cutoff:
+                stale.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def _write_all(fh):

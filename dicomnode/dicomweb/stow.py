@@ -40,11 +40,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 
 from dicomnode.dicomweb.multipart import (
+    STALE_PART_S,
     BodyReader,
     BodyTooLarge,
     MalformedBody,
     MultipartReader,
     receive_part,
+    sweep_stale_parts,
 )
 from dicomnode.errors import ConfigError, DicomnodeError
 from dicomnode.identifiers import RECEIVED_TRANSFER_SYNTAXES
@@ -80,7 +82,6 @@ READ_TIMEOUT_S = 120.0  # a client that sends nothing for this long is dropped
 # A request refused before its body (auth, media type) still has its body read and dropped
 # up to this size, so that the client, still sending, gets to read the answer.
 DRAIN_BYTES = 16 * 2**20
-STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live request
 
 
 def hash_token(token: str) -> str:
@@ -176,18 +177,8 @@ class StowReceiver:
         self.bytes_received = 0
 
     def sweep(self, older_than_s: float = STALE_PART_S) -> int:
-        """Remove parts a killed process left behind; not younger ones, which may be another
-        process's on a shared data directory. Returns how many."""
-        removed = 0
-        cutoff = time.time() - older_than_s
-        for stale in self.incoming.glob("part-*"):
-            try:
-                if stale.stat().st_mtime < cutoff:
-                    stale.unlink()
-                    removed += 1
-            except OSError:
-                pass
-        return removed
+        """Remove parts a killed process left behind; how many."""
+        return sweep_stale_parts(self.incoming, older_than_s)
 
     def receive(self, reader: MultipartReader, calling_ae: str, study_uid: str | None,
                 request_id: int) -> StowResult:

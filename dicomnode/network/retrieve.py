@@ -19,7 +19,6 @@ import contextlib
 import csv
 import logging
 import threading
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -473,10 +472,11 @@ class WadoTransport(Transport):
 
     @contextmanager
     def session(self) -> Iterator[None]:
+        from dicomnode.dicomweb.multipart import sweep_stale_parts
         from dicomnode.dicomweb.wado import DicomwebClient, DicomwebError
 
         self.incoming.mkdir(parents=True, exist_ok=True)
-        sweep_stale(self.incoming)
+        sweep_stale_parts(self.incoming)
         try:
             client = DicomwebClient(self.target)
         except DicomwebError as exc:
@@ -637,24 +637,6 @@ class WadoTransport(Transport):
 
 
 INCOMING_DIR = "retrieve-incoming"
-STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live retrieve
-
-
-def sweep_stale(directory: Path, older_than_s: float = STALE_PART_S) -> int:
-    """Remove the part files a killed run left behind (not younger ones: another run may be
-    writing them); how many."""
-    removed = 0
-    cutoff = time.time() - older_than_s
-    for stale in directory.glob("part-*"):
-        try:
-            if stale.stat().st_mtime < cutoff:
-                stale.unlink()
-                removed += 1
-        except OSError:
-            pass
-    return removed
-
-
 def _quote(uid: str) -> str:
     """A UID as a URL path segment (a peer's answer must not add path segments)."""
     return urllib.parse.quote(uid, safe="")
