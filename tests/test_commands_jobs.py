@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from dicomnode.cli import cli
 from dicomnode.wiring import StorageFailure
@@ -66,9 +67,9 @@ def _populate(url: str, tmp_path: Path) -> tuple[int, int]:
         assert store.claim_job("w1").id == failed
         study = failed_args["study_uid"]
         result = store.store_result(encoded=b"SR", sop_instance_uid=f"{study}.9.1",
-                                    sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34",
+                                    sop_class_uid=Comprehensive3DSRStorage,
                                     study_uid=study, series_uid=f"{study}.9",
-                                    transfer_syntax="1.2.840.10008.1.2.1", kind="sr",
+                                    transfer_syntax=ExplicitVRLittleEndian, kind="sr",
                                     job_id=failed)
         store.fail_job(failed, "w1", "CUDA out of memory\ntraceback...", retry=False)
         store.enqueue_delivery(result.id, "PACS")

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage
 
 from dicomnode.cli import main
 from dicomnode.demo.overlay import overlay_layout
@@ -23,8 +24,8 @@ from dicomnode.external import port_open
 from dicomnode.results.read import read_sr_summary
 from tests.support.peers import make_checkpoint
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-PM = "1.2.840.10008.5.1.4.1.1.30"
+SR = Comprehensive3DSRStorage
+PM = ParametricMapStorage
 NAMES = {"dbt": "DBT", "ffdm": "FFDM", "s2d": "S2D"}
 
 

@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SegmentationStorage
 
 from tests.support.peers import (
     DEPLOY,
@@ -23,9 +24,9 @@ from tests.support.peers import (
 )
 from tests.support.synth import SMALL
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG = "1.2.840.10008.5.1.4.1.1.66.4"
-PM = "1.2.840.10008.5.1.4.1.1.30"
+SR = Comprehensive3DSRStorage
+SEG = SegmentationStorage
+PM = ParametricMapStorage
 
 
 def _text(pacs, path: str) -> str:

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, ParametricMapStorage, SegmentationStorage
 
 from dicomnode.dicomweb.stow import hash_token
 from tests.support.peers import (
@@ -27,9 +28,9 @@ from tests.support.peers import (
 from tests.support.synth import SMALL
 
 TOKEN = "orthanc-to-dicomnode-token"
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG = "1.2.840.10008.5.1.4.1.1.66.4"
-PM = "1.2.840.10008.5.1.4.1.1.30"
+SR = Comprehensive3DSRStorage
+SEG = SegmentationStorage
+PM = ParametricMapStorage
 
 
 @pytest.fixture

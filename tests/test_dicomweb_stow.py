@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -33,7 +33,7 @@ from tests.support.peers import NODE_AE
 from tests.support.synth import SMALL
 
 TOKEN = "s3cret-token-for-pacs"
-CT = "1.2.840.10008.5.1.4.1.1.2"
+CT = CTImageStorage
 
 
 @pytest.fixture(scope="module")

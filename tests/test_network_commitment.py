@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation
 from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 
@@ -165,7 +166,7 @@ def test_report_from_an_unknown_ae_is_refused_at_association(tmp_path: Path) -> 
             report = Dataset()
             report.TransactionUID = "2.25.12345"
             item = Dataset()
-            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.2"
+            item.ReferencedSOPClassUID = DigitalMammographyXRayImageStorageForPresentation
             item.ReferencedSOPInstanceUID = "2.25.999"
             report.ReferencedSOPSequence = [item]
             status, _ = assoc.send_n_event_report(report, 1, STORAGE_COMMITMENT_PUSH,

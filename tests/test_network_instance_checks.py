@@ -13,6 +13,7 @@ from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
 from pynetdicom import AE
 from pynetdicom.dsutils import encode_file_meta
 
@@ -41,10 +42,10 @@ def node(tmp_path: Path) -> Iterator[Node]:
     n.close()
 
 
-JPEG2000_LOSSLESS = "1.2.840.10008.1.2.4.90"
-JPEG_BASELINE = "1.2.840.10008.1.2.4.50"
-RLE = "1.2.840.10008.1.2.5"
-JPEG_LS = "1.2.840.10008.1.2.4.80"
+JPEG2000_LOSSLESS = JPEG2000Lossless
+JPEG_BASELINE = JPEGBaseline8Bit
+RLE = RLELossless
+JPEG_LS = JPEGLSLossless
 
 
 def _mammo(study: Path) -> Dataset:

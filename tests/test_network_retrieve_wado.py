@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian, HTJ2KLossless
 
 from dicomnode.config import Config, NodeConfig, PeerConfig
 from dicomnode.errors import ConfigError
@@ -287,7 +288,7 @@ def test_a_syntax_the_node_does_not_take_is_asked_for_transcoded(
         pacs, tmp_path: Path, transcodes: bool) -> None:
     fake, url = pacs
     sop = sorted(fake.files)[1]
-    htj2k = "1.2.840.10008.1.2.4.201"  # High-Throughput JPEG 2000 lossless: not taken
+    htj2k = HTJ2KLossless  # High-Throughput JPEG 2000 lossless: not taken
     fake.odd_syntax = {sop: _in_syntax(fake.files[sop], tmp_path / "odd.dcm", htj2k)}
     fake.transcodes = transcodes
     config = _config(tmp_path, url)
@@ -302,7 +303,7 @@ def test_a_syntax_the_node_does_not_take_is_asked_for_transcoded(
                     for i in store.study_instances(fake.study)}
     if transcodes:
         assert (outcome.status, outcome.archived, outcome.fetched) == ("retrieved", 4, 4)
-        assert syntaxes[sop] == "1.2.840.10008.1.2.1"
+        assert syntaxes[sop] == ExplicitVRLittleEndian
     else:
         assert (outcome.status, outcome.archived) == ("incomplete", 3)
         assert sop not in syntaxes

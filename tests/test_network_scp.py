@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, SegmentationStorage, generate_uid
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from tests.support.scp import (
@@ -69,7 +69,7 @@ def test_storescu_sends_jpeg2000_as_received(node: Node, synth_study) -> None:
     assert proc.returncode == 0, proc.stderr
     archived = node.store.study_instances(dcmread(files[0], stop_before_pixels=True)
                                           .StudyInstanceUID)
-    assert {a.transfer_syntax for a in archived} == {"1.2.840.10008.1.2.4.90"}
+    assert {a.transfer_syntax for a in archived} == {JPEG2000Lossless}
     by_uid = {a.sop_instance_uid: a for a in archived}
     for path in files:
         sent = dcmread(path)
@@ -188,7 +188,7 @@ def test_bit_packed_seg_is_stored_when_other_classes_are_kept(tmp_path: Path, st
     n = Node(tmp_path, other="store")
     try:
         seg = sorted(study.glob("*/seg/*.dcm"))[0]
-        assert store_status(n, seg, "1.2.840.10008.5.1.4.1.1.66.4")[0] == 0x0000
+        assert store_status(n, seg, SegmentationStorage)[0] == 0x0000
     finally:
         n.close()
 

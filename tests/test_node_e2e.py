@@ -8,6 +8,12 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    MammographyCADSRStorage,
+    ParametricMapStorage,
+    SegmentationStorage,
+)
 
 from dicomnode.config import Config
 from dicomnode.pipeline.images import load_image
@@ -42,10 +48,10 @@ from tests.support.results import (
 )
 
 MODALITIES = ("dbt", "ffdm", "s2d")
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-SEG = "1.2.840.10008.5.1.4.1.1.66.4"
-PM = "1.2.840.10008.5.1.4.1.1.30"
-CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+SR = Comprehensive3DSRStorage
+SEG = SegmentationStorage
+PM = ParametricMapStorage
+CAD_SR = MammographyCADSRStorage
 # 12 images (4 views x DBT, FFDM, synthetic 2D): an SR, a SEG and the malignant PM each;
 # and one Mammography CAD SR for the study's DBT images
 EXPECTED_RESULTS = 12 * 3 + 1

@@ -29,7 +29,13 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEG2000Lossless, generate_uid
+from pydicom.uid import (
+    BreastTomosynthesisImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    generate_uid,
+)
 from pynetdicom.sop_class import Verification
 
 from dicomnode.config import load_config
@@ -47,9 +53,9 @@ from tests.support.peers import (
 )
 from tests.support.synth import SMALL
 
-MG = "1.2.840.10008.5.1.4.1.1.1.2"
-BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
-EXPLICIT = "1.2.840.10008.1.2.1"
+MG = DigitalMammographyXRayImageStorageForPresentation
+BTO = BreastTomosynthesisImageStorage
+EXPLICIT = ExplicitVRLittleEndian
 PACS = {"ae_title": "PACS", "host": "127.0.0.1", "port": 1, "send_results": False}
 
 

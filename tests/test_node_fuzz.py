@@ -27,7 +27,18 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import Verification
 
@@ -55,9 +66,9 @@ _NUMBERS = (0, 1, 7, 8, 15, 16, 17, 255, 256, 4095, 65535)
 _STRINGS = ("", "X", "\\\\", "../../../etc/passwd", "Ä" * 80, "1" * 200, "MONOCHROME3",
             "RGB", "YBR_FULL", " L ", "B", "1.2.3..4", "1.2.abc", "0" * 70)
 _TRANSFER_SYNTAXES = (
-    "1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2",
-    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.80",
-    "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5", "1.2.840.10008.1.2.1.99",
+    ImplicitVRLittleEndian, ExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless,
+    JPEG2000Lossless, RLELossless, DeflatedExplicitVRLittleEndian,
 )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicomnode.config import Config, load_config
 from dicomnode.pipeline.images import load_image
@@ -34,7 +35,7 @@ from tests.support.peers import (
 )
 from tests.support.synth import SMALL
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SR = Comprehensive3DSRStorage
 
 
 @pytest.mark.slow

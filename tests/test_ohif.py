@@ -38,6 +38,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    DeflatedExplicitVRLittleEndian,
+    MammographyCADSRStorage,
+    ParametricMapStorage,
+    SegmentationStorage,
+)
 
 from dicomnode.results.pmap import real_world_values
 from tests.support.ohif import (
@@ -64,11 +71,11 @@ from tests.support.peers import (
 pytestmark = [pytest.mark.slow, pytest.mark.orthanc, pytest.mark.ohif]
 
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-SEG = "1.2.840.10008.5.1.4.1.1.66.4"
-PM = "1.2.840.10008.5.1.4.1.1.30"
-DEFLATED = "1.2.840.10008.1.2.1.99"
+SR = Comprehensive3DSRStorage
+CAD_SR = MammographyCADSRStorage
+SEG = SegmentationStorage
+PM = ParametricMapStorage
+DEFLATED = DeflatedExplicitVRLittleEndian
 SEED = 1  # seed 1's first study is malignant: the right CC DBT holds a malignant mass
 VIEW = "R_CC"
 CHANGED = 12  # a screen pixel "changed" when a channel moved by more than this (0-255)

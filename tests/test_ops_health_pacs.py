@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from click.testing import CliRunner
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from dicomnode.cli import cli
 from dicomnode.ops import prometheus as metrics
@@ -15,7 +16,7 @@ from storage import Store
 from tests.support.peers import write_config
 from tests.support.storage import instance_args
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SR = Comprehensive3DSRStorage
 
 
 def _store_with_activity(data: Path) -> None:
@@ -30,7 +31,7 @@ def _store_with_activity(data: Path) -> None:
             result = store.store_result(
                 encoded=b"SR", sop_instance_uid=f"{args['study_uid']}.9", sop_class_uid=SR,
                 study_uid=args["study_uid"], series_uid=f"{args['study_uid']}.8",
-                transfer_syntax="1.2.840.10008.1.2.1", kind="sr", job_id=job)
+                transfer_syntax=ExplicitVRLittleEndian, kind="sr", job_id=job)
             store.complete_job(job, "w")
             deliveries.append((store.enqueue_delivery(result.id, "PACS"),
                                f"{args['study_uid']}.9"))

@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless
+from pydicom.uid import (
+    BreastProjectionXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    MediaStorageDirectoryStorage,
+    RLELossless,
+)
 
 from dicomnode.errors import UnusableImageError
 from dicomnode.pipeline.images import (
@@ -215,7 +221,7 @@ def test_dicomdir_and_duplicates(tmp_path: Path) -> None:
     write_mammo(tmp_path / "m.dcm", phantom(1, 32, 24)[0])
     ds = pydicom.Dataset()
     ds.file_meta = pydicom.dataset.FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPClassUID = MediaStorageDirectoryStorage
     ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.FileSetID = "TEST"
@@ -247,7 +253,7 @@ def test_corrupt_pixel_data(tmp_path: Path) -> None:
 
 def test_breast_projection_stack_is_refused(tmp_path: Path) -> None:
     ds = write_enhanced_dbt(tmp_path / "p.dcm", phantom(3, 32, 24),
-                            SOPClassUID="1.2.840.10008.5.1.4.1.1.13.1.4")
+                            SOPClassUID=BreastProjectionXRayImageStorageForPresentation)
     _raises(NotABreastImageError, tmp_path / "p.dcm", ds.SOPInstanceUID)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 
 from dicomnode.pipeline.images import load_image
 from tests.support.dicom import phantom, write_enhanced_dbt, write_mammo
@@ -15,9 +16,9 @@ from tests.support.dicom import phantom, write_enhanced_dbt, write_mammo
 pytestmark = pytest.mark.dcmtk
 
 LOSSLESS = [
-    (["dcmcjpls"], "1.2.840.10008.1.2.4.80"),  # JPEG-LS lossless
-    (["dcmcrle"], "1.2.840.10008.1.2.5"),  # RLE
-    (["dcmcjpeg"], "1.2.840.10008.1.2.4.70"),  # JPEG lossless, first-order prediction
+    (["dcmcjpls"], JPEGLSLossless),  # JPEG-LS lossless
+    (["dcmcrle"], RLELossless),  # RLE
+    (["dcmcjpeg"], JPEGLosslessSV1),  # JPEG lossless, first-order prediction
 ]
 
 
@@ -50,7 +51,7 @@ def test_jpeg_baseline_8bit(tmp_path: Path) -> None:
     write_mammo(tmp_path / "in.dcm", img, bits=8)
     _dcmtk(["dcmcjpeg", "+eb"], tmp_path / "in.dcm", tmp_path / "out.dcm")
     out = pydicom.dcmread(tmp_path / "out.dcm")
-    assert out.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"
+    assert out.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     loaded = load_image(tmp_path / "out.dcm").pixels[0]
     diff = np.abs(loaded - img.astype(np.float32))
     # lossy: the random texture costs a few levels, the breast and background stay put

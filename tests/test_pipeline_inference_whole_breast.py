@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydicom.uid import BreastTomosynthesisImageStorage, ExplicitVRLittleEndian
 
 from dicomnode.config import ModelConfig
 from dicomnode.pipeline.images import BreastImage
@@ -47,8 +48,8 @@ def _image(volume: np.ndarray) -> BreastImage:
         pixel_spacing=(DBT_PIXEL_MM, DBT_PIXEL_MM), slice_positions=np.zeros((depth, 3)),
         slice_normal=None, study_uid="1.2.3", series_uid="1.2.3.1",
         frame_of_reference_uid="1.2.3.2",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.13.1.3", sop_instance_uids=["1.2.3.3"] * depth,
-        frame_numbers=list(range(1, depth + 1)), transfer_syntax_uid="1.2.840.10008.1.2.1",
+        sop_class_uid=BreastTomosynthesisImageStorage, sop_instance_uids=["1.2.3.3"] * depth,
+        frame_numbers=list(range(1, depth + 1)), transfer_syntax_uid=ExplicitVRLittleEndian,
         source_paths=[Path("none.dcm")], patient_orientation=None)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pydicom import dcmread
+from pydicom.uid import MammographyCADSRStorage
 
 from dicomnode.config import Config
 from dicomnode.network.scp import ReceiverPolicy, archive_instance
@@ -109,7 +110,7 @@ def test_study_gets_results_that_carry_the_model_outputs(tmp_path: Path, study: 
 
         # The CAD SR covers the DBT images, with the model's malignant probabilities.
         (cad,) = [dcmread(r.path) for r in results if r.kind == "cad-sr"]
-        assert cad.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"
+        assert cad.SOPClassUID == MammographyCADSRStorage
         assert cad.StudyInstanceUID == study_uid
         dbt = {uid: a for uid, a in analyses.items() if a.image.modality == "dbt"}
         evidence = {ref.ReferencedSOPInstanceUID

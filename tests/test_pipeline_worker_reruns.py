@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import (
+    BasicTextSRStorage,
+    ExplicitVRLittleEndian,
+    KeyObjectSelectionDocumentStorage,
+    MammographyCADSRStorage,
+    generate_uid,
+)
 
 from dicomnode.config import Config, PeerConfig
 from dicomnode.network.scp import ReceiverPolicy, archive_instance
@@ -32,9 +38,9 @@ from dicomnode.results.common import ResultsError
 from storage import JobState, Store
 from storage.records import DeliveryState
 
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-MAMMO_CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
-KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+BASIC_TEXT_SR = BasicTextSRStorage
+MAMMO_CAD_SR = MammographyCADSRStorage
+KOS = KeyObjectSelectionDocumentStorage
 
 
 @pytest.fixture(scope="module")

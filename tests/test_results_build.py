@@ -7,6 +7,12 @@ import dataclasses
 
 import pydicom
 import pytest
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    MammographyCADSRStorage,
+    ParametricMapStorage,
+    SegmentationStorage,
+)
 
 from dicomnode.results import (
     ResultOptions,
@@ -123,8 +129,8 @@ def test_every_result_kind_carries_the_ihe_air_identification(tmp_path_factory,
     cad = [ds for ds, _ in _default_study_result_builder(Config())(job, [analysis])]
     assert len(cad) == 1
     kinds = {str(ds.SOPClassUID) for ds in [*datasets, *cad]}
-    assert kinds == {"1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.30",
-                     "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.50"}
+    assert kinds == {SegmentationStorage, ParametricMapStorage,
+                     Comprehensive3DSRStorage, MammographyCADSRStorage}
     device_uids = set()
     for n, built in enumerate([*datasets, *cad]):
         path = tmp_path / f"{n}.dcm"

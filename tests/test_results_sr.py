@@ -9,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage
 
 from dicomnode.results import ResultOptions, build_segmentation, build_sr
 from dicomnode.results.common import SEGMENT_PROPERTIES
@@ -108,7 +109,7 @@ def test_sr_carries_the_probabilities_regions_and_seg_link(tmp_path_factory, tmp
                                                           modality) -> None:
     analysis, seg, sr, _ = _build(tmp_path_factory, tmp_path, layout, modality)
     image = analysis.image
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert sr.SOPClassUID == Comprehensive3DSRStorage  # Comprehensive 3D SR
     assert sr.StudyInstanceUID == image.study_uid
     assert sr.SeriesInstanceUID not in (image.series_uid, seg.dataset.SeriesInstanceUID)
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"

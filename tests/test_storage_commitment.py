@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage
 
 from storage import Store
 from storage.records import CommitmentState
@@ -14,7 +15,7 @@ from tests.support.storage import at, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SR = Comprehensive3DSRStorage
 
 
 def _delivered(store: Store, study: int, destination: str = "PACS") -> tuple[int, int, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from storage import JobState, Store
 from storage.errors import LeaseLost
@@ -68,8 +69,8 @@ def _result(store: Store, number: int, kind: str, job_id: int | None = None):
     study_uid = instance_args()["study_uid"]
     return store.store_result(
         encoded=f"{kind} {number}".encode(), sop_instance_uid=f"{study_uid}.900.{number}",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", study_uid=study_uid,
-        series_uid=f"{study_uid}.900", transfer_syntax="1.2.840.10008.1.2.1", kind=kind,
+        sop_class_uid=Comprehensive3DSRStorage, study_uid=study_uid,
+        series_uid=f"{study_uid}.900", transfer_syntax=ExplicitVRLittleEndian, kind=kind,
         job_id=job_id, now=at(0))
 
 

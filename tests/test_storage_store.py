@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from storage import JobState, Store, StoreOutcome
 from storage.errors import InvalidState, LeaseLost, StudyNotFound
@@ -19,7 +20,7 @@ from tests.support.storage import T0, archive_files, at, instance_args
 
 db_url, make_store, store = support.db_url, support.make_store, support.store  # fixtures
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
+SR = Comprehensive3DSRStorage
 
 
 def test_store_instance_is_indexed_and_archived(store: Store, tmp_path: Path) -> None:
@@ -221,7 +222,7 @@ def _result(store: Store, job_id: int | None = None, number: int = 1):
     return store.store_result(
         encoded=b"SR " + str(number).encode(), sop_instance_uid=f"{study_uid}.900.{number}",
         sop_class_uid=SR, study_uid=study_uid, series_uid=f"{study_uid}.900",
-        transfer_syntax="1.2.840.10008.1.2.1", kind="sr", job_id=job_id, now=at(0))
+        transfer_syntax=ExplicitVRLittleEndian, kind="sr", job_id=job_id, now=at(0))
 
 
 def test_deliveries_back_off_and_dead_letter(make_store: Callable[..., Store]) -> None:
@@ -384,6 +385,6 @@ def test_store_result_takes_a_file_written_elsewhere(store: Store, tmp_path: Pat
     result = store.store_result(
         encoded=written, sop_instance_uid=f"{study_uid}.900.1", sop_class_uid=SR,
         study_uid=study_uid, series_uid=f"{study_uid}.900",
-        transfer_syntax="1.2.840.10008.1.2.1", kind="sr", now=at(0))
+        transfer_syntax=ExplicitVRLittleEndian, kind="sr", now=at(0))
     assert result.path.read_bytes() == b"SR from a file"
     assert result.size == len(b"SR from a file")

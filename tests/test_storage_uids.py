@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from pydicom.uid import BreastTomosynthesisImageStorage
 
 from storage.archive import Archive
 from storage.errors import InvalidUID
 from storage.uids import is_valid_uid, validate_uid
 
-VALID = ["1", "0", "1.2.840.10008.5.1.4.1.1.13.1.3", "2.25.329800735698586629295641978511506172918",
+VALID = ["1", "0", BreastTomosynthesisImageStorage, "2.25.329800735698586629295641978511506172918",
          "1.0.2", "9" * 64]
 INVALID = ["", "1.", ".1", "1..2", "1.02", "01.2", "1.2.a", "1.2 3", "1.2/3", "../1.2", "1.2\x00",
            " 1.2", "1.2\n", "1" + ".1" * 32, "１.２", None, 12, b"1.2"]

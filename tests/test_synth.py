@@ -14,6 +14,10 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
+from pydicom.uid import (
+    BreastTomosynthesisImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+)
 
 from dicomnode.synth import SynthOptions, generate_studies
 from dicomnode.synth.options import DBT_PIXEL_MM, FFDM_PIXEL_MM
@@ -21,8 +25,8 @@ from dicomnode.synth.options import DBT_PIXEL_MM, FFDM_PIXEL_MM
 # Seed 0, three studies: one benign, one malignant (mass + calcifications), one normal.
 SEED = 0
 STUDIES = 3
-BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
-MAMMO = "1.2.840.10008.5.1.4.1.1.1.2"
+BTO = BreastTomosynthesisImageStorage
+MAMMO = DigitalMammographyXRayImageStorageForPresentation
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,19 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
+    BreastTomosynthesisImageStorage,
+    CTImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
+    SegmentationStorage,
     generate_uid,
 )
 
-DBT = "1.2.840.10008.5.1.4.1.1.13.1.3"
-MAMMO = "1.2.840.10008.5.1.4.1.1.1.2"
-CT = "1.2.840.10008.5.1.4.1.1.2"
-SEG = "1.2.840.10008.5.1.4.1.1.66.4"
+DBT = BreastTomosynthesisImageStorage
+MAMMO = DigitalMammographyXRayImageStorageForPresentation
+CT = CTImageStorage
+SEG = SegmentationStorage
 VIEW = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import Comprehensive3DSRStorage, MammographyCADSRStorage
 
 from dicomnode.pipeline.analysis import (
     AlgorithmIdentity,
@@ -162,8 +163,8 @@ def expected_source(analysis: ImageAnalysis, slice_index: int) -> tuple[str, int
 
 # ------------------------------------------------- reading returned result objects
 
-SR = "1.2.840.10008.5.1.4.1.1.88.34"
-CAD_SR = "1.2.840.10008.5.1.4.1.1.88.50"
+SR = Comprehensive3DSRStorage
+CAD_SR = MammographyCADSRStorage
 WITH_FINDINGS, WITHOUT_FINDINGS = ("111242", "DCM"), ("111241", "DCM")
 # the one dciodvfy warning the TID 1500 SRs keep (docs/viewer.md says why): the project's
 # private coding scheme, declared in the Coding Scheme Identification Sequence

@@ -6,6 +6,10 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from pydicom.uid import (
+    BreastTomosynthesisImageStorage,
+    DigitalMammographyXRayImageStorageForPresentation,
+)
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
@@ -13,8 +17,8 @@ from dicomnode.network.scp import AllowedPeer, ReceiverPolicy, StorageSCP
 from storage import Store
 from tests.support.peers import NODE_AE, dcmtk
 
-BTO = "1.2.840.10008.5.1.4.1.1.13.1.3"
-MG = "1.2.840.10008.5.1.4.1.1.1.2"
+BTO = BreastTomosynthesisImageStorage
+MG = DigitalMammographyXRayImageStorageForPresentation
 
 
 def image_files(study: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from pydicom.uid import DigitalMammographyXRayImageStorageForPresentation, ExplicitVRLittleEndian
 
 from storage import Store, migrate
 from storage.testing import scratch_schema
@@ -22,8 +23,8 @@ ENGINES = [
 ]
 
 T0 = datetime(2026, 1, 5, 9, 0, 0, tzinfo=UTC)
-MG = "1.2.840.10008.5.1.4.1.1.1.2"          # Digital Mammography X-Ray Image Storage
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
+MG = DigitalMammographyXRayImageStorageForPresentation
+EXPLICIT_LE = ExplicitVRLittleEndian
 
 
 def at(seconds: float) -> datetime:
