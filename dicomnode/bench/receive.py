@@ -74,11 +74,8 @@ def run_scp_bench(files: list[Path] | None, runs: int, workdir: Path | None = No
             storescp.wait(timeout=30)
         ref_s = report.add_timing("dcmtk storescp: send study", reference)
         node_s = report.add_timing("dicomnode scp: send study", node)
-        mb = total_bytes / 1e6
         for name, seconds in (("dcmtk storescp", ref_s), ("dicomnode scp", node_s)):
-            report.rows.append({"name": name, "instances": len(files), "mb": round(mb, 1),
-                                "mb_per_s": mb / seconds,
-                                "instances_per_s": len(files) / seconds})
+            report.add_throughput(name, seconds, len(files), total_bytes)
         report.add_ratio("dicomnode / dcmtk throughput", ref_s / node_s, "dcmtk storescp")
         return report
     finally:

@@ -53,6 +53,13 @@ class BenchReport:
     def add_ratio(self, name: str, value: float, against: str) -> None:
         self.ratios.append(Ratio(name, value, against))
 
+    def add_throughput(self, name: str, seconds: float, instances: int,
+                       total_bytes: int) -> None:
+        """A row: a study of `instances` and `total_bytes` sent in `seconds`."""
+        mb = total_bytes / 1e6
+        self.rows.append({"name": name, "instances": instances, "mb": round(mb, 1),
+                          "mb_per_s": mb / seconds, "instances_per_s": instances / seconds})
+
     def to_dict(self) -> dict:
         return {
             "benchmark": self.benchmark,

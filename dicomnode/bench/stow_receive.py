@@ -92,11 +92,8 @@ def run_stow_bench(files: list[Path] | None, runs: int, workdir: Path | None = N
                     node.close()
         cstore_s = report.add_timing("C-STORE (dcmtk storescu): send study", cstore)
         stow_s = report.add_timing("STOW-RS (one request): send study", stow)
-        mb = total_bytes / 1e6
         for name, seconds in (("C-STORE", cstore_s), ("STOW-RS", stow_s)):
-            report.rows.append({"name": name, "instances": len(files), "mb": round(mb, 1),
-                                "mb_per_s": mb / seconds,
-                                "instances_per_s": len(files) / seconds})
+            report.add_throughput(name, seconds, len(files), total_bytes)
         report.add_ratio("STOW-RS / C-STORE throughput", cstore_s / stow_s, "C-STORE")
         return report
     finally:
