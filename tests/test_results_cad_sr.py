@@ -32,7 +32,7 @@ from dicomnode.results.validate import (
     dsrdump_output,
     sr_validator_errors,
 )
-from tests.support.results import make_analysis, study_root
+from tests.support.results import code, make_analysis, named, study_root
 
 OPTIONS = ResultOptions(thresholds=(0.5, 0.5), cad_operating_points=(0.5, 0.35, 0.25),
                         cad_presentation_required=1)
@@ -67,18 +67,8 @@ def _dbt_analyses(tmp_path_factory, layout: str,
     return out
 
 
-def _code(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> tuple[str, str]:
-    code = getattr(item, keyword)[0]
-    return str(code.CodeValue), str(code.CodingSchemeDesignator)
-
-
-def _children(item: Dataset, code: tuple[str, str]) -> list[Dataset]:
-    return [c for c in item.get("ContentSequence", []) if "ConceptNameCodeSequence" in c
-            and _code(c) == code]
-
-
 def _child(item: Dataset, code: tuple[str, str]) -> Dataset:
-    (child,) = _children(item, code)
+    (child,) = named(item, code)
     return child
 
 
@@ -96,30 +86,30 @@ def _library_key(entry: Dataset) -> tuple[str, int | None]:
 
 
 def _acq(entry: Dataset) -> dict[tuple[str, str], tuple[str, str]]:
-    return {_code(c): _code(c, "ConceptCodeSequence") for c in entry.ContentSequence
+    return {code(c): code(c, "ConceptCodeSequence") for c in entry.ContentSequence
             if c.ValueType == "CODE"}
 
 
 def _impressions(sr: Dataset) -> list[Dataset]:
-    return _children(_child(sr, ("111017", "DCM")), ("111034", "DCM"))
+    return named(_child(sr, ("111017", "DCM")), ("111034", "DCM"))
 
 
 def _findings(sr: Dataset) -> list[Dataset]:
     """Every Single Image Finding, standing alone or inside a Composite Feature."""
     out = []
     for container in _impressions(sr):
-        out += _children(container, ("111059", "DCM"))
-        for composite in _children(container, ("111015", "DCM")):
-            out += _children(composite, ("111059", "DCM"))
+        out += named(container, ("111059", "DCM"))
+        for composite in named(container, ("111015", "DCM")):
+            out += named(composite, ("111059", "DCM"))
     return out
 
 
 def _summary_code(sr: Dataset) -> tuple[str, str]:
-    return _code(_child(sr, ("111017", "DCM")), "ConceptCodeSequence")
+    return code(_child(sr, ("111017", "DCM")), "ConceptCodeSequence")
 
 
 def _intent(item: Dataset) -> tuple[str, str]:
-    return _code(_child(item, ("111056", "DCM")), "ConceptCodeSequence")
+    return code(_child(item, ("111056", "DCM")), "ConceptCodeSequence")
 
 
 def _num(item: Dataset, code: tuple[str, str]) -> float:
@@ -160,8 +150,8 @@ def test_cad_sr_structure_library_and_marks(tmp_path_factory, tmp_path, layout) 
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
     template = sr.ContentTemplateSequence[0]
     assert (template.MappingResource, template.TemplateIdentifier) == ("DCMR", "4000")
-    assert _code(sr) == ("111036", "DCM")
-    assert [_code(c) for c in sr.ContentSequence] == [
+    assert code(sr) == ("111036", "DCM")
+    assert [code(c) for c in sr.ContentSequence] == [
         ("121049", "DCM"), ("111028", "DCM"), ("111017", "DCM"), ("111064", "DCM"),
         ("111065", "DCM")]
     assert "SCOORD" in _value_types(sr) and "SCOORD3D" not in _value_types(sr)
@@ -213,7 +203,7 @@ def test_cad_sr_structure_library_and_marks(tmp_path_factory, tmp_path, layout) 
         assert region.contains(row, col)
         # the probability of cancer of the lesion, not a certainty of the finding's type
         assert _num(finding, ("111047", "DCM")) == pytest.approx(100 * region.peak, abs=0.01)
-        assert not _children(finding, ("111012", "DCM"))
+        assert not named(finding, ("111012", "DCM"))
         # on the blob's slice, at the blob
         assert region.frame_index == 2 + next(i for i, a in enumerate(analyses) if a is analysis)
         assert abs(row - 120) <= 20 and abs(col - 90) <= 20
@@ -259,13 +249,13 @@ def test_cc_and_mlo_marks_of_one_lesion_are_a_composite_feature(tmp_path_factory
     sr = build_cad_sr(analyses, OPTIONS)
     impressions = _impressions(sr)
     assert len(impressions) == 2  # left: CC + MLO as one lesion; right: CC alone
-    composites = [c for imp in impressions for c in _children(imp, ("111015", "DCM"))]
+    composites = [c for imp in impressions for c in named(imp, ("111015", "DCM"))]
     (composite,) = composites
-    assert _code(_child(composite, ("111016", "DCM")), "ConceptCodeSequence") == \
+    assert code(_child(composite, ("111016", "DCM")), "ConceptCodeSequence") == \
         ("111154", "DCM")
-    assert _code(_child(composite, ("111057", "DCM")), "ConceptCodeSequence") == \
+    assert code(_child(composite, ("111057", "DCM")), "ConceptCodeSequence") == \
         ("111158", "DCM")
-    parts = _children(composite, ("111059", "DCM"))
+    parts = named(composite, ("111059", "DCM"))
     assert [p.RelationshipType for p in parts] == ["INFERRED FROM"] * 2
     views = set()
     for part in parts:

@@ -187,7 +187,7 @@ def code(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> tuple[str, 
     return str(value.CodeValue), str(value.CodingSchemeDesignator)
 
 
-def _named(item: Dataset, concept: tuple[str, str]) -> list[Dataset]:
+def named(item: Dataset, concept: tuple[str, str]) -> list[Dataset]:
     return [c for c in item.get("ContentSequence", []) if "ConceptNameCodeSequence" in c
             and code(c) == concept]
 
@@ -206,28 +206,28 @@ class Mark:
 
 def cad_summary(ds: Dataset) -> tuple[tuple[str, str], int]:
     """(CAD Processing and Findings Summary code, number of Individual Impressions)."""
-    (summary,) = _named(ds, ("111017", "DCM"))
-    return code(summary, "ConceptCodeSequence"), len(_named(summary, ("111034", "DCM")))
+    (summary,) = named(ds, ("111017", "DCM"))
+    return code(summary, "ConceptCodeSequence"), len(named(summary, ("111034", "DCM")))
 
 
 def cad_marks(ds: Dataset) -> list[Mark]:
     """Every Single Image Finding, standing alone or part of a Composite Feature."""
-    (library,) = _named(ds, ("111028", "DCM"))
-    (summary,) = _named(ds, ("111017", "DCM"))
+    (library,) = named(ds, ("111028", "DCM"))
+    (summary,) = named(ds, ("111017", "DCM"))
     findings = []
-    for impression in _named(summary, ("111034", "DCM")):
-        findings += _named(impression, ("111059", "DCM"))
-        for composite in _named(impression, ("111015", "DCM")):
-            findings += _named(composite, ("111059", "DCM"))
+    for impression in named(summary, ("111034", "DCM")):
+        findings += named(impression, ("111059", "DCM"))
+        for composite in named(impression, ("111015", "DCM")):
+            findings += named(composite, ("111059", "DCM"))
     out = []
     for finding in findings:
-        (center,) = _named(finding, ("111010", "DCM"))
+        (center,) = named(finding, ("111010", "DCM"))
         position = list(center.ContentSequence[0].ReferencedContentItemIdentifier)
         ref = library.ContentSequence[int(position[-1]) - 1].ReferencedSOPSequence[0]
         frame = ref.get("ReferencedFrameNumber")
         col, row = (float(v) for v in center.GraphicData)
-        probability = _named(finding, ("111047", "DCM"))
-        (intent,) = _named(finding, ("111056", "DCM"))
+        probability = named(finding, ("111047", "DCM"))
+        (intent,) = named(finding, ("111056", "DCM"))
         out.append(Mark(
             sop_instance_uid=str(ref.ReferencedSOPInstanceUID),
             frame=int(frame) if frame is not None else None, row=row - 0.5, col=col - 0.5,
@@ -240,13 +240,13 @@ def cad_marks(ds: Dataset) -> list[Mark]:
 def finding_groups(ds: Dataset) -> list[tuple[int, str]]:
     """(class index, tracking identifier) of each TID 1500 measurement group that claims a
     region the model flags for a class (its Finding is the flagged-region code)."""
-    (measurements,) = _named(ds, ("126010", "DCM"))
+    (measurements,) = named(ds, ("126010", "DCM"))
     out = []
-    for group in _named(measurements, ("125007", "DCM")):
-        (finding,) = _named(group, ("121071", "DCM"))
+    for group in named(measurements, ("125007", "DCM")):
+        (finding,) = named(group, ("121071", "DCM"))
         if code(finding, "ConceptCodeSequence") not in FLAGGED_FINDINGS:
             continue
-        (tracking,) = _named(group, ("112039", "DCM"))
+        (tracking,) = named(group, ("112039", "DCM"))
         text = str(tracking.TextValue)
         (cls,) = [i for i, label in enumerate(FLAGGED_LABELS) if text.startswith(label)]
         out.append((cls, text))
