@@ -24,7 +24,7 @@ from dicomnode.results.validate import (
     sr_validator_errors,
 )
 from gmic.classes import CLASS_NAMES
-from tests.support.results import CASES, analysis_for, build_differences, make_breast
+from tests.support.results import CASES, analysis_for, build_differences, code, make_breast
 
 THRESHOLDS = (0.2, 0.5)
 
@@ -39,27 +39,22 @@ def _build(tmp_path_factory, tmp_path, layout: str, modality: str, *, breast: bo
     return analysis, seg, pydicom.dcmread(path), path
 
 
-def _code(item: Dataset, keyword: str = "ConceptNameCodeSequence") -> tuple[str, str]:
-    code = getattr(item, keyword)[0]
-    return str(code.CodeValue), str(code.CodingSchemeDesignator)
-
-
 def _groups(sr: Dataset) -> list[Dataset]:
-    measurements = next(i for i in sr.ContentSequence if _code(i) == ("126010", "DCM"))
-    return [g for g in measurements.ContentSequence if _code(g) == ("125007", "DCM")]
+    measurements = next(i for i in sr.ContentSequence if code(i) == ("126010", "DCM"))
+    return [g for g in measurements.ContentSequence if code(g) == ("125007", "DCM")]
 
 
 def _children(item: Dataset, value_type: str) -> list[Dataset]:
     return [c for c in item.get("ContentSequence", []) if c.ValueType == value_type]
 
 
-def _text(group: Dataset, code: tuple[str, str]) -> str:
+def _text(group: Dataset, concept: tuple[str, str]) -> str:
     return next(str(c.get("TextValue", c.get("UID", ""))) for c in group.ContentSequence
-                if _code(c) == code)
+                if code(c) == concept)
 
 
 def _finding(group: Dataset) -> Dataset:
-    return next(c for c in group.ContentSequence if _code(c) == ("121071", "DCM"))
+    return next(c for c in group.ContentSequence if code(c) == ("121071", "DCM"))
 
 
 def _tracking(group: Dataset) -> str:
@@ -70,9 +65,9 @@ def _nums(group: Dataset) -> dict[tuple[tuple[str, str], tuple[str, str] | None]
     """{(concept, method or None): value} of a group's NUM items."""
     out = {}
     for num in _children(group, "NUM"):
-        method = next((_code(c, "ConceptCodeSequence") for c in _children(num, "CODE")
-                       if _code(c) == ("370129005", "SCT")), None)
-        out[(_code(num), method)] = float(num.MeasuredValueSequence[0].NumericValue)
+        method = next((code(c, "ConceptCodeSequence") for c in _children(num, "CODE")
+                       if code(c) == ("370129005", "SCT")), None)
+        out[(code(num), method)] = float(num.MeasuredValueSequence[0].NumericValue)
     return out
 
 
@@ -124,7 +119,7 @@ def test_sr_carries_the_probabilities_regions_and_seg_link(tmp_path_factory, tmp
     image_group = groups[0]
     assert _tracking(image_group).startswith("Image prediction")
     first = _children(image_group, "NUM")[0]
-    assert _code(first) == CANCER
+    assert code(first) == CANCER
     assert float(first.MeasuredValueSequence[0].NumericValue) == \
         pytest.approx(analysis.final.malignant)
     nums = _nums(image_group)
@@ -139,8 +134,8 @@ def test_sr_carries_the_probabilities_regions_and_seg_link(tmp_path_factory, tmp
     per_modality = (f"MEAN_{image.modality.upper()}", "99DCMNODE")
     assert nums[(CANCER, per_modality)] == \
         pytest.approx(breast.per_modality[image.modality].malignant)
-    site = next(c for c in image_group.ContentSequence if _code(c) == ("363698007", "SCT"))
-    laterality = _code(site.ContentSequence[0], "ConceptCodeSequence")
+    site = next(c for c in image_group.ContentSequence if code(c) == ("363698007", "SCT"))
+    laterality = code(site.ContentSequence[0], "ConceptCodeSequence")
     assert laterality == ({"L": "7771000", "R": "24028007"}[image.laterality], "SCT")
     # ... placed on the whole image, on its most-attended slice
     points, ref = _region(image_group)
@@ -162,7 +157,7 @@ def test_sr_carries_the_probabilities_regions_and_seg_link(tmp_path_factory, tmp
             assert "ReferencedFrameNumber" not in ref
 
     # one finding-coded group per flagged region, on its own region and slice
-    flagged = [g for g in groups if _code(_finding(g), "ConceptCodeSequence") in FLAGGED_FINDINGS]
+    flagged = [g for g in groups if code(_finding(g), "ConceptCodeSequence") in FLAGGED_FINDINGS]
     for class_index, (label, _) in enumerate(SEGMENT_PROPERTIES):
         regions = flagged_regions(analysis, class_index, THRESHOLDS[class_index])
         mine = [g for g in flagged if _tracking(g).startswith(label)]
@@ -221,10 +216,10 @@ def test_nothing_flagged_gives_no_finding_coded_group(tmp_path_factory) -> None:
     seg = build_segmentation(analysis, options)
     assert seg.flagged_boxes == (None, None)
     groups = _groups(build_sr(analysis, make_breast(analysis), seg, options))
-    assert groups and not any(_code(_finding(g), "ConceptCodeSequence") in FLAGGED_FINDINGS
+    assert groups and not any(code(_finding(g), "ConceptCodeSequence") in FLAGGED_FINDINGS
                               for g in groups)
     # the probabilities stay, on a group that says it covers the image and claims no lesion
-    assert _code(_finding(groups[0]), "ConceptCodeSequence") == ("76752008", "SCT")
+    assert code(_finding(groups[0]), "ConceptCodeSequence") == ("76752008", "SCT")
     assert "whole image" in _tracking(groups[0])
 
 
