@@ -49,20 +49,28 @@ def test_a_rerun_reproduces_the_uids_and_new_options_do_not(tmp_path_factory) ->
     # a job run again after its worker died must rewrite the same objects, not send copies
     analysis = analysis_for(tmp_path_factory, "enhanced", "dbt")
 
-    def uids(options: ResultOptions) -> list[tuple[str, str]]:
-        return [(ds.SeriesInstanceUID, ds.SOPInstanceUID)
-                for ds in build_results(analysis, make_breast(analysis), options).datasets]
+    def uids(options: ResultOptions) -> list[tuple[str, str, str | None]]:
+        out = []
+        for ds in build_results(analysis, make_breast(analysis), options).datasets:
+            # highdicom draws the Dimension Organization UID at random: derived here too
+            organization = {str(i.DimensionOrganizationUID)
+                            for i in ds.get("DimensionOrganizationSequence", [])}
+            named = {str(i.DimensionOrganizationUID)
+                     for i in ds.get("DimensionIndexSequence", [])}
+            assert named == organization and len(organization) == (ds.Modality != "SR")
+            out.append((ds.SeriesInstanceUID, ds.SOPInstanceUID, min(organization, default=None)))
+        return out
 
     first = uids(ResultOptions())
     assert uids(ResultOptions()) == first
     changed = uids(ResultOptions(thresholds=(0.3, 0.3)))
-    assert not {sop for _, sop in changed} & {sop for _, sop in first}
+    assert not {sop for _, sop, _ in changed} & {sop for _, sop, _ in first}
     # the chest-wall window reads another part of a large breast: other objects too
     windowed = dataclasses.replace(analysis, algorithm=dataclasses.replace(
         analysis.algorithm, whole_breast=False))
     other = [ds.SOPInstanceUID for ds in build_results(
         windowed, make_breast(windowed), ResultOptions()).datasets]
-    assert not set(other) & {sop for _, sop in first}
+    assert not set(other) & {sop for _, sop, _ in first}
 
 
 def test_no_seg_when_not_asked(tmp_path_factory) -> None:

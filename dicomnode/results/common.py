@@ -237,6 +237,23 @@ def identify_result(ds: Dataset, algorithm: AlgorithmIdentity, source: Dataset |
     return ds
 
 
+def reproducible_dimension_organization(ds: Dataset) -> Dataset:
+    """highdicom draws a random Dimension Organization UID for every SEG and Parametric Map;
+    a rerun must send the same content under the same SOP Instance UID (result_uid), so it
+    is derived from that UID, in the organization and in every dimension index naming it."""
+    organizations = ds.get("DimensionOrganizationSequence")
+    if not organizations:
+        return ds
+    uid = str(generate_uid(entropy_srcs=["dimension organization", str(ds.SOPInstanceUID)]))
+    drawn = {str(item.DimensionOrganizationUID) for item in organizations}
+    for item in organizations:
+        item.DimensionOrganizationUID = uid
+    for index in ds.get("DimensionIndexSequence", []):
+        if str(index.get("DimensionOrganizationUID", "")) in drawn:
+            index.DimensionOrganizationUID = uid
+    return ds
+
+
 def device_uid(algorithm: AlgorithmIdentity) -> str:
     """Stable device observer UID per (algorithm, checkpoint): the same weights, one UID."""
     return str(generate_uid(entropy_srcs=[algorithm.name, algorithm.checkpoint_sha256,
