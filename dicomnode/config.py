@@ -140,6 +140,10 @@ class ModelConfig:
 class WorkerConfig:
     lease_seconds: float = 300.0  # a worker that stops renewing loses its job after this
     poll_seconds: float = 1.0  # how often an idle worker looks for jobs and due deliveries
+    # Threads that build a breast's result objects while the next breast's images are
+    # analysed. 0 builds them after the last image (lowest peak memory); more than 1 helps
+    # only where cores are spare (a GPU host), each holding about 2 GB for a full-size DBT.
+    result_threads: int = 1
 
 
 @dataclass
@@ -359,6 +363,9 @@ def validate(config: Config) -> None:
     except ValueError as exc:
         raise ConfigError(f"results.cad_operating_points / cad_presentation_required: {exc}; "
                           "fix them") from None
+    if config.worker.result_threads < 0:
+        raise ConfigError(f"worker.result_threads: {config.worker.result_threads} is negative; "
+                          "use 0 (build after the model) or more")
     for key in ("test_time_augmentations", "augment_px"):
         if getattr(config.model, key) < 0:
             raise ConfigError(f"model.{key}: {getattr(config.model, key)} is negative; use 0 "

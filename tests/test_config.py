@@ -162,3 +162,13 @@ def test_bad_cad_operating_points_are_named(tmp_path: Path, text: str) -> None:
     path.write_text(f"[results]\n{text}\n")
     with pytest.raises(ConfigError, match="cad_"):
         load_config(path, environ={})
+
+
+def test_result_threads_are_read_and_a_negative_count_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[worker]\nresult_threads = 0\n")
+    assert load_config(path, environ={}).worker.result_threads == 0
+    assert load_config(None, environ={}).worker.result_threads == 1
+    path.write_text("[worker]\nresult_threads = -1\n")
+    with pytest.raises(ConfigError, match=r"worker\.result_threads: -1 is negative"):
+        load_config(path, environ={})

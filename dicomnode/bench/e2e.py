@@ -7,9 +7,11 @@ results to dcmtk `storescp`, run bit-preserving (`+B`): it stores each result as
 as a PACS archive stores it (Orthanc keeps what it receives), instead of inflating and
 re-deflating every deflated SEG and Parametric Map (storescp's default re-encodes).
 Stages: receive (storescu start to its exit), wait (the configured idle time that marks
-the study complete), load, model, build results, send (job done to the last result on
-disk at storescp). Then what came back: the results'
-bytes as received (and as a fraction of the study's), how many objects and series.
+the study complete), load, model, build results after the model (the worker builds a
+breast's results while it analyses the next: what is left once the last image is analysed),
+send (job done to the last result on disk at storescp), and all the time spent building
+results. Then what came back: the results' bytes as received (and as a fraction of the
+study's), how many objects and series.
 """
 
 from __future__ import annotations
@@ -125,13 +127,18 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
              - times.results),
             ("load", times.load),
             ("model", times.model),
-            ("build results", times.results),
+            # after the last image's model pass: the last breast's results, the CAD SR,
+            # archiving; the other breasts' were built during the model ([worker]
+            # result_threads)
+            ("build results (after the model)", times.results),
             ("send", t_sent - t_done),
         ]
         for name, seconds in stages:
             report.rows.append({"name": name, "seconds": seconds})
         report.rows.append({"name": "total (first C-STORE to last result)",
                             "seconds": t_sent - t0})
+        report.rows.append({"name": "building results, all (most during the model)",
+                            "seconds": times.building})
         study_bytes = sum(f.stat().st_size for f in files)
         returned = results_summary(sorted(received.glob("*")))
         report.rows.append({"name": "study", "seconds": None,

@@ -353,7 +353,7 @@ def _node_stages(node: NodeProcess, waited: dict[str, float]) -> list[tuple[str,
     if match:
         load, model, results = map(float, match.groups())
         stages += [("load images", load), ("model (CPU/GPU)", model),
-                   ("build SR/SEG/PM", results)]
+                   ("build SR/SEG/PM (after the model)", results)]
     elif "job" in waited:
         stages.append(("job (load, model, results)", waited["job"]))
     if "send results back" in waited:

@@ -130,6 +130,12 @@ class BreastImage:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.pixels.shape)  # type: ignore[return-value]
 
+    def release_pixels(self) -> None:
+        """Drop the decoded pixels once the model has read them (a full-size DBT view is
+        about 1 GB of float32); what results need, the shape and geometry, stays. `pixels`
+        becomes a read-only array of zeros of the same shape that takes no memory."""
+        self.pixels = np.broadcast_to(np.zeros((), self.pixels.dtype), self.pixels.shape)
+
 
 @dataclass
 class ImageHeader:

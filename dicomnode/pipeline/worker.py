@@ -7,11 +7,16 @@ A job goes through named stages (:meth:`Worker.process`):
    (:class:`~dicomnode.pipeline.images.ImageHeader`), images left out recorded;
 2. ``select_models``: the headers' modalities -> the loaded weights per modality;
 3. ``analyse_images``: each image's pixels loaded and run through the model ->
-   :class:`~dicomnode.pipeline.analysis.ImageAnalysis` per image;
-4. ``queue_results``: per image, the result objects (an :class:`ImageResultBuilder`) archived
-   and their deliveries queued; then the study's own (a :class:`StudyResultBuilder`, the
-   CAD SR) -> the SOP Instance UIDs produced, from which earlier runs' results are
-   superseded.
+   :class:`~dicomnode.pipeline.analysis.ImageAnalysis` per image, one breast after the
+   other; as soon as a breast's images are all analysed they go to
+4. ``build_image_results``: their result objects (an :class:`ImageResultBuilder`) built
+   and encoded, on a results thread while the next breast is analysed (``[worker]
+   result_threads``; the model's wait for the results shrinks to the last breast's);
+5. ``queue_results``: once every image is analysed, the built objects archived and their
+   deliveries queued, image by image; then the study's own (a
+   :class:`StudyResultBuilder`, the CAD SR) -> the SOP Instance UIDs produced, from which
+   earlier runs' results are superseded. Nothing is archived or queued before this stage,
+   so a job that fails while analysing leaves no partial results behind.
 
 Several workers (threads, processes or machines sharing a PostgreSQL queue) can run at
 once: storage hands each job to exactly one of them under a lease that the worker renews
@@ -27,7 +32,8 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -175,13 +181,82 @@ def usable_headers(paths: list[Path]) -> tuple[list[ImageHeader], list[str]]:
 
 @dataclass
 class StageTimes:
-    """Seconds per stage of one job (logged, and used by `bench e2e`)."""
+    """Seconds per stage of one job (logged, and used by `bench e2e`). `results` is what
+    the job took after its last image was analysed (the wait the model's end leaves);
+    `building` all the time spent building and encoding result objects, most of it on the
+    results thread while later images were analysed."""
 
     load: float = 0.0
     model: float = 0.0
     results: float = 0.0
+    building: float = 0.0
     images: int = 0
     skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EncodedResult:
+    """A result object ready to archive: its Part 10 bytes (encode.encode_result's parts)
+    and what storage indexes it by."""
+
+    kind: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    parts: list[bytes]
+
+    @classmethod
+    def encode(cls, dataset: Dataset, kind: str, level: int) -> EncodedResult:
+        """`dataset` written, deflated maps in parallel blocks at `level` (encode.py)."""
+        from dicomnode.results.encode import encode_result
+
+        return cls(kind=kind, sop_instance_uid=str(dataset.SOPInstanceUID),
+                   sop_class_uid=str(dataset.SOPClassUID),
+                   study_uid=str(dataset.StudyInstanceUID),
+                   series_uid=str(dataset.SeriesInstanceUID),
+                   transfer_syntax=str(dataset.file_meta.TransferSyntaxUID),
+                   parts=encode_result(dataset, level=level))
+
+
+@dataclass
+class BuiltResults:
+    """The results of one breast's images, built and encoded, not yet archived."""
+
+    objects: dict[int, list[EncodedResult]]  # id(ImageAnalysis) -> its objects, in order
+    left_out: list[tuple[str, str]]  # (SOP Instance UID, reason): results not buildable
+    seconds: float
+
+
+class ResultThreads:
+    """Stage 4 beside stage 3: each breast's images handed over by `submit` are built on
+    `threads` background threads (in submission order with one) while the worker analyses
+    the next breast; with 0 they are built when `collect` is called. `collect` waits for
+    all and re-raises what a build raised. Use as a context manager: leaving it waits for
+    builds already started and drops the others (a job that failed while analysing)."""
+
+    def __init__(self, build: Callable[[Sequence[ImageAnalysis]], BuiltResults],
+                 threads: int) -> None:
+        self._build = build
+        self._pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="results")
+                      if threads > 0 else None)
+        self._pending: list[Future | Sequence[ImageAnalysis]] = []
+
+    def submit(self, analyses: Sequence[ImageAnalysis]) -> None:
+        self._pending.append(self._pool.submit(self._build, analyses) if self._pool
+                             else analyses)
+
+    def collect(self) -> list[BuiltResults]:
+        return [p.result() if isinstance(p, Future) else self._build(p)
+                for p in self._pending]
+
+    def __enter__(self) -> ResultThreads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Worker:
@@ -284,7 +359,7 @@ class Worker:
         log.info("event=job_done %s", kv(
             job=job.id, study_uid=job.study_uid, images=times.images,
             load_s=round(times.load, 2), model_s=round(times.model, 2),
-            results_s=round(times.results, 2),
+            results_s=round(times.results, 2), building_s=round(times.building, 2),
             total_s=round(total, 2), skipped=len(times.skipped)))
         return True
 
@@ -308,11 +383,16 @@ class Worker:
         times = StageTimes()
         headers = self.find_images(job, times)
         models = self.select_models(job, headers)
-        analyses = self.analyse_images(job, headers, models, times)
-        t0 = time.perf_counter()
-        produced = self.queue_results(job, analyses, times)
+        with ResultThreads(self.build_image_results,
+                           self.config.worker.result_threads) as builders:
+            analyses = self.analyse_images(job, headers, models, times,
+                                           on_breast=builders.submit)
+            t0 = time.perf_counter()
+            built = builders.collect()
+        produced = self.queue_results(job, analyses, built, times)
         self._supersede(job, produced)
         times.results = time.perf_counter() - t0
+        times.building += sum(part.seconds for part in built)
         return times
 
     def find_images(self, job: Job, times: StageTimes) -> list[ImageHeader]:
@@ -351,71 +431,117 @@ class Worker:
         return models
 
     def analyse_images(self, job: Job, headers: Sequence[ImageHeader],
-                       models: dict[str, LoadedModel], times: StageTimes
+                       models: dict[str, LoadedModel], times: StageTimes, *,
+                       on_breast: Callable[[list[ImageAnalysis]], None] | None = None
                        ) -> list[ImageAnalysis]:
         """Stage 3: each image with a model loaded (pixels) and analysed, one at a time (a
-        DBT is large); an image that cannot be read is left out. JobFailed when none
-        could be."""
-        analyses: list[ImageAnalysis] = []
-        for header in headers:
-            loaded = models.get(header.modality)
-            if loaded is None:
-                continue
-            t0 = time.perf_counter()
-            try:
-                image = read_pixels(header)
-            except UnusableImageError as exc:
-                self._left_out(job, times, header.sop_instance_uids[0], str(exc))
-                continue
-            t1 = time.perf_counter()
-            analyses.append(analyse_image(image, loaded))
-            t2 = time.perf_counter()
-            times.load += t1 - t0
-            times.model += t2 - t1
-            times.images += 1
-            prometheus.MODEL_SECONDS.inc(t2 - t1, modality=image.modality)
-            prometheus.IMAGES_ANALYSED.inc(modality=image.modality)
-            log.info("event=image_analysed %s", kv(
-                job=job.id, sop_instance_uid=image.sop_instance_uids[0], modality=image.modality,
-                laterality=image.laterality, view=image.view,
-                malignant=round(analyses[-1].final.malignant, 4),
-                benign=round(analyses[-1].final.benign, 4), model_s=round(t2 - t1, 2)))
-            self._renew(job)
-        if not analyses:
+        DBT is large), one breast after the other; an image that cannot be read is left
+        out. Each breast's analyses go to `on_breast` as soon as its last image is done
+        (all at the end when a header does not name its breast). The analyses come back in
+        the headers' order. JobFailed when none could be."""
+        todo = [i for i, h in enumerate(headers) if h.modality in models]
+        by_breast = all(headers[i].laterality for i in todo)
+        if by_breast:  # a breast's images together, so its results can start early
+            todo.sort(key=lambda i: (headers[i].laterality, i))
+        left: dict[str | None, int] = defaultdict(int)
+        for i in todo:
+            left[headers[i].laterality if by_breast else None] += 1
+        done: dict[int, ImageAnalysis] = {}
+        breast: list[ImageAnalysis] = []
+        for i in todo:
+            header, loaded = headers[i], models[headers[i].modality]
+            analysis = self._analyse(job, header, loaded, times)
+            if analysis is not None:
+                done[i] = analysis
+                breast.append(analysis)
+            key = header.laterality if by_breast else None
+            left[key] -= 1
+            if left[key] == 0 and breast:
+                if on_breast is not None:
+                    on_breast(breast)
+                breast = []
+        if not done:
             raise JobFailed(f"study {job.study_uid}: no image could be read: {times.skipped[0]}")
-        return analyses
+        return [done[i] for i in sorted(done)]
 
-    def queue_results(self, job: Job, analyses: list[ImageAnalysis],
-                      times: StageTimes) -> list[str]:
-        """Stage 4: each image's result objects built, archived and their deliveries queued,
-        image by image; then the study's (the CAD SR, naming the images left out). The SOP
-        Instance UIDs of this run's results. JobFailed when no image's could be built."""
+    def _analyse(self, job: Job, header: ImageHeader, loaded: LoadedModel,
+                 times: StageTimes) -> ImageAnalysis | None:
+        """One image read and analysed; None (left out) when its pixels cannot be read. The
+        decoded pixels are released afterwards: results need only the image's geometry."""
+        t0 = time.perf_counter()
+        try:
+            image = read_pixels(header)
+        except UnusableImageError as exc:
+            self._left_out(job, times, header.sop_instance_uids[0], str(exc))
+            return None
+        t1 = time.perf_counter()
+        analysis = analyse_image(image, loaded)
+        image.release_pixels()
+        t2 = time.perf_counter()
+        times.load += t1 - t0
+        times.model += t2 - t1
+        times.images += 1
+        prometheus.MODEL_SECONDS.inc(t2 - t1, modality=image.modality)
+        prometheus.IMAGES_ANALYSED.inc(modality=image.modality)
+        log.info("event=image_analysed %s", kv(
+            job=job.id, sop_instance_uid=image.sop_instance_uids[0], modality=image.modality,
+            laterality=image.laterality, view=image.view,
+            malignant=round(analysis.final.malignant, 4),
+            benign=round(analysis.final.benign, 4), model_s=round(t2 - t1, 2)))
+        self._renew(job)
+        return analysis
+
+    def build_image_results(self, analyses: Sequence[ImageAnalysis]) -> BuiltResults:
+        """Stage 4: the result objects of one breast's images, built and encoded (the
+        expensive part of results), nothing archived: it runs on a results thread and
+        touches neither the store nor the job. An image whose results cannot be built
+        (highdicom refuses its geometry, say) is left out; the others keep theirs."""
         from dicomnode.results.common import ResultsError
 
-        breasts = combine_breasts(analyses)
-        destinations = self._destinations_for(job)
-        with_results: list[ImageAnalysis] = []
-        produced: list[str] = []  # SOP Instance UIDs of this run's results
+        t0 = time.perf_counter()
+        breasts = combine_breasts(list(analyses))
+        objects: dict[int, list[EncodedResult]] = {}
+        left_out: list[tuple[str, str]] = []
         for analysis in analyses:
-            # One image whose results cannot be built (highdicom refuses its geometry, say)
-            # is left out and recorded; the study's other images keep theirs.
             try:
                 built = self._build(analysis, breasts.get(analysis.image.laterality))
             except ResultsError as exc:
-                self._left_out(job, times, analysis.image.sop_instance_uids[0], str(exc))
+                left_out.append((analysis.image.sop_instance_uids[0], str(exc)))
                 continue
-            for dataset, kind in built:
-                produced.append(self._archive_and_queue(job, dataset, kind, destinations))
-            with_results.append(analysis)
+            objects[id(analysis)] = [
+                EncodedResult.encode(ds, kind, self.config.results.deflate_level)
+                for ds, kind in built]
+            del built  # a full-size map is 1 GB: gone before the next image's is made
             if analysis.image.modality != "dbt":  # the CAD SR marks DBT regions from the map
                 analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
-            self._renew(job)
+        return BuiltResults(objects, left_out, time.perf_counter() - t0)
+
+    def queue_results(self, job: Job, analyses: list[ImageAnalysis],
+                      built: Sequence[BuiltResults], times: StageTimes) -> list[str]:
+        """Stage 5: the built objects archived and their deliveries queued, image by image
+        in the study's order; then the study's (the CAD SR, naming the images left out).
+        The SOP Instance UIDs of this run's results. JobFailed when no image's results
+        could be built."""
+        objects = {key: value for part in built for key, value in part.objects.items()}
+        for part in built:
+            for sop_instance_uid, reason in part.left_out:
+                self._left_out(job, times, sop_instance_uid, reason)
+        with_results = [a for a in analyses if id(a) in objects]
         if not with_results:
             raise JobFailed(f"study {job.study_uid}: no image's results could be built: "
                             f"{times.skipped[-1]}")
+        destinations = self._destinations_for(job)
+        produced: list[str] = []  # SOP Instance UIDs of this run's results
+        for analysis in with_results:
+            for result in objects[id(analysis)]:
+                produced.append(self._archive_and_queue(job, result, destinations))
+            self._renew(job)
         # the study's CAD SR, which names the images left out
+        t0 = time.perf_counter()
         for dataset, kind in self._build_study(job, with_results, list(times.skipped)):
-            produced.append(self._archive_and_queue(job, dataset, kind, destinations))
+            study_result = EncodedResult.encode(dataset, kind, self.config.results.deflate_level)
+            produced.append(self._archive_and_queue(job, study_result, destinations))
+        times.building += time.perf_counter() - t0
         return produced
 
     def _supersede(self, job: Job, produced: list[str]) -> None:
@@ -491,23 +617,19 @@ class Worker:
             return [job.calling_ae]
         return sorted(self.destinations)
 
-    def _archive_and_queue(self, job: Job, dataset: Dataset, kind: str,
+    def _archive_and_queue(self, job: Job, result: EncodedResult,
                            destinations: list[str]) -> str:
-        from dicomnode.results.encode import encode_result
-
-        # deflated maps in parallel blocks at [results] deflate_level (encode.py)
-        result = self.store.store_result(
-            encoded=encode_result(dataset, level=self.config.results.deflate_level),
-            sop_instance_uid=str(dataset.SOPInstanceUID),
-            sop_class_uid=str(dataset.SOPClassUID), study_uid=str(dataset.StudyInstanceUID),
-            series_uid=str(dataset.SeriesInstanceUID),
-            transfer_syntax=str(dataset.file_meta.TransferSyntaxUID), kind=kind, job_id=job.id)
+        record = self.store.store_result(
+            encoded=result.parts, sop_instance_uid=result.sop_instance_uid,
+            sop_class_uid=result.sop_class_uid, study_uid=result.study_uid,
+            series_uid=result.series_uid, transfer_syntax=result.transfer_syntax,
+            kind=result.kind, job_id=job.id)
         for destination in destinations:
-            self.store.enqueue_delivery(result.id, destination)
-        log.info("event=result_stored %s", kv(job=job.id, kind=kind,
-                                              sop_instance_uid=dataset.SOPInstanceUID,
+            self.store.enqueue_delivery(record.id, destination)
+        log.info("event=result_stored %s", kv(job=job.id, kind=result.kind,
+                                              sop_instance_uid=result.sop_instance_uid,
                                               destinations=",".join(destinations) or "none"))
-        return str(dataset.SOPInstanceUID)
+        return result.sop_instance_uid
 
 
 def result_options(config: Config) -> ResultOptions:
