@@ -40,6 +40,24 @@ def _random_checkpoint(path: Path) -> str:
     return str(path)
 
 
+def _reset_peak_rss() -> None:
+    """Start this process's peak RSS (VmHWM) afresh, so it covers the study alone (Linux
+    4.0+; elsewhere it stays the process's lifetime peak)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float | None:
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    line = next((x for x in status.splitlines() if x.startswith("VmHWM:")), None)
+    return int(line.split()[1]) / 1024 if line else None  # kB
+
+
 def results_summary(paths: list[Path]) -> dict:
     """Bytes (as received), objects, series and bytes per modality of result files."""
     import pydicom
@@ -91,6 +109,7 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
         thread = threading.Thread(target=worker.run_forever, daemon=True)
         try:
             thread.start()
+            _reset_peak_rss()
             t0 = time.perf_counter()
             proc = subprocess.run(
                 [dcmtk_tool("storescu"), "-R", "-xv", "-aet", "BENCH", "-aec", "DICOMNODE",
@@ -139,6 +158,11 @@ def run_e2e_bench(files: list[Path] | None, checkpoint: str | None, device: str,
                             "seconds": t_sent - t0})
         report.rows.append({"name": "building results, all (most during the model)",
                             "seconds": times.building})
+        peak = _peak_rss_mb()
+        if peak is not None:
+            report.rows.append({"name": "peak memory", "seconds": None,
+                                "detail": f"{peak:,.0f} MB RSS from the first C-STORE (SCP, "
+                                          "worker and its results threads)"})
         study_bytes = sum(f.stat().st_size for f in files)
         returned = results_summary(sorted(received.glob("*")))
         report.rows.append({"name": "study", "seconds": None,
