@@ -338,10 +338,12 @@ class Store:
             rerun=case((m.Job.state == JobState.RUNNING, True), else_=m.Job.rerun),
         ))
 
-    def store_result(self, *, encoded: Encoded, sop_instance_uid: str, sop_class_uid: str,
-                     study_uid: str, series_uid: str, transfer_syntax: str, kind: str,
-                     job_id: int | None = None, now: datetime | None = None) -> ResultRecord:
-        """Archive and index a result object the node produced for ``study_uid``.
+    def store_result(self, *, encoded: Encoded | TempFile, sop_instance_uid: str,
+                     sop_class_uid: str, study_uid: str, series_uid: str, transfer_syntax: str,
+                     kind: str, job_id: int | None = None,
+                     now: datetime | None = None) -> ResultRecord:
+        """Archive and index a result object the node produced for ``study_uid``; `encoded`
+        may be a file staged by :meth:`stage_result` (taken over, or dropped on failure).
 
         The watermark does not apply (the study was accepted; its results must not be lost),
         but a full disk still raises :class:`InsufficientStorage`. Storing the same result
@@ -354,8 +356,12 @@ class Store:
             validate_uid(value, field)
         now = _at(now)
         base_path = Archive.relative_path(study_uid, series_uid, sop_instance_uid)
-        temp = (self.archive.adopt_temp(encoded) if isinstance(encoded, os.PathLike)
-                else self.archive.write_temp(encoded, watermark=False))
+        if isinstance(encoded, TempFile):  # staged (stage_result): taken over as it is
+            temp = encoded
+        elif isinstance(encoded, os.PathLike):
+            temp = self.archive.adopt_temp(encoded)
+        else:
+            temp = self.archive.write_temp(encoded, watermark=False)
         committed, old_path, path = False, None, base_path
         try:
             with self._tx() as s:
@@ -390,6 +396,18 @@ class Store:
         if old_path is not None and old_path != path:
             self.archive.remove(old_path)
         return record
+
+    def stage_result(self, encoded: bytes | Sequence[bytes]) -> TempFile:
+        """Write a result's bytes ahead of storing it (a worker building results while its
+        model runs): a fsynced, hashed temporary file in the archive, not indexed and not
+        checked against the watermark (as store_result). ``store_result(encoded=staged)``
+        takes it over without copying it again; :meth:`discard_staged` drops one that will
+        not be stored. Touches no database: any thread may call it. A killed process's
+        leftovers go with the temporary files swept at start."""
+        return self.archive.write_temp(encoded, watermark=False)
+
+    def discard_staged(self, staged: TempFile) -> None:
+        self.archive.discard(staged)
 
     def _result_record(self, row: m.Result) -> ResultRecord:
         return ResultRecord(row.id, row.sop_instance_uid, row.series_uid, row.sop_class_uid,

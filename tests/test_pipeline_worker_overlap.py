@@ -143,6 +143,36 @@ def test_a_job_failing_on_the_right_breast_archives_nothing_of_the_left(
         assert [e[1] for e in recorder.events if e[0] == "build"] == ["L", "L"]
         assert store.study_results(study_uid) == [] and store.list_deliveries() == []
         assert not [t for t in threading.enumerate() if t.name.startswith("results")]
+        # what the left breast's build staged in the archive's temporary area is gone
+        assert list((tmp_path / "archive" / ".tmp").iterdir()) == []
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_build_failing_mid_breast_stores_nothing_and_leaves_no_staged_file(
+        tmp_path: Path, study: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_build = worker_module._default_result_builder
+    calls = []
+
+    def result_builder(config):
+        build = real_build(config)
+
+        def failing_on_the_second(analysis, breast):
+            calls.append(analysis.image.laterality)
+            if len(calls) == 2:  # the first image's objects are staged by now
+                raise RuntimeError("disk trouble while building")
+            return build(analysis, breast)
+        return failing_on_the_second
+
+    monkeypatch.setattr(worker_module, "_default_result_builder", result_builder)
+    store, study_uid, _ = run_job(tmp_path, study, checkpoint, threads=1)
+    try:
+        job = store.list_jobs()[0]
+        assert str(job.state) == "queued" and "disk trouble" in (job.last_error or "")
+        assert calls[:2] == ["L", "L"]
+        assert store.study_results(study_uid) == [] and store.list_deliveries() == []
+        assert list((tmp_path / "archive" / ".tmp").iterdir()) == []
     finally:
         store.close()
 
@@ -163,9 +193,13 @@ def test_results_threads_change_nothing_that_is_sent(tmp_path: Path, study: Path
         try:
             sent[threads] = {r.sop_instance_uid: timeless(Path(r.path).read_bytes())
                              for r in store.study_results(study_uid)}
+            # every staged file was taken into the archive
+            assert list((tmp_path / str(threads) / "archive" / ".tmp").iterdir()) == []
         finally:
             store.close()
     assert len(sent[1]) == 13 and sent[0].keys() == sent[1].keys()
     differ = [uid for uid in sent[0] if sent[0][uid] != sent[1][uid]]
-    assert not differ, [next((a, b) for a, b in zip(sent[0][u], sent[1][u]) if a != b)
-                        for u in differ]
+    first_difference = [  # of each object that differs: what to look at
+        next(((a, b) for a, b in zip(sent[0][u], sent[1][u], strict=False) if a != b),
+             "element counts differ") for u in differ]
+    assert not differ, first_difference

@@ -375,6 +375,33 @@ def test_config_glue_maps_fields_to_store_arguments(tmp_path: Path) -> None:
     assert retention_age(config) == timedelta(days=30)
 
 
+def test_a_staged_result_is_stored_without_a_copy_or_discarded(store: Store) -> None:
+    """stage_result writes a result ahead of store_result (a worker's results thread):
+    stored, the same file moves into the archive; discarded, nothing is left; refused by
+    store_result, it is gone too."""
+    store.store_instance(**instance_args(), now=at(0))
+    study_uid = instance_args()["study_uid"]
+    temp_area = store.archive.tmp_dir
+    args = dict(sop_class_uid=SR, study_uid=study_uid, series_uid=f"{study_uid}.901",
+                transfer_syntax=ExplicitVRLittleEndian, kind="sr", now=at(0))
+    staged = store.stage_result([b"SR ", b"in parts"])
+    assert staged.path.parent == temp_area and staged.path.read_bytes() == b"SR in parts"
+    inode = staged.path.stat().st_ino
+    result = store.store_result(encoded=staged, sop_instance_uid=f"{study_uid}.901.1", **args)
+    assert result.path.read_bytes() == b"SR in parts" and result.path.stat().st_ino == inode
+    assert result.sha256 == staged.sha256 and list(temp_area.iterdir()) == []
+
+    dropped = store.stage_result(b"never stored")
+    store.discard_staged(dropped)
+    assert list(temp_area.iterdir()) == []
+
+    refused = store.stage_result(b"SR of a study never received")
+    with pytest.raises(StudyNotFound):
+        store.store_result(encoded=refused, sop_instance_uid="1.2.3.4", **{
+            **args, "study_uid": "1.2.3"})
+    assert list(temp_area.iterdir()) == []
+
+
 def test_store_result_takes_a_file_written_elsewhere(store: Store, tmp_path: Path) -> None:
     """store_result accepts what store_instance does (Encoded), a path included: the file
     is taken over, not read as a byte stream."""

@@ -9,14 +9,16 @@ A job goes through named stages (:meth:`Worker.process`):
 3. ``analyse_images``: each image's pixels loaded and run through the model ->
    :class:`~dicomnode.pipeline.analysis.ImageAnalysis` per image, one breast after the
    other; as soon as a breast's images are all analysed they go to
-4. ``build_image_results``: their result objects (an :class:`ImageResultBuilder`) built
-   and encoded, on a results thread while the next breast is analysed (``[worker]
-   result_threads``; the model's wait for the results shrinks to the last breast's);
-5. ``queue_results``: once every image is analysed, the built objects archived and their
-   deliveries queued, image by image; then the study's own (a
+4. ``build_image_results``: their result objects (an :class:`ImageResultBuilder`) built,
+   encoded and staged in the archive's temporary area, on a results thread while the next
+   breast is analysed (``[worker] result_threads``; the model's wait for the results
+   shrinks to the last breast's);
+5. ``queue_results``: once every image is analysed, the staged objects stored (indexed)
+   and their deliveries queued, image by image; then the study's own (a
    :class:`StudyResultBuilder`, the CAD SR) -> the SOP Instance UIDs produced, from which
-   earlier runs' results are superseded. Nothing is archived or queued before this stage,
-   so a job that fails while analysing leaves no partial results behind.
+   earlier runs' results are superseded. Nothing is stored or queued before this stage,
+   so a job that fails while analysing leaves no partial results behind (and its staged
+   files are discarded).
 
 Several workers (threads, processes or machines sharing a PostgreSQL queue) can run at
 once: storage hands each job to exactly one of them under a lease that the worker renews
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
 
     from dicomnode.config import Config
     from dicomnode.results import ResultOptions
-    from storage import Job, Store
+    from storage import Job, Store, TempFile
 
 log = logging.getLogger("dicomnode.worker")
 
@@ -195,9 +197,9 @@ class StageTimes:
 
 
 @dataclass
-class EncodedResult:
-    """A result object ready to archive: its Part 10 bytes (encode.encode_result's parts)
-    and what storage indexes it by."""
+class StagedResult:
+    """A result object written to the archive's temporary area (Store.stage_result), ready
+    to be stored, with what storage indexes it by."""
 
     kind: str
     sop_instance_uid: str
@@ -205,11 +207,13 @@ class EncodedResult:
     study_uid: str
     series_uid: str
     transfer_syntax: str
-    parts: list[bytes]
+    file: TempFile
+    stored: bool = False
 
     @classmethod
-    def encode(cls, dataset: Dataset, kind: str, level: int) -> EncodedResult:
-        """`dataset` written, deflated maps in parallel blocks at `level` (encode.py)."""
+    def write(cls, store: Store, dataset: Dataset, kind: str, level: int) -> StagedResult:
+        """`dataset` encoded (deflated maps in parallel blocks at `level`, encode.py) and
+        staged: its bytes on disk, not in memory, until the job stores it."""
         from dicomnode.results.encode import encode_result
 
         return cls(kind=kind, sop_instance_uid=str(dataset.SOPInstanceUID),
@@ -217,28 +221,35 @@ class EncodedResult:
                    study_uid=str(dataset.StudyInstanceUID),
                    series_uid=str(dataset.SeriesInstanceUID),
                    transfer_syntax=str(dataset.file_meta.TransferSyntaxUID),
-                   parts=encode_result(dataset, level=level))
+                   file=store.stage_result(encode_result(dataset, level=level)))
 
 
 @dataclass
 class BuiltResults:
-    """The results of one breast's images, built and encoded, not yet archived."""
+    """The results of one breast's images, built and staged, not yet stored."""
 
-    objects: dict[int, list[EncodedResult]]  # id(ImageAnalysis) -> its objects, in order
+    objects: dict[int, list[StagedResult]]  # id(ImageAnalysis) -> its objects, in order
     left_out: list[tuple[str, str]]  # (SOP Instance UID, reason): results not buildable
     seconds: float
+
+    def discard_unstored(self, store: Store) -> None:
+        for staged in (x for objects in self.objects.values() for x in objects):
+            if not staged.stored:
+                store.discard_staged(staged.file)
 
 
 class ResultThreads:
     """Stage 4 beside stage 3: each breast's images handed over by `submit` are built on
     `threads` background threads (in submission order with one) while the worker analyses
     the next breast; with 0 they are built when `collect` is called. `collect` waits for
-    all and re-raises what a build raised. Use as a context manager: leaving it waits for
-    builds already started and drops the others (a job that failed while analysing)."""
+    all and re-raises what a build raised. Use as a context manager: leaving it on an
+    error waits for the builds already started, drops the others and discards what the
+    finished ones staged (a job that failed while analysing stores nothing)."""
 
     def __init__(self, build: Callable[[Sequence[ImageAnalysis]], BuiltResults],
-                 threads: int) -> None:
+                 threads: int, discard: Callable[[BuiltResults], None]) -> None:
         self._build = build
+        self._discard = discard
         self._pool = (ThreadPoolExecutor(max_workers=threads, thread_name_prefix="results")
                       if threads > 0 else None)
         self._pending: list[Future | Sequence[ImageAnalysis]] = []
@@ -248,15 +259,28 @@ class ResultThreads:
                              else analyses)
 
     def collect(self) -> list[BuiltResults]:
-        return [p.result() if isinstance(p, Future) else self._build(p)
-                for p in self._pending]
+        built: list[BuiltResults] = []
+        try:
+            for pending in self._pending:
+                built.append(pending.result() if isinstance(pending, Future)
+                             else self._build(pending))
+        except BaseException:
+            for part in built:
+                self._discard(part)
+            raise
+        return built
 
     def __enter__(self) -> ResultThreads:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if exc_type is not None:
+            for pending in self._pending:
+                if (isinstance(pending, Future) and not pending.cancelled()
+                        and pending.exception() is None):
+                    self._discard(pending.result())
 
 
 class Worker:
@@ -383,13 +407,17 @@ class Worker:
         times = StageTimes()
         headers = self.find_images(job, times)
         models = self.select_models(job, headers)
-        with ResultThreads(self.build_image_results,
-                           self.config.worker.result_threads) as builders:
+        with ResultThreads(self.build_image_results, self.config.worker.result_threads,
+                           discard=lambda part: part.discard_unstored(self.store)) as builders:
             analyses = self.analyse_images(job, headers, models, times,
                                            on_breast=builders.submit)
             t0 = time.perf_counter()
             built = builders.collect()
-        produced = self.queue_results(job, analyses, built, times)
+        try:
+            produced = self.queue_results(job, analyses, built, times)
+        finally:  # what a failure left unstored
+            for part in built:
+                part.discard_unstored(self.store)
         self._supersede(job, produced)
         times.results = time.perf_counter() - t0
         times.building += sum(part.seconds for part in built)
@@ -492,29 +520,36 @@ class Worker:
         return analysis
 
     def build_image_results(self, analyses: Sequence[ImageAnalysis]) -> BuiltResults:
-        """Stage 4: the result objects of one breast's images, built and encoded (the
-        expensive part of results), nothing archived: it runs on a results thread and
-        touches neither the store nor the job. An image whose results cannot be built
-        (highdicom refuses its geometry, say) is left out; the others keep theirs."""
+        """Stage 4: the result objects of one breast's images, built, encoded and staged
+        (written, not yet stored: Store.stage_result), the expensive part of results. It
+        runs on a results thread: it touches neither the job nor the database. An image
+        whose results cannot be built (highdicom refuses its geometry, say) is left out;
+        the others keep theirs."""
         from dicomnode.results.common import ResultsError
 
         t0 = time.perf_counter()
         breasts = combine_breasts(list(analyses))
-        objects: dict[int, list[EncodedResult]] = {}
-        left_out: list[tuple[str, str]] = []
-        for analysis in analyses:
-            try:
-                built = self._build(analysis, breasts.get(analysis.image.laterality))
-            except ResultsError as exc:
-                left_out.append((analysis.image.sop_instance_uids[0], str(exc)))
-                continue
-            objects[id(analysis)] = [
-                EncodedResult.encode(ds, kind, self.config.results.deflate_level)
-                for ds, kind in built]
-            del built  # a full-size map is 1 GB: gone before the next image's is made
-            if analysis.image.modality != "dbt":  # the CAD SR marks DBT regions from the map
-                analysis.saliency = analysis.saliency[:0]  # free memory early on large studies
-        return BuiltResults(objects, left_out, time.perf_counter() - t0)
+        built = BuiltResults({}, [], 0.0)
+        try:
+            for analysis in analyses:
+                try:
+                    datasets = self._build(analysis, breasts.get(analysis.image.laterality))
+                except ResultsError as exc:
+                    built.left_out.append((analysis.image.sop_instance_uids[0], str(exc)))
+                    continue
+                staged = built.objects[id(analysis)] = []
+                while datasets:  # a full-size map is 1 GB: each gone once it is on disk
+                    dataset, kind = datasets.pop(0)
+                    staged.append(StagedResult.write(self.store, dataset, kind,
+                                                     self.config.results.deflate_level))
+                    del dataset
+                if analysis.image.modality != "dbt":  # the CAD SR marks DBT regions from it
+                    analysis.saliency = analysis.saliency[:0]  # free memory on large studies
+        except BaseException:
+            built.discard_unstored(self.store)
+            raise
+        built.seconds = time.perf_counter() - t0
+        return built
 
     def queue_results(self, job: Job, analyses: list[ImageAnalysis],
                       built: Sequence[BuiltResults], times: StageTimes) -> list[str]:
@@ -539,8 +574,13 @@ class Worker:
         # the study's CAD SR, which names the images left out
         t0 = time.perf_counter()
         for dataset, kind in self._build_study(job, with_results, list(times.skipped)):
-            study_result = EncodedResult.encode(dataset, kind, self.config.results.deflate_level)
-            produced.append(self._archive_and_queue(job, study_result, destinations))
+            study_result = StagedResult.write(self.store, dataset, kind,
+                                              self.config.results.deflate_level)
+            try:
+                produced.append(self._archive_and_queue(job, study_result, destinations))
+            finally:
+                if not study_result.stored:
+                    self.store.discard_staged(study_result.file)
         times.building += time.perf_counter() - t0
         return produced
 
@@ -617,13 +657,14 @@ class Worker:
             return [job.calling_ae]
         return sorted(self.destinations)
 
-    def _archive_and_queue(self, job: Job, result: EncodedResult,
+    def _archive_and_queue(self, job: Job, result: StagedResult,
                            destinations: list[str]) -> str:
         record = self.store.store_result(
-            encoded=result.parts, sop_instance_uid=result.sop_instance_uid,
+            encoded=result.file, sop_instance_uid=result.sop_instance_uid,
             sop_class_uid=result.sop_class_uid, study_uid=result.study_uid,
             series_uid=result.series_uid, transfer_syntax=result.transfer_syntax,
             kind=result.kind, job_id=job.id)
+        result.stored = True  # the staged file is the archive's now
         for destination in destinations:
             self.store.enqueue_delivery(record.id, destination)
         log.info("event=result_stored %s", kv(job=job.id, kind=result.kind,
