@@ -264,7 +264,10 @@ def chromium(log_path: Path, *, width: int = 1400, height: int = 900,
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         args.insert(1, "--no-sandbox")  # Chromium's sandbox refuses to run as root
     log = open(log_path, "wb")
-    proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+    # its singleton socket directory too goes under the profile (TMPDIR), removed below,
+    # not left in the system's temporary directory at every run
+    proc = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True,
+                            env={**os.environ, "TMPDIR": str(profile)})
     page = None
     try:
         def targets() -> list[dict]:
