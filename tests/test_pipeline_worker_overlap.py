@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -30,10 +32,11 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "dbt.pt", "dbt", seed=3)
 
 
-def run_job(tmp_path: Path, study: Path, checkpoint: Path, threads: int,
-            ) -> tuple[Store, str, Worker]:
-    """The study's DBT views through a worker (the other modalities off); the store is
-    the caller's to close."""
+@contextmanager
+def job_run(tmp_path: Path, study: Path, checkpoint: Path, threads: int,
+            ) -> Iterator[tuple[Store, str, Worker]]:
+    """The study's DBT views through a worker (the other modalities off): its store (closed
+    on leaving), the study's UID and the worker."""
     config = Config()
     config.node.data_dir = str(tmp_path / "data")
     config.model.device = "cpu"
@@ -46,10 +49,13 @@ def run_job(tmp_path: Path, study: Path, checkpoint: Path, threads: int,
     for path in sorted(study.glob("dbt/*.dcm")):
         _, ds = archive_instance(store, path.read_bytes(), policy, calling_ae="PACS")
         study_uid = str(ds.StudyInstanceUID)
-    store.force_ready(study_uid)
-    worker = Worker(config, store, name="w1")
-    assert worker.run_one_job()
-    return store, study_uid, worker
+    try:
+        store.force_ready(study_uid)
+        worker = Worker(config, store, name="w1")
+        assert worker.run_one_job()
+        yield store, study_uid, worker
+    finally:
+        store.close()
 
 
 class Recorder:
@@ -96,8 +102,7 @@ class Recorder:
 def test_left_breast_built_on_the_results_thread_while_the_right_is_analysed(
         tmp_path: Path, study: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder(monkeypatch, wait_for_left=True)
-    store, study_uid, worker = run_job(tmp_path, study, checkpoint, threads=1)
-    try:
+    with job_run(tmp_path, study, checkpoint, threads=1) as (store, study_uid, worker):
         job = store.list_jobs()[0]
         assert str(job.state) == "done", job.last_error
         events = recorder.events
@@ -111,32 +116,26 @@ def test_left_breast_built_on_the_results_thread_while_the_right_is_analysed(
         assert kinds == ["cad-sr", *["pmap"] * 4, *["seg"] * 4, *["sr"] * 4]
         times = worker.last_times
         assert times is not None and times.building > 0 and times.results > 0
-    finally:
-        store.close()
 
 
 @pytest.mark.slow
 def test_without_results_threads_everything_is_built_after_the_last_image(
         tmp_path: Path, study: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder(monkeypatch, wait_for_left=False)
-    store, _, _ = run_job(tmp_path, study, checkpoint, threads=0)
-    try:
+    with job_run(tmp_path, study, checkpoint, threads=0) as (store, _, _):
         assert str(store.list_jobs()[0].state) == "done"
         events = recorder.events
         builds = [k for k, e in enumerate(events) if e[0] == "build"]
         analysed = [k for k, e in enumerate(events) if e[0] == "analysed"]
         assert len(builds) == 4 and min(builds) > max(analysed)
         assert all(events[k][2] == threading.current_thread().name for k in builds)
-    finally:
-        store.close()
 
 
 @pytest.mark.slow
 def test_a_job_failing_on_the_right_breast_archives_nothing_of_the_left(
         tmp_path: Path, study: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     recorder = Recorder(monkeypatch, wait_for_left=False, fail_on="R")
-    store, study_uid, _ = run_job(tmp_path, study, checkpoint, threads=1)
-    try:
+    with job_run(tmp_path, study, checkpoint, threads=1) as (store, study_uid, _):
         job = store.list_jobs()[0]
         assert str(job.state) == "queued" and "model failed" in (job.last_error or "")
         # the left breast was built (on the results thread) and then dropped
@@ -145,8 +144,6 @@ def test_a_job_failing_on_the_right_breast_archives_nothing_of_the_left(
         assert not [t for t in threading.enumerate() if t.name.startswith("results")]
         # what the left breast's build staged in the archive's temporary area is gone
         assert list((tmp_path / "archive" / ".tmp").iterdir()) == []
-    finally:
-        store.close()
 
 
 @pytest.mark.slow
@@ -166,15 +163,12 @@ def test_a_build_failing_mid_breast_stores_nothing_and_leaves_no_staged_file(
         return failing_on_the_second
 
     monkeypatch.setattr(worker_module, "_default_result_builder", result_builder)
-    store, study_uid, _ = run_job(tmp_path, study, checkpoint, threads=1)
-    try:
+    with job_run(tmp_path, study, checkpoint, threads=1) as (store, study_uid, _):
         job = store.list_jobs()[0]
         assert str(job.state) == "queued" and "disk trouble" in (job.last_error or "")
         assert calls[:2] == ["L", "L"]
         assert store.study_results(study_uid) == [] and store.list_deliveries() == []
         assert list((tmp_path / "archive" / ".tmp").iterdir()) == []
-    finally:
-        store.close()
 
 
 def timeless(encoded: bytes) -> list[tuple]:
@@ -189,14 +183,12 @@ def test_results_threads_change_nothing_that_is_sent(tmp_path: Path, study: Path
                                                      checkpoint: Path) -> None:
     sent: dict[int, dict[str, list[tuple]]] = {}
     for threads in (0, 1):
-        store, study_uid, _ = run_job(tmp_path / str(threads), study, checkpoint, threads)
-        try:
+        run = tmp_path / str(threads)
+        with job_run(run, study, checkpoint, threads) as (store, study_uid, _):
             sent[threads] = {r.sop_instance_uid: timeless(Path(r.path).read_bytes())
                              for r in store.study_results(study_uid)}
             # every staged file was taken into the archive
-            assert list((tmp_path / str(threads) / "archive" / ".tmp").iterdir()) == []
-        finally:
-            store.close()
+            assert list((run / "archive" / ".tmp").iterdir()) == []
     assert len(sent[1]) == 13 and sent[0].keys() == sent[1].keys()
     differ = [uid for uid in sent[0] if sent[0][uid] != sent[1][uid]]
     first_difference = [  # of each object that differs: what to look at
