@@ -41,6 +41,7 @@ from storage.errors import (
     DatabaseBusy,
     DeliveryNotFound,
     InvalidState,
+    InvalidUID,
     JobNotFound,
     LeaseLost,
     ResultNotFound,
@@ -349,11 +350,17 @@ class Store:
         but a full disk still raises :class:`InsufficientStorage`. Storing the same result
         again is idempotent.
         """
-        for field, value in (("SOP Instance UID", sop_instance_uid),
-                             ("SOP Class UID", sop_class_uid), ("Study Instance UID", study_uid),
-                             ("Series Instance UID", series_uid),
-                             ("Transfer Syntax UID", transfer_syntax)):
-            validate_uid(value, field)
+        try:
+            for field, value in (("SOP Instance UID", sop_instance_uid),
+                                 ("SOP Class UID", sop_class_uid),
+                                 ("Study Instance UID", study_uid),
+                                 ("Series Instance UID", series_uid),
+                                 ("Transfer Syntax UID", transfer_syntax)):
+                validate_uid(value, field)
+        except InvalidUID:
+            if isinstance(encoded, TempFile):  # refused: a staged file is dropped here too
+                self.archive.discard(encoded)
+            raise
         now = _at(now)
         base_path = Archive.relative_path(study_uid, series_uid, sop_instance_uid)
         if isinstance(encoded, TempFile):  # staged (stage_result): taken over as it is

@@ -13,7 +13,7 @@ import pytest
 from pydicom.uid import Comprehensive3DSRStorage, ExplicitVRLittleEndian
 
 from storage import JobState, Store, StoreOutcome
-from storage.errors import InvalidState, LeaseLost, StudyNotFound
+from storage.errors import InvalidState, InvalidUID, LeaseLost, StudyNotFound
 from storage.records import DeliveryState
 from tests.support import storage as support
 from tests.support.storage import T0, archive_files, at, instance_args
@@ -399,6 +399,10 @@ def test_a_staged_result_is_stored_without_a_copy_or_discarded(store: Store) -> 
     with pytest.raises(StudyNotFound):
         store.store_result(encoded=refused, sop_instance_uid="1.2.3.4", **{
             **args, "study_uid": "1.2.3"})
+    assert list(temp_area.iterdir()) == []
+    badly_named = store.stage_result(b"SR under a malformed UID")
+    with pytest.raises(InvalidUID):
+        store.store_result(encoded=badly_named, sop_instance_uid="1.02.x", **args)
     assert list(temp_area.iterdir()) == []
 
 
