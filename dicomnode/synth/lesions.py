@@ -99,19 +99,11 @@ def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec,
     if kind == CALCIFICATIONS:
         radius = float(rng.uniform(*spec.cluster_radius_mm))
         count = int(rng.integers(5, 21))
-        calcs = []
-        for _ in range(count):
-            while True:
-                p = rng.uniform(-1, 1, 3)
-                if p @ p <= 1:
-                    break
-            # Fine pleomorphic: 0.1-0.5 mm across, varied shapes stand in as varied sizes.
-            diameter = float(np.clip(rng.lognormal(np.log(0.22), 0.4), 0.1, 0.5))
-            calcs.append(Calcification(
-                offset_mm=(float(p[0] * radius), float(p[1] * radius), float(p[2] * radius * 0.5)),
-                radius_mm=diameter / 2, mu_excess=float(rng.uniform(3.0, 10.0))))
+        # Fine pleomorphic: 0.1-0.5 mm across, varied shapes stand in as varied sizes.
+        calcs = _calcifications(rng, radius, count, median_mm=0.22, clip_mm=(0.1, 0.5),
+                                excess=(3.0, 10.0))
         return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
-                           contrast=0.0, calcifications=tuple(calcs), margin="fine pleomorphic")
+                           contrast=0.0, calcifications=calcs, margin="fine pleomorphic")
     lo, hi = spec.mass_diameter_mm
     radius = float(rng.uniform(lo, hi)) / 2
     axes = (float(rng.uniform(0.85, 1.2)), float(rng.uniform(0.75, 1.0)), 1.0)
@@ -129,19 +121,11 @@ def sample_finding(rng: np.random.Generator, kind: str, spec: SizeSpec,
     irregular = bool(rng.random() < 0.4)
     lobes = tuple((int(m), float(rng.uniform(0.04, 0.14 if irregular else 0.07)),
                    float(rng.uniform(0, 2 * np.pi))) for m in (3, 4, 5, 7, 9))
-    spicules: list[Spicule] = []
-    if not irregular:
-        for _ in range(int(rng.integers(8, 19))):
-            d = rng.normal(size=3)
-            d[2] *= 0.6  # compression flattens spicules towards the image plane
-            d /= np.linalg.norm(d)
-            spicules.append(Spicule(direction=(float(d[0]), float(d[1]), float(d[2])),
-                                    start_mm=0.6 * radius,
-                                    length_mm=float(radius * rng.uniform(0.6, 1.5) + 2.0),
-                                    width_mm=float(rng.uniform(0.3, 0.8))))
+    spicules = () if irregular else _spicules(rng, radius, int(rng.integers(8, 19)),
+                                              length=(0.6, 1.5), width_mm=(0.3, 0.8))
     return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
                        contrast=contrast, axes=axes, rotation=rotation, lobes=lobes,
-                       edge_mm=float(rng.uniform(0.2, 0.6)), spicules=tuple(spicules),
+                       edge_mm=float(rng.uniform(0.2, 0.6)), spicules=spicules,
                        margin="irregular" if irregular else "spiculated")
 
 
@@ -158,7 +142,11 @@ def _choice(rng: np.random.Generator, shares: dict[str, float]) -> str:
         shares.values())))]
 
 
-def _spicules(rng: np.random.Generator, radius: float, count: int) -> tuple[Spicule, ...]:
+def _spicules(rng: np.random.Generator, radius: float, count: int, *,
+              length: tuple[float, float] = (0.6, 2.0),
+              width_mm: tuple[float, float] = (0.2, 0.8)) -> tuple[Spicule, ...]:
+    """`count` spicules from 0.6 radius out, each `length` radii (+ 2 mm) long. The draws
+    per spicule (direction, length, width, in that order) fix the output for a seed."""
     out = []
     for _ in range(count):
         d = rng.normal(size=3)
@@ -166,9 +154,28 @@ def _spicules(rng: np.random.Generator, radius: float, count: int) -> tuple[Spic
         d /= np.linalg.norm(d)
         out.append(Spicule(direction=(float(d[0]), float(d[1]), float(d[2])),
                            start_mm=0.6 * radius,
-                           length_mm=float(radius * rng.uniform(0.6, 2.0) + 2.0),
-                           width_mm=float(rng.uniform(0.2, 0.8))))
+                           length_mm=float(radius * rng.uniform(*length) + 2.0),
+                           width_mm=float(rng.uniform(*width_mm))))
     return tuple(out)
+
+
+def _calcifications(rng: np.random.Generator, radius: float, count: int, *, median_mm: float,
+                    clip_mm: tuple[float, float], excess: tuple[float, float]
+                    ) -> tuple[Calcification, ...]:
+    """`count` calcifications spread through a flattened ball of `radius` mm, diameters
+    log-normal around `median_mm` (clipped), attenuation `excess` over tissue. The draws per
+    calcification (position, diameter, excess, in that order) fix the output for a seed."""
+    calcs = []
+    for _ in range(count):
+        while True:
+            p = rng.uniform(-1, 1, 3)
+            if p @ p <= 1:
+                break
+        diameter = float(np.clip(rng.lognormal(np.log(median_mm), 0.4), *clip_mm))
+        calcs.append(Calcification(
+            offset_mm=(float(p[0] * radius), float(p[1] * radius), float(p[2] * radius * 0.5)),
+            radius_mm=diameter / 2, mu_excess=float(rng.uniform(*excess))))
+    return tuple(calcs)
 
 
 def _sample_varied(rng: np.random.Generator, kind: str, spec: SizeSpec) -> FindingSpec:
@@ -183,18 +190,10 @@ def _sample_varied(rng: np.random.Generator, kind: str, spec: SizeSpec) -> Findi
         median, excess = {"fine pleomorphic": (0.22, (3.0, 10.0)),
                           "amorphous": (0.15, (1.5, 4.0)),
                           "punctate": (0.35, (4.0, 12.0))}[morphology]
-        calcs = []
-        for _ in range(count):
-            while True:
-                p = rng.uniform(-1, 1, 3)
-                if p @ p <= 1:
-                    break
-            diameter = float(np.clip(rng.lognormal(np.log(median), 0.4), 0.08, 0.8))
-            calcs.append(Calcification(
-                offset_mm=(float(p[0] * radius), float(p[1] * radius), float(p[2] * radius * 0.5)),
-                radius_mm=diameter / 2, mu_excess=float(rng.uniform(*excess))))
+        calcs = _calcifications(rng, radius, count, median_mm=median, clip_mm=(0.08, 0.8),
+                                excess=excess)
         return FindingSpec(kind=kind, along=along, angle=angle, radial=radial, radius_mm=radius,
-                           contrast=0.0, calcifications=tuple(calcs), margin=morphology)
+                           contrast=0.0, calcifications=calcs, margin=morphology)
     lo, hi = spec.varied_mass_diameter_mm
     radius = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / 2
     axes = (float(rng.uniform(0.8, 1.25)), float(rng.uniform(0.7, 1.0)), 1.0)
