@@ -22,12 +22,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode.pipeline.analysis import BreastAnalysis, ImageAnalysis
 from dicomnode.results.cad_sr import build_cad_sr
-from dicomnode.results.common import (
-    ResultOptions,
-    ResultsError,
-    identify_result,
-    reproducible_dimension_organization,
-)
+from dicomnode.results.common import ResultOptions, ResultsError, identify_result
 from dicomnode.results.geometry import read_sources, saliency_levels
 from dicomnode.results.pmap import (
     build_parametric_map,
@@ -66,8 +61,7 @@ def build_results(analysis: ImageAnalysis, breast: BreastAnalysis | None = None,
 
     The saliency is resampled to the source grid once per class and shared by the SEG and
     the Parametric Maps when they are on the same grid (geometry.saliency_levels). Every
-    object gets the IHE AIR identification (common.identify_result) and the same content
-    when built again (common.reproducible_dimension_organization)."""
+    object gets the IHE AIR identification (common.identify_result)."""
     options = options or ResultOptions()
     sources = read_sources(analysis)
     levels: dict[int, np.ndarray] = {}
@@ -88,5 +82,4 @@ def build_results(analysis: ImageAnalysis, breast: BreastAnalysis | None = None,
                         pmaps=pmaps, segmentation=segmentation)
     for ds in results.datasets:
         identify_result(ds, analysis.algorithm, sources[0])
-        reproducible_dimension_organization(ds)
     return results

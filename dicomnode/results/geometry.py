@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from dicomnode.pipeline.analysis import ImageAnalysis
-from dicomnode.results.common import ResultsError
+from dicomnode.results.common import ResultsError, reproducible_dimension_organization
 
 _MOVABLE = ("PlaneOrientationSequence", "PixelMeasuresSequence")
 
@@ -271,8 +271,10 @@ def finish_result(obj: Dataset, analysis: ImageAnalysis, src: Dataset, *,
                   series_laterality: bool = False) -> None:
     """Attributes a breast result image needs beyond what highdicom copies: the series'
     laterality where the IOD asks for it (the PM: breasts are paired and it has no Image
-    Laterality; the SEG must not have it) and, for a 2D image without plane orientation,
-    its PatientOrientation."""
+    Laterality; the SEG must not have it), for a 2D image without plane orientation, its
+    PatientOrientation, and a Dimension Organization UID that a rebuild reproduces
+    (common.reproducible_dimension_organization)."""
+    reproducible_dimension_organization(obj)
     laterality = analysis.image.laterality
     if series_laterality and laterality in ("L", "R"):
         obj.Laterality = laterality
