@@ -469,22 +469,20 @@ class Worker:
         the headers' order. JobFailed when none could be."""
         todo = [i for i, h in enumerate(headers) if h.modality in models]
         by_breast = all(headers[i].laterality for i in todo)
-        if by_breast:  # a breast's images together, so its results can start early
-            todo.sort(key=lambda i: (headers[i].laterality, i))
-        left: dict[str | None, int] = defaultdict(int)
-        for i in todo:
-            left[headers[i].laterality if by_breast else None] += 1
+
+        def breast_of(i: int) -> str | None:
+            return headers[i].laterality if by_breast else None
+
+        todo.sort(key=lambda i: (breast_of(i) or "", i))  # a breast's images together
         done: dict[int, ImageAnalysis] = {}
         breast: list[ImageAnalysis] = []
-        for i in todo:
-            header, loaded = headers[i], models[headers[i].modality]
-            analysis = self._analyse(job, header, loaded, times)
+        for n, i in enumerate(todo):
+            analysis = self._analyse(job, headers[i], models[headers[i].modality], times)
             if analysis is not None:
                 done[i] = analysis
                 breast.append(analysis)
-            key = header.laterality if by_breast else None
-            left[key] -= 1
-            if left[key] == 0 and breast:
+            last_of_breast = n + 1 == len(todo) or breast_of(todo[n + 1]) != breast_of(i)
+            if last_of_breast and breast:
                 if on_breast is not None:
                     on_breast(breast)
                 breast = []
