@@ -59,7 +59,8 @@ def _check(call: list[str]) -> None:
 def test_generalise_recipe_calls_existing_options(tmp_path: Path) -> None:
     calls = _recorded("generalise.sh", tmp_path, "lumpy")
     names = [c[0] for c in calls]
-    assert names.count("train") == 4 and names.count("evaluate") >= 5
+    # leave-one-out stages A and B, the labels-only fine-tune, all-family stages A and B
+    assert names.count("train") == 5 and names.count("evaluate") >= 6
     for call in calls:
         _check(call)
     synths = [c for c in calls if c[0] == "synth"]
@@ -68,3 +69,54 @@ def test_generalise_recipe_calls_existing_options(tmp_path: Path) -> None:
                for c in synths)
     assert any(c[c.index("--families") + 1] == "lumpy" for c in synths)
     assert all("--variety" in c for c in synths)
+
+
+def _option(call: list[str], name: str) -> str:
+    return call[call.index(name) + 1]
+
+
+def _synth_seeds(calls: list[list[str]], work: Path) -> dict[str, str]:
+    """Each synth output, relative to the work folder, and its seed."""
+    return {Path(c[1]).relative_to(work).as_posix(): _option(c, "--seed")
+            for c in calls if c[0] == "synth"}
+
+
+def test_generalise_labels_only_runs_never_read_the_masks(tmp_path: Path) -> None:
+    runs = {name: tmp_path / name for name in ("one", "every", "labels_only")}
+    for folder in runs.values():
+        folder.mkdir()
+    calls = _recorded("generalise.sh", runs["one"], "ligament")
+    trains = [c for c in calls if c[0] == "train"]
+    # the labels-only fine-tune: the family's own phantoms, from the shipped weights, no
+    # mask loss and no lesion crops, evaluated on the same held-out set as those weights
+    adapt = [c for c in trains if "adapt_ligament" in _option(c, "--images")]
+    assert len(adapt) == 1
+    assert _option(adapt[0], "--mask-weight") == "0" and "--lesion-crops" not in adapt[0]
+    assert _option(adapt[0], "--init") == "builtin"
+    heldout = {_option(c, "--images") for c in calls if c[0] == "evaluate"
+               and Path(_option(c, "--out")).parent.name in ("adapt_ligament", "work")
+               and "ligament" in _option(c, "--out")}
+    assert heldout == {str(runs["one"] / "work" / "heldout_ligament")}
+
+    # a run of one family makes the same phantoms for it as a run of every family
+    one = _synth_seeds(calls, runs["one"] / "work")
+    every = _synth_seeds(_recorded("generalise.sh", runs["every"]), runs["every"] / "work")
+    assert one.keys() - {"all/train", "all/heldout", "all/heldout_full"} == {
+        "lofo_ligament/train", "lofo_ligament/heldout_seen", "heldout_ligament",
+        "adapt_ligament/train"}
+    assert all(every[k] == v for k, v in one.items())
+    assert len(set(every.values())) == len(every)  # and no two sets share a seed
+
+    # MASK_WEIGHT=0: the leave-one-out and all-family runs train on labels alone too
+    os.environ["MASK_WEIGHT"] = "0"
+    try:
+        labels_only = _recorded("generalise.sh", runs["labels_only"], "ligament")
+    finally:
+        del os.environ["MASK_WEIGHT"]
+    trains = [c for c in labels_only if c[0] == "train"]
+    assert len(trains) == 3
+    assert all(_option(c, "--mask-weight") == "0" and "--lesion-crops" not in c
+               for c in trains)
+    # each evaluation reads stage A's model (or the shipped weights)
+    assert all(_option(c, "--checkpoint").endswith(("/a/best.pt", "/dbt.pt"))
+               for c in labels_only if c[0] == "evaluate")
