@@ -233,3 +233,20 @@ def test_hold_interval_stays_under_the_shortest_idle_time() -> None:
     assert hold_interval(config) == HOLD_SECONDS  # the default 30 s idle time
     config.peers = [PeerConfig("FAST", idle_seconds=2.0), PeerConfig("SLOW")]
     assert hold_interval(config) == 0.5
+
+
+def test_only_stale_incoming_datasets_are_swept(tmp_path: Path) -> None:
+    """At start the SCP removes what a killed process left half-received, not a live one's."""
+    import os
+
+    from dicomnode.network.guard import sweep_incoming
+
+    incoming = tmp_path / "incoming"
+    assert sweep_incoming(incoming) == 0 and incoming.is_dir()  # made if missing
+    old, fresh, other = incoming / "a.dcm", incoming / "b.dcm", incoming / "notes.txt"
+    for path in (old, fresh, other):
+        path.write_bytes(b"x")
+    for path in (old, other):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    assert sweep_incoming(incoming) == 1
+    assert not old.exists() and fresh.exists() and other.exists()

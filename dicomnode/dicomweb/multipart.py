@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+
+from dicomnode.leftovers import remove_stale
 
 CHUNK = 4 << 20  # most bytes per read (a read returns what has arrived, at least a byte)
 WRITE_MIN = 1 << 20  # content is written in pieces of at least this (or a part's end)
@@ -248,16 +249,7 @@ STALE_PART_S = 3600.0  # a part file untouched this long belongs to no live requ
 def sweep_stale_parts(directory: Path, older_than_s: float = STALE_PART_S) -> int:
     """Remove the part files (receive_part's) a killed process left in `directory`; not
     younger ones, which may be another live process's on a shared data directory. How many."""
-    removed = 0
-    cutoff = time.time() - older_than_s
-    for stale in directory.glob("part-*"):
-        try:
-            if stale.stat().st_mtime < cutoff:
-                stale.unlink()
-                removed += 1
-        except OSError:
-            pass
-    return removed
+    return remove_stale(directory, "part-*", older_than_s)
 
 
 def _write_all(fh):

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 from pynetdicom import dimse_messages, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from dicomnode.leftovers import remove_stale
 from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 
@@ -395,15 +396,7 @@ class GuardedServer(ThreadedAssociationServer):
 def sweep_incoming(directory: Path, older_than_s: float = 3600.0) -> int:
     """Remove datasets a previous process left half-received in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
-    cutoff = time.time() - older_than_s
-    removed = 0
-    for path in directory.glob("*.dcm"):
-        try:
-            if path.stat().st_mtime < cutoff and _unlink(path):
-                removed += 1
-        except OSError:
-            pass
-    return removed
+    return remove_stale(directory, "*.dcm", older_than_s)
 
 
 def _named_temporary_file(*args, **kwargs):

@@ -1,0 +1,30 @@
+"""Files a killed process left half-written in a receive directory (DIMSE C-STORE datasets,
+STOW-RS and WADO-RS parts), removed when a server starts."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from dicomnode.ops.logs import kv
+
+log = logging.getLogger(__name__)
+
+
+def remove_stale(directory: Path, pattern: str, older_than_s: float) -> int:
+    """Remove the files matching `pattern` in `directory` last modified over `older_than_s`
+    ago; not younger ones, which may be another live process's on a shared data directory.
+    How many were removed."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    for path in directory.glob(pattern):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass  # another process swept it first
+        except OSError as exc:
+            log.warning("event=leftover_unlink_failed %s", kv(path=path, error=exc))
+    return removed
