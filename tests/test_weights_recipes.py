@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import click
+import pytest
 
 from dicomnode.cli import COMMANDS
 from dicomnode.synth import parse_families
@@ -56,6 +57,10 @@ def _check(call: list[str]) -> None:
         i += 1
 
 
+def _option(call: list[str], name: str) -> str:
+    return call[call.index(name) + 1]
+
+
 def test_generalise_recipe_calls_existing_options(tmp_path: Path) -> None:
     calls = _recorded("generalise.sh", tmp_path, "lumpy")
     names = [c[0] for c in calls]
@@ -65,14 +70,9 @@ def test_generalise_recipe_calls_existing_options(tmp_path: Path) -> None:
         _check(call)
     synths = [c for c in calls if c[0] == "synth"]
     # trained without the left-out family, evaluated on it
-    assert any("--families" in c and c[c.index("--families") + 1] == "powerlaw,ligament,mixture"
-               for c in synths)
-    assert any(c[c.index("--families") + 1] == "lumpy" for c in synths)
+    assert any(_option(c, "--families") == "powerlaw,ligament,mixture" for c in synths)
+    assert any(_option(c, "--families") == "lumpy" for c in synths)
     assert all("--variety" in c for c in synths)
-
-
-def _option(call: list[str], name: str) -> str:
-    return call[call.index(name) + 1]
 
 
 def _synth_seeds(calls: list[list[str]], work: Path) -> dict[str, str]:
@@ -81,7 +81,9 @@ def _synth_seeds(calls: list[list[str]], work: Path) -> dict[str, str]:
             for c in calls if c[0] == "synth"}
 
 
-def test_generalise_labels_only_runs_never_read_the_masks(tmp_path: Path) -> None:
+def test_generalise_labels_only_runs_never_read_the_masks(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
     runs = {name: tmp_path / name for name in ("one", "every", "labels_only")}
     for folder in runs.values():
         folder.mkdir()
@@ -108,11 +110,8 @@ def test_generalise_labels_only_runs_never_read_the_masks(tmp_path: Path) -> Non
     assert len(set(every.values())) == len(every)  # and no two sets share a seed
 
     # MASK_WEIGHT=0: the leave-one-out and all-family runs train on labels alone too
-    os.environ["MASK_WEIGHT"] = "0"
-    try:
-        labels_only = _recorded("generalise.sh", runs["labels_only"], "ligament")
-    finally:
-        del os.environ["MASK_WEIGHT"]
+    monkeypatch.setenv("MASK_WEIGHT", "0")
+    labels_only = _recorded("generalise.sh", runs["labels_only"], "ligament")
     trains = [c for c in labels_only if c[0] == "train"]
     assert len(trains) == 3
     assert all(_option(c, "--mask-weight") == "0" and "--lesion-crops" not in c

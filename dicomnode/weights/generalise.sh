@@ -82,12 +82,11 @@ stage_a() {  # DATA OUT MASK_WEIGHT LR
 
 train_dbt() {  # DATA OUT -> prints the trained checkpoint
     local data=$1 out=$2
+    [ -f "$out/a/best.pt" ] || stage_a "$data" "$out" "$MASK_WEIGHT" 3e-4 >&2
     if labels_only; then
-        [ -f "$out/a/best.pt" ] || stage_a "$data" "$out" 0 3e-4 >&2
         echo "$out/a/best.pt"
         return
     fi
-    [ -f "$out/a/best.pt" ] || stage_a "$data" "$out" "$MASK_WEIGHT" 3e-4 >&2
     [ -f "$out/b/best.pt" ] ||
         $DICOMNODE train --images "$data" --labels "$data/labels.csv" --modality dbt \
             --split "$SPLIT" --init "$out/a/best.pt" --device "$DEVICE" --no-progress \
