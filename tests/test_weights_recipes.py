@@ -148,7 +148,7 @@ def test_generalise_labels_only_runs_never_read_the_masks(tmp_path: Path,
     trains = [c for c in labels_only if c[0] == "train"]
     assert len(trains) == 3
     assert all(_option(c, "--mask-weight") == "0" and "--lesion-crops" not in c
-               for c in trains)
+               and _option(c, "--lr") == "1e-4" for c in trains)
     # each evaluation reads stage A's model (or the shipped weights)
     assert all(_option(c, "--checkpoint").endswith(("/a/best.pt", "/dbt.pt"))
                for c in labels_only if c[0] == "evaluate")

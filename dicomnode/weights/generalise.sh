@@ -24,8 +24,8 @@
 #   EPOCHS        epochs of stage A (whole model); LOCAL_EPOCHS of stage B (lesion crops)
 #   MASK_WEIGHT   weight of the SEG mask loss in stage A (0: image labels only, and no
 #                 stage B, which needs the SEG's lesions)
-#   ADAPT_LR      Adam learning rate of the labels-only fine-tune (the paper's search range
-#                 was 10^-5.5 to 10^-4)
+#   ADAPT_LR      Adam learning rate of the labels-only fine-tunes, and of stage A when
+#                 MASK_WEIGHT=0 (the paper's search range was 10^-5.5 to 10^-4)
 #   INTENSITY     --augment-intensity of stage A
 #   INIT          where stage A starts (builtin: the shipped dbt.pt)
 #   SPLIT         patient fractions train,val,test of each training set (0.85,0.15,0)
@@ -82,11 +82,12 @@ stage_a() {  # DATA OUT MASK_WEIGHT LR
 
 train_dbt() {  # DATA OUT -> prints the trained checkpoint
     local data=$1 out=$2
-    [ -f "$out/a/best.pt" ] || stage_a "$data" "$out" "$MASK_WEIGHT" 3e-4 >&2
-    if labels_only; then
+    if labels_only; then  # fine-tuning from labels alone, at the labels-only rate
+        [ -f "$out/a/best.pt" ] || stage_a "$data" "$out" 0 "$ADAPT_LR" >&2
         echo "$out/a/best.pt"
         return
     fi
+    [ -f "$out/a/best.pt" ] || stage_a "$data" "$out" "$MASK_WEIGHT" 3e-4 >&2
     [ -f "$out/b/best.pt" ] ||
         $DICOMNODE train --images "$data" --labels "$data/labels.csv" --modality dbt \
             --split "$SPLIT" --init "$out/a/best.pt" --device "$DEVICE" --no-progress \
