@@ -11,8 +11,6 @@
 #   MINUTES     wall-clock budget of the FFDM fine-tuning run
 #   DBT_STUDIES extra DBT-only studies for the DBT model's fourth stage; DBT_EPOCHS its epochs
 #   LOCAL_EPOCHS at most this many epochs of each local network on lesion crops (stage 5)
-#   LABELS_STUDIES new DBT-only studies for DBT's last, labels-only stage (stage 6);
-#               LABELS_EPOCHS its epochs
 #   DEVICE      auto, cuda, cpu ...
 #   DICOMNODE   how to call the command line (default: dicomnode); PYTHON likewise
 #
@@ -20,9 +18,7 @@
 # masks the synthetic archive has (--mask-weight; image labels alone did not train from
 # scratch, and the paper started from pretrained weights), the synthetic-2D GMIC first,
 # then DBT and FFDM initialised from it (the paper's transfer learning), and last each
-# model's local network alone on crops centred on the lesions (--lesion-crops); DBT ends with
-# the whole model again from image labels alone (no SEG read), which sharpened its saliency
-# maps and lifted its held-out AUC where the mask-supervised stages had not. Sizes fit the small
+# model's local network alone on crops centred on the lesions (--lesion-crops). Sizes fit the small
 # phantoms at their own pixel size (0.1 mm; FFDM 0.07 mm); the local network is half the
 # paper's width and the files are stored in float16, so the three stay small.
 set -euo pipefail
@@ -33,8 +29,6 @@ MINUTES=${MINUTES:-40}
 DBT_STUDIES=${DBT_STUDIES:-240}
 DBT_EPOCHS=${DBT_EPOCHS:-3}
 LOCAL_EPOCHS=${LOCAL_EPOCHS:-12}
-LABELS_STUDIES=${LABELS_STUDIES:-160}
-LABELS_EPOCHS=${LABELS_EPOCHS:-4}
 DEVICE=${DEVICE:-auto}
 DICOMNODE=${DICOMNODE:-dicomnode}
 PYTHON=${PYTHON:-python3}
@@ -104,21 +98,8 @@ $DICOMNODE train "${lesion2d[@]}" --modality ffdm --input-size 640x480 --num-cro
     --percent-t 0.05 --no-activation-checkpointing --init "$WORK/ffdm/best.pt" \
     --out "$WORK/ffdm_local"
 
-# 6. DBT last: the whole model from the best stage-5 weights, trained from image labels
-#    alone (--mask-weight 0, no lesion crops: no SEG is read, as on a hospital archive) on
-#    LABELS_STUDIES new DBT-only studies (seed 5000), Adam at 1e-4 with shift/resize and
-#    intensity augmentation. (The shipped dbt.pt started it from the float16 file of the
-#    stage-5 weights, the dbt.pt before this stage; its best epoch was 3 of 4.)
-[ -f "$WORK/data3/labels.csv" ] ||
-    $DICOMNODE synth "$WORK/data3" --studies "$LABELS_STUDIES" --size small --seed 5000 \
-        --modalities dbt
-$DICOMNODE train --images "$WORK/data3" --labels "$WORK/data3/labels.csv" --modality dbt \
-    --split 0.85,0.15,0 --init "$WORK/dbt_local2/best.pt" --device "$DEVICE" --no-progress \
-    --batch-size 4 --lr 1e-4 --epochs "$LABELS_EPOCHS" --augment-px 24 \
-    --augment-intensity 0.3 --mask-weight 0 --out "$WORK/dbt_labels"
-
-# 7. Each model's best epoch (validation malignant AUC), in float16 with its story.
-for m in dbt_labels:dbt ffdm_local:ffdm s2d_local:s2d; do
+# 6. Each model's best epoch (validation malignant AUC), in float16 with its story.
+for m in dbt_local2:dbt ffdm_local:ffdm s2d_local:s2d; do
     $PYTHON - "$WORK/${m%%:*}/best.pt" "${OUT_DIR:-$HERE}/${m##*:}.pt" <<'EOF'
 import sys
 from gmic.checkpoint import load_checkpoint, save_checkpoint
