@@ -11,9 +11,12 @@ import torch
 from dicomnode.training.data import Example
 from dicomnode.training.evaluation import (
     ImageScore,
+    _malignant_saliency,
     auc_tables,
     breast_predictions,
     localisation_table,
+    marks_markdown,
+    marks_table,
 )
 from gmic.metrics import roc_auc
 
@@ -72,6 +75,42 @@ def test_localisation_table_mean_std_and_ensemble() -> None:
     assert cell["mean"] == pytest.approx(0.4) and cell["std"] == pytest.approx(0.1)
     assert cell["ensemble"] == pytest.approx(0.45) and cell["images"] == 2
     assert row["name"] == "DBT max-projected" and row["pxap_benign"] is None
+
+
+def test_marks_table_counts_what_a_reader_sees_marked() -> None:
+    """A mark on a benign mass is counted against the malignant map, a mark on a normal
+    image anywhere, a malignant finding only where the mark lies on it."""
+    malignant_map = np.zeros((20, 20), np.float32)
+    malignant_map[2:6, 2:6] = 0.6  # a hot spot
+    on_spot = np.zeros((20, 20), bool)
+    on_spot[3:5, 3:5] = True
+    beside = np.zeros((20, 20), bool)
+    beside[12:16, 12:16] = True
+    assert _malignant_saliency(malignant_map, {"benign": on_spot, "malignant": None}) == {
+        "peak": pytest.approx(0.6), "benign": pytest.approx(0.6)}
+
+    def image(study: str, benign: int, malignant: int, masks: dict) -> ImageScore:
+        score = _score(study, "L", "CC", "dbt", malignant, [0.5])
+        score.example.benign = benign
+        score.malignant_saliency = _malignant_saliency(malignant_map, masks)
+        return score
+
+    scores = [image("n1", 0, 0, {}),  # normal, the spot marks it
+              image("b1", 1, 0, {"benign": on_spot}),  # benign mass under the mark
+              image("b2", 1, 0, {"benign": beside}),  # benign mass, the mark elsewhere
+              image("m1", 0, 1, {"malignant": beside}),  # cancer missed, mark elsewhere
+              image("m2", 1, 1, {"malignant": on_spot, "benign": beside})]
+    (row,) = marks_table({"dbt": scores}, [0.5, 0.7, 0.5])
+    assert [p["threshold"] for p in row["points"]] == [0.7, 0.5]
+    at = row["points"][1]
+    assert at["normal"] == (1, 1)
+    assert at["benign"] == (1, 2)  # m2's benign mass does not count: it has a cancer
+    assert at["malignant"] == (1, 2)
+    assert row["points"][0]["normal"] == (0, 1)
+    # malignant peaks 0 and 0.6 against benign 0.6 and 0: half the pairs, one tie
+    assert row["malignant_over_benign"] == pytest.approx(0.5)
+    text = marks_markdown([row])
+    assert "| DBT | 0.5 | 100.0% (1 of 1) | 50.0% (1 of 2) | 50.0% (1 of 2) |" in text
 
 
 def test_test_time_augmentation_averages_copies() -> None:
@@ -152,6 +191,12 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     assert groups[0]["groups"] == ["powerlaw"]  # the default family, recorded per image
     assert groups[0]["rows"][0]["malignant_breasts"] == 4
     assert "Breast-wise AUC by family" in (tmp_path / "report" / "report.md").read_text()
+    # the marks at the node's operating points (0.5, 0.35, 0.25 by default), every image
+    (marks,) = json.loads((tmp_path / "report" / "marks.json").read_text())
+    assert [p["threshold"] for p in marks["points"]] == [0.5, 0.35, 0.25]
+    rows = json.loads((tmp_path / "report" / "report.json").read_text())["images"]
+    assert marks["points"][0]["normal"][1] == sum(
+        1 for row in rows if not row["benign"] and not row["malignant"]) > 0
     scored = {row["sop_instance_uid"]: row for row in
               json.loads((tmp_path / "report" / "report.json").read_text())["images"]}
 

@@ -54,7 +54,9 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
              tta: int | None, augment_px: int | None, window: str | None,
              group_by: tuple[str, ...], threshold: float, resamples: int,
              montages: int, seed: int, device: str | None) -> None:
-    """Evaluate checkpoints on labelled images and write a report to OUT."""
+    """Evaluate checkpoints on labelled images and write a report to OUT: AUCs with
+    bootstrap CIs, localisation, and the malignant marks a reader would see at the node's
+    operating points ([results] malignant_operating_point, cad_operating_points)."""
     from dicomnode.cli import load_cli_config
     from dicomnode.pipeline.weights import resolve_device
     from dicomnode.training import evaluation as ev
@@ -100,6 +102,13 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
         with open(out / "report.md", "a") as fh:
             fh.write(ev.hidden_findings_markdown(hidden))
         (out / "hidden_findings.json").write_text(json.dumps(hidden, indent=1))
+    # Judged as a reader sees it: the marks drawn at the node's own operating points.
+    marks = ev.marks_table(results, [config.results.malignant_operating_point,
+                                     *config.results.cad_operating_points])
+    if marks:
+        with open(out / "report.md", "a") as fh:
+            fh.write(ev.marks_markdown(marks))
+        (out / "marks.json").write_text(json.dumps(marks, indent=1))
     if group_by:
         attributes = ev.read_attributes(labels)
         tables = [ev.group_auc_table(results, attributes, g, resamples=resamples, seed=seed)

@@ -60,6 +60,10 @@ class ImageScore:
     # "dsc_malignant" etc. -> one value per checkpoint
     localisation: dict[str, list[float]] = field(default_factory=dict)
     ensemble_localisation: dict[str, float] = field(default_factory=dict)
+    # The malignant saliency a reader would see marked (the checkpoints' mean map,
+    # max-projected, on the source grid): its peak ("peak") and its peak under each class's
+    # ground-truth finding ("benign", "malignant"), where the SEG has one.
+    malignant_saliency: dict[str, float] = field(default_factory=dict)
 
     @property
     def y(self) -> np.ndarray:
@@ -107,6 +111,16 @@ def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
     return out
 
 
+def _malignant_saliency(malignant: np.ndarray, masks: dict[str, np.ndarray] | None
+                        ) -> dict[str, float]:
+    out = {"peak": float(malignant.max())}
+    for name in CLASS_NAMES:
+        mask = (masks or {}).get(name)
+        if mask is not None and mask.shape == malignant.shape and mask.any():
+            out[name] = float(malignant[mask].max())
+    return out
+
+
 def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
                  masks: dict[str, dict[str, np.ndarray]], *, tta: int = 0,
                  augment_px: int = 100, threshold: float = 0.5, seed: int = 0,
@@ -132,14 +146,14 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
             analysis = analyse_image(image, loaded, seed=seed)
             score.per_checkpoint.append(np.array([analysis.final.benign,
                                                   analysis.final.malignant]))
-            if mask is not None:
-                src = _project_saliency(analysis.saliency, analysis.transform)
-                projected.append(src)
-                for key, value in _localisation(src, mask, threshold).items():
-                    score.localisation.setdefault(key, []).append(value)
-        if projected:
-            score.ensemble_localisation = _localisation(np.mean(projected, axis=0), mask,
-                                                        threshold)
+            src = _project_saliency(analysis.saliency, analysis.transform)
+            projected.append(src)
+            for key, value in _localisation(src, mask, threshold).items():
+                score.localisation.setdefault(key, []).append(value)
+        mean = np.mean(projected, axis=0)
+        score.ensemble_localisation = _localisation(mean, mask, threshold)
+        score.malignant_saliency = _malignant_saliency(mean[CLASS_NAMES.index("malignant")],
+                                                       mask)
         results[example.header.modality].append(score)
         if progress:
             log.info("event=evaluate_image %s", kv(n=n, of=len(todo), uid=example.uid,
@@ -227,6 +241,66 @@ def localisation_table(results: dict[str, list[ImageScore]]) -> list[dict[str, A
                            "checkpoints": int(per_ckpt.size)}
         rows.append(row)
     return rows
+
+
+def marks_table(results: dict[str, list[ImageScore]], thresholds: Sequence[float]
+                ) -> list[dict[str, Any]]:
+    """What a reader sees marked, per modality: at each operating point (a threshold on the
+    malignant saliency, as the SEG and the CAD SR draw it), the share of images without any
+    finding marked anywhere, of benign findings (in images without a malignant one) under a
+    malignant mark, and of malignant findings under one; and the AUC of a malignant
+    finding's peak malignant saliency against a benign finding's (0.5: the malignant map
+    marks masses, not malignancy)."""
+    from gmic.metrics import roc_auc
+
+    rows = []
+    for modality in MODALITY_ORDER:
+        scores = [s for s in results.get(modality, []) if s.malignant_saliency]
+        if not scores:
+            continue
+        peaks = {
+            "normal": [s.malignant_saliency["peak"] for s in scores
+                       if not s.example.malignant and not s.example.benign],
+            "benign": [s.malignant_saliency["benign"] for s in scores
+                       if not s.example.malignant and "benign" in s.malignant_saliency],
+            "malignant": [s.malignant_saliency["malignant"] for s in scores
+                          if "malignant" in s.malignant_saliency]}
+        points = [{"threshold": float(t),
+                   **{k: (sum(v >= t for v in values), len(values))
+                      for k, values in peaks.items()}}
+                  for t in sorted(set(thresholds), reverse=True)]
+        separation = None
+        if peaks["malignant"] and peaks["benign"]:
+            separation = roc_auc([1] * len(peaks["malignant"]) + [0] * len(peaks["benign"]),
+                                 peaks["malignant"] + peaks["benign"])
+        rows.append({"modality": modality, "name": MODALITY_NAMES[modality],
+                     "points": points, "malignant_over_benign": separation})
+    return rows
+
+
+def marks_markdown(rows: list[dict[str, Any]]) -> str:
+    def cell(marked_total: tuple[int, int]) -> str:
+        marked, total = marked_total
+        return "n/a" if not total else f"{100 * marked / total:.1f}% ({marked} of {total})"
+
+    lines = ["", "## Malignant marks at the operating points", "",
+             "What a reader sees marked: malignant saliency (max over slices, mean of the "
+             "checkpoints) at or above each threshold, as the SEG and the CAD SR draw it. "
+             "Normal: images without any finding, marked anywhere. Benign / malignant: the "
+             "images' ground-truth findings of that class (benign: in images without a "
+             "malignant one) with a mark on them. Last column: AUC of a malignant finding's "
+             "peak malignant saliency against a benign finding's (0.5: the map marks masses, "
+             "not malignancy).", "",
+             "| model | operating point | normal images marked | benign findings marked "
+             "malignant | malignant findings marked | malignant over benign |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        separation = row["malignant_over_benign"]
+        for n, point in enumerate(row["points"]):
+            last = ("n/a" if separation is None else f"{separation:.3f}") if n == 0 else ""
+            lines.append(f"| {row['name']} | {point['threshold']:g} | {cell(point['normal'])} "
+                         f"| {cell(point['benign'])} | {cell(point['malignant'])} | {last} |")
+    return "\n".join(lines) + "\n"
 
 
 def require_examples(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckpoint],
