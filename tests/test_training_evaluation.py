@@ -11,10 +11,10 @@ import torch
 from dicomnode.training.data import Example
 from dicomnode.training.evaluation import (
     ImageScore,
-    _malignant_saliency,
     auc_tables,
     breast_predictions,
     localisation_table,
+    malignant_saliency_peaks,
     marks_markdown,
     marks_table,
 )
@@ -86,13 +86,13 @@ def test_marks_table_counts_what_a_reader_sees_marked() -> None:
     on_spot[3:5, 3:5] = True
     beside = np.zeros((20, 20), bool)
     beside[12:16, 12:16] = True
-    assert _malignant_saliency(malignant_map, {"benign": on_spot, "malignant": None}) == {
+    assert malignant_saliency_peaks(malignant_map, {"benign": on_spot, "malignant": None}) == {
         "peak": pytest.approx(0.6), "benign": pytest.approx(0.6)}
 
     def image(study: str, benign: int, malignant: int, masks: dict) -> ImageScore:
         score = _score(study, "L", "CC", "dbt", malignant, [0.5])
         score.example.benign = benign
-        score.malignant_saliency = _malignant_saliency(malignant_map, masks)
+        score.malignant_saliency = malignant_saliency_peaks(malignant_map, masks)
         return score
 
     scores = [image("n1", 0, 0, {}),  # normal, the spot marks it
@@ -107,7 +107,7 @@ def test_marks_table_counts_what_a_reader_sees_marked() -> None:
     assert at["benign"] == (1, 2)  # m2's benign mass does not count: it has a cancer
     assert at["malignant"] == (1, 2)
     assert row["points"][0]["normal"] == (0, 1)
-    # malignant peaks 0 and 0.6 against benign 0.6 and 0: half the pairs, one tie
+    # malignant peaks 0 and 0.6 against benign 0.6 and 0: one pair won, one lost, two ties
     assert row["malignant_over_benign"] == pytest.approx(0.5)
     text = marks_markdown([row])
     assert "| DBT | 0.5 | 100.0% (1 of 1) | 50.0% (1 of 2) | 50.0% (1 of 2) |" in text
@@ -197,8 +197,7 @@ def test_evaluate_scores_each_image_as_the_worker_does(tmp_path, capsys, copies:
     rows = json.loads((tmp_path / "report" / "report.json").read_text())["images"]
     assert marks["points"][0]["normal"][1] == sum(
         1 for row in rows if not row["benign"] and not row["malignant"]) > 0
-    scored = {row["sop_instance_uid"]: row for row in
-              json.loads((tmp_path / "report" / "report.json").read_text())["images"]}
+    scored = {row["sop_instance_uid"]: row for row in rows}
 
     model_config = ModelConfig(device="cpu", s2d=str(checkpoint),
                                test_time_augmentations=copies, augment_px=12)

@@ -111,8 +111,9 @@ def _localisation(saliency_src: np.ndarray, masks: dict[str, np.ndarray] | None,
     return out
 
 
-def _malignant_saliency(malignant: np.ndarray, masks: dict[str, np.ndarray] | None
-                        ) -> dict[str, float]:
+def malignant_saliency_peaks(malignant: np.ndarray, masks: dict[str, np.ndarray] | None
+                             ) -> dict[str, float]:
+    """The malignant map's peak, and its peak under each class's ground-truth finding."""
     out = {"peak": float(malignant.max())}
     for name in CLASS_NAMES:
         mask = (masks or {}).get(name)
@@ -152,8 +153,8 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
                 score.localisation.setdefault(key, []).append(value)
         mean = np.mean(projected, axis=0)
         score.ensemble_localisation = _localisation(mean, mask, threshold)
-        score.malignant_saliency = _malignant_saliency(mean[CLASS_NAMES.index("malignant")],
-                                                       mask)
+        malignant = mean[CLASS_NAMES.index("malignant")]
+        score.malignant_saliency = malignant_saliency_peaks(malignant, mask)
         results[example.header.modality].append(score)
         if progress:
             log.info("event=evaluate_image %s", kv(n=n, of=len(todo), uid=example.uid,
