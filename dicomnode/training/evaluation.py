@@ -20,7 +20,7 @@ from dicomnode.errors import DicomnodeError
 from dicomnode.ops.logs import kv
 from dicomnode.pipeline.images import read_pixels
 from dicomnode.training.data import Example
-from gmic.classes import CLASS_NAMES
+from gmic.classes import CLASS_NAMES, MALIGNANT
 
 if TYPE_CHECKING:
     from dicomnode.pipeline.analysis import AlgorithmIdentity
@@ -153,8 +153,7 @@ def score_images(examples: Sequence[Example], checkpoints: Sequence[LoadedCheckp
                 score.localisation.setdefault(key, []).append(value)
         mean = np.mean(projected, axis=0)
         score.ensemble_localisation = _localisation(mean, mask, threshold)
-        malignant = mean[CLASS_NAMES.index("malignant")]
-        score.malignant_saliency = malignant_saliency_peaks(malignant, mask)
+        score.malignant_saliency = malignant_saliency_peaks(mean[MALIGNANT], mask)
         results[example.header.modality].append(score)
         if progress:
             log.info("event=evaluate_image %s", kv(n=n, of=len(todo), uid=example.uid,
