@@ -99,24 +99,18 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
     report.write_tables(out, aucs, localisation, meta, per_image)
     hidden = ev.hidden_findings_table(results, masks, resamples=resamples, seed=seed)
     if hidden is not None:
-        with open(out / "report.md", "a") as fh:
-            fh.write(ev.hidden_findings_markdown(hidden))
-        (out / "hidden_findings.json").write_text(json.dumps(hidden, indent=1))
+        _add_section(out, ev.hidden_findings_markdown(hidden), "hidden_findings.json", hidden)
     # Judged as a reader sees it: the marks drawn at the node's own operating points.
     marks = ev.marks_table(results, [config.results.malignant_operating_point,
                                      *config.results.cad_operating_points])
     if marks:
-        with open(out / "report.md", "a") as fh:
-            fh.write(ev.marks_markdown(marks))
-        (out / "marks.json").write_text(json.dumps(marks, indent=1))
+        _add_section(out, ev.marks_markdown(marks), "marks.json", marks)
     if group_by:
         attributes = ev.read_attributes(labels)
         tables = [ev.group_auc_table(results, attributes, g, resamples=resamples, seed=seed)
                   for g in group_by]
-        with open(out / "report.md", "a") as fh:
-            for table in tables:
-                fh.write(ev.group_markdown(table))
-        (out / "groups.json").write_text(json.dumps(tables, indent=1))
+        _add_section(out, "".join(ev.group_markdown(t) for t in tables), "groups.json",
+                     tables)
     report.roc_figures(out, aucs["curves"])
     if montages > 0:
         folder = out / "montages"
@@ -128,3 +122,11 @@ def evaluate(ctx: click.Context, labels: Path, checkpoints: tuple[Path, ...], ou
                 report.montage(folder / name, score, model,
                                f"{ev.MODALITY_NAMES[modality]} {kind}")
     click.echo((out / "report.md").read_text())
+
+
+def _add_section(out: Path, markdown: str, json_name: str, payload: object) -> None:
+    """One more section of the report: its text appended to report.md, its figures as
+    JSON beside it."""
+    with open(out / "report.md", "a") as fh:
+        fh.write(markdown)
+    (out / json_name).write_text(json.dumps(payload, indent=1))
