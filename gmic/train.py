@@ -89,6 +89,10 @@ class TrainSettings:
     # train the local network alone, on crops centred on the items' ground-truth lesions
     # (gmic.lesion_crops); items then carry masks and depths, the global network is kept
     lesion_crops: bool = False
+    # an item with no finding (labels all 0) and more slices than this trains on a random run
+    # of this many consecutive slices (0: all): any slab of a normal breast is normal, so
+    # whole full-size breasts can teach what is not a finding at a fraction of the cost
+    normal_slices: int = 0
 
     @property
     def uses_masks(self) -> bool:
@@ -115,6 +119,8 @@ class TrainSettings:
         if self.lesion_crops and (self.mask_weight or self.crop_weight):
             problems.append("lesion_crops trains the local network alone: mask_weight and "
                             "crop_weight do not apply to it; set them to 0")
+        if self.normal_slices < 0:
+            problems.append(f"normal_slices must be >= 0, got {self.normal_slices}")
         if self.max_seconds < 0:
             problems.append(f"max_seconds must be >= 0, got {self.max_seconds}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -369,7 +375,7 @@ class Trainer:
         if self.settings.lesion_crops:
             return self._lesion_micro_step(index, sync)
         item = self.train_set[index]
-        volume, label = item[0], item[1]
+        volume, label = self._slab_of_normal(item[0], item[1]), item[1]
         masks = None
         if self.settings.uses_masks and len(item) > 2 and item[2] is not None:
             masks = torch.from_numpy(np.asarray(item[2], dtype=np.float32)).to(self.device)
@@ -393,6 +399,14 @@ class Trainer:
                     out.crop_logits, out.crop_positions, masks, self.cfg.crop_size)
             self.scaler.scale(total / self.accum).backward()
         return float(total.detach())
+
+    def _slab_of_normal(self, volume: np.ndarray, label: np.ndarray) -> np.ndarray:
+        n = self.settings.normal_slices
+        depth = np.shape(volume)[0]
+        if not n or depth <= n or np.asarray(label).any():
+            return volume
+        start = int(torch.randint(0, depth - n + 1, (1,), generator=self.generator))
+        return volume[start:start + n]
 
     def _lesion_micro_step(self, index: int, sync: bool) -> float:
         """Collect this item's lesion and lesion-free crops; on the step's last item, train

@@ -125,3 +125,36 @@ def test_mixed_precision_step_runs(tmp_path: Path) -> None:
     with pytest.raises(TrainError, match="fp16 mixed precision needs a CUDA"):
         Trainer(tiny_model(), DiscVolumes(2, seed=1), DiscVolumes(2, seed=2),
                 TrainSettings(precision="fp16"), tmp_path / "x")
+
+
+def test_normal_items_train_on_a_slab_of_consecutive_slices(tmp_path: Path) -> None:
+    """normal_slices: an image with no finding trains on a random run of that many slices of
+    its own; an image with a finding, and validation, see every slice."""
+    train, val = DiscVolumes(10, seed=1, depth=5), DiscVolumes(4, seed=2, depth=5)
+    model = tiny_model(0, _cfg3d())
+    seen: list[tuple[bool, torch.Tensor]] = []
+    forward = model.forward
+
+    def recording(x, *args, **kwargs):
+        seen.append((torch.is_grad_enabled(), x.detach().clone()))
+        return forward(x, *args, **kwargs)
+
+    model.forward = recording  # type: ignore[method-assign]
+    settings = TrainSettings(**{**SETTINGS, "epochs": 1, "augment_px": 0, "normal_slices": 2})
+    Trainer(model, train, val, settings, tmp_path).run()
+    trained = [x for grad, x in seen if grad]
+    assert len(trained) == len(train)
+    starts = set()
+    for x in trained:
+        matches = [(vol, label) for vol, label in train.items
+                   if any(torch.equal(x, torch.from_numpy(vol[s:s + x.shape[0]]))
+                          for s in range(vol.shape[0] - x.shape[0] + 1))]
+        assert len(matches) == 1
+        vol, label = matches[0]
+        assert x.shape[0] == (5 if label.any() else 2)
+        if not label.any():
+            starts.add(next(s for s in range(4) if torch.equal(x, torch.from_numpy(vol[s:s + 2]))))
+    assert len(starts) > 1  # a random slab, not always the first
+    assert all(x.shape[0] == 5 for grad, x in seen if not grad)  # validation: whole volumes
+    with pytest.raises(TrainError, match="normal_slices"):
+        TrainSettings(normal_slices=-1)

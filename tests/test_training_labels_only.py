@@ -65,7 +65,8 @@ def test_train_dbt_from_builtin_with_breast_labels_and_no_masks(tmp_path: Path, 
     args = ["train", "--labels", str(labels), "--modality", "dbt", "--images", str(images),
             "--init", "builtin", "--out", str(out), "--epochs", "1", "--batch-size", "2",
             "--augment-px", "16", "--augment-intensity", "0.3", "--split", "0.5,0.5,0",
-            "--lr", "1e-4", "--no-progress", "--device", "cpu", "--max-minutes", "0.0001"]
+            "--lr", "1e-4", "--no-progress", "--device", "cpu", "--max-minutes", "0.0001",
+            "--whole-breast", "--normal-slices", "4"]
     with pytest.raises(SystemExit) as exc:
         main(args)
     captured = capsys.readouterr()
@@ -75,6 +76,7 @@ def test_train_dbt_from_builtin_with_breast_labels_and_no_masks(tmp_path: Path, 
     assert records[-1]["train_loss"] > 0
     run = json.loads((out / "run.json").read_text())
     assert run["settings"]["augment_intensity"] == 0.3 and run["settings"]["mask_weight"] == 0
+    assert run["whole_breast"] and run["settings"]["normal_slices"] == 4
     from dicomnode.pipeline.weights import BUILTIN_DIR
 
     before = torch.load(BUILTIN_DIR / "dbt.pt", map_location="cpu", weights_only=True)

@@ -92,6 +92,16 @@ def model_options(f):
               help="Strength (0-1) of random intensity changes per training image: tone "
                    "curve, contrast, blur, noise, as other machines would show it (0: off, as "
                    "the paper; 0.3 for models that must read other generators or vendors).")
+@click.option("--whole-breast/--windowed", default=False, show_default=True,
+              help="Read each training and validation image whole, as the node does ([model] "
+                   "whole_breast): where the breast is larger than the input size the input "
+                   "grows to it, so full-size breasts train as the node will read them. "
+                   "Default: a fixed-size window at the chest wall.")
+@click.option("--normal-slices", type=int, default=0, show_default=True,
+              help="An image with no finding (benign and malignant 0) and more slices than "
+                   "this trains on a random run of this many consecutive slices (0: all). "
+                   "Any slab of a normal breast is normal: with --whole-breast, whole "
+                   "full-size normal breasts can be trained on at a fraction of the cost.")
 @click.option("--max-minutes", type=float, default=0.0, show_default=True,
               help="Stop after this many minutes, checkpointing the weights so far (0: no limit); "
                    "rerun to resume.")
@@ -105,7 +115,8 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
           num_crops: int | None, percent_t: float | None, beta: float | None,
           log10_w: float | None,
           checkpoint_every: int, mask_weight: float, crop_weight: float,
-          lesion_crops: bool, augment_intensity: float, max_minutes: float) -> None:
+          lesion_crops: bool, augment_intensity: float, whole_breast: bool,
+          normal_slices: int, max_minutes: float) -> None:
     """Train a model on labelled images; rerun the same command to resume."""
     from dicomnode.cli import load_cli_config
     from dicomnode.errors import DicomnodeError
@@ -137,14 +148,16 @@ def train(ctx: click.Context, labels: Path, modality: str, out: Path, images: Pa
                                  progress=not no_progress, max_seconds=60 * max_minutes,
                                  mask_weight=mask_weight, crop_weight=crop_weight,
                                  lesion_crops=lesion_crops,
-                                 augment_intensity=augment_intensity)
+                                 augment_intensity=augment_intensity,
+                                 normal_slices=normal_slices)
     except TrainError as exc:
         raise DicomnodeError(str(exc)) from None
     data = load_labelled(config, labels, modality, images)
     try:
         result = train_run(data, modality, cfg, settings, out, init=init, fractions=fractions,
                            cache_dir=cache_dir or out / "cache",
-                           device_spec=device or config.model.device)
+                           device_spec=device or config.model.device,
+                           whole_breast=whole_breast)
     finally:
         shutdown_distributed()
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports

@@ -247,19 +247,24 @@ def check_split(name: str, examples: Sequence[Example], labels_path: Path,
 
 class CachedVolumes:
     """Examples as preprocessed model inputs (D, H, W) float32, the worker's preprocessing,
-    cached on disk as float16 .npy keyed by image UID, file size and time, and input size."""
+    cached on disk as float16 .npy keyed by image UID, file size and time, input size and
+    whether the breast is read whole."""
 
     def __init__(self, examples: Sequence[Example], input_size: tuple[int, int],
                  cache_dir: str | Path | None,
-                 masks: dict[str, dict[str, np.ndarray]] | None = None) -> None:
+                 masks: dict[str, dict[str, np.ndarray]] | None = None,
+                 whole_breast: bool = False) -> None:
         """masks: ground-truth masks by source image UID (seg_masks); when given, items
         carry them on the model input as a third element, (2, H, W) benign, malignant
         (zeros for an image without a SEG: nothing to find there), and their depth maps as
-        a fourth (NO_DEPTH outside the masks)."""
+        a fourth (NO_DEPTH outside the masks). whole_breast: read each image as the node
+        does ([model] whole_breast), the window grown to the breast crop where that is larger
+        than input_size, instead of a fixed-size window at the chest wall."""
         self.examples = list(examples)
         self.input_size = tuple(input_size)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.masks = masks
+        self.whole_breast = whole_breast
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -270,6 +275,8 @@ class CachedVolumes:
         first = example.header.slice_paths[0]
         st = first.stat()
         key = f"{CACHE_VERSION}|{example.uid}|{st.st_size}|{st.st_mtime_ns}|{self.input_size}"
+        if self.whole_breast:  # the windowed key stays as it was: existing caches still hit
+            key += "|whole"
         digest = hashlib.sha256(key.encode()).hexdigest()[:20]
         return self.cache_dir / example.header.modality / f"{digest}.npy"
 
@@ -300,12 +307,13 @@ class CachedVolumes:
                     np.load(depth_path).astype(np.float32))
         image = read_pixels(example.header)
         volume, transform = preprocess(image.pixels, image.modality, image.laterality,
-                                       input_size=self.input_size)
+                                       input_size=self.input_size,
+                                       whole_breast=self.whole_breast)
         masks = depths = None
         if want_masks:
             source = self._source_masks(example)
-            masks = np.zeros((2, *self.input_size), dtype=np.float32)
-            depths = np.full((2, *self.input_size), NO_DEPTH, dtype=np.float32)
+            masks = np.zeros((2, *transform.input_shape), dtype=np.float32)
+            depths = np.full((2, *transform.input_shape), NO_DEPTH, dtype=np.float32)
             for c, name in enumerate(CLASS_NAMES):
                 if source is not None and source[name].shape == transform.source_shape[1:]:
                     masks[c] = transform.map_to_model(source[name].astype(np.float32))

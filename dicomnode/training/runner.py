@@ -189,7 +189,7 @@ def write_json(path: Path, payload: Any) -> None:
 
 def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *,
               init: str | Path | None, fractions: Sequence[float], cache_dir: Path | None,
-              device_spec: str) -> Any:
+              device_spec: str, whole_breast: bool = False) -> Any:
     """Split, check, and train one model into out_dir; returns gmic.train.TrainResult."""
     import torch
 
@@ -211,6 +211,7 @@ def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *
             "modality": modality, "config": cfg.to_dict(), "settings": asdict(settings),
             "labels": str(data.labels_path), "source": data.index.source,
             "init": str(init) if init else None, "world_size": dist_info.world_size,
+            "whole_breast": whole_breast,
             "splits": {k: {"images": len(v), "malignant": sum(e.malignant for e in v),
                            "benign": sum(e.benign for e in v)} for k, v in splits.items()}})
         # image UIDs per split, and study UIDs so that `evaluate --split-file` can select
@@ -230,8 +231,9 @@ def train_run(data: LabelledData, modality: str, cfg, settings, out_dir: Path, *
                                  f"ground-truth SEG masks, but {data.index.source} has none; "
                                  "drop them or add the SEG files")
         log.info("event=train_masks images_with_masks=%d", len(masks))
-    train_set = CachedVolumes(splits["train"], cfg.input_size, cache_dir, masks)
-    val_set = CachedVolumes(splits["val"], cfg.input_size, cache_dir)
+    train_set = CachedVolumes(splits["train"], cfg.input_size, cache_dir, masks,
+                              whole_breast=whole_breast)
+    val_set = CachedVolumes(splits["val"], cfg.input_size, cache_dir, whole_breast=whole_breast)
     meta = {"modality": modality, "labels": data.labels_path.name,
             "description": "trained with dicomnode train"}
     try:
