@@ -12,6 +12,19 @@ from dicomnode.ops.logs import kv
 log = logging.getLogger(__name__)
 
 
+def remove_file(path: Path, event: str = "leftover_unlink_failed") -> bool:
+    """Remove one file; False, without raising, where it is already gone (another process
+    swept it first) or cannot be removed (logged as `event`)."""
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        log.warning("event=%s %s", event, kv(path=path.name, error=exc))
+        return False
+
+
 def remove_stale(directory: Path, pattern: str, older_than_s: float) -> int:
     """Remove the files matching `pattern` in `directory` last modified over `older_than_s`
     ago; not younger ones, which may be another live process's on a shared data directory.
@@ -20,11 +33,8 @@ def remove_stale(directory: Path, pattern: str, older_than_s: float) -> int:
     removed = 0
     for path in directory.glob(pattern):
         try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
+            old = path.stat().st_mtime < cutoff
         except FileNotFoundError:
-            pass  # another process swept it first
-        except OSError as exc:
-            log.warning("event=leftover_unlink_failed %s", kv(path=path, error=exc))
+            continue  # another process swept it first
+        removed += old and remove_file(path)
     return removed

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 from pynetdicom import dimse_messages, evt
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
-from dicomnode.leftovers import remove_stale
+from dicomnode.leftovers import remove_file, remove_stale
 from dicomnode.ops import prometheus
 from dicomnode.ops.logs import kv
 
@@ -270,7 +270,7 @@ def _guard_dimse(assoc: Association) -> None:
             data_file = getattr(message, "_data_set_file", None)
             if data_file is not None:
                 data_file.close()
-                _unlink(Path(data_file.name))
+                remove_file(Path(data_file.name), "incoming_unlink_failed")
             prometheus.CONNECTIONS_REFUSED.inc(reason="malformed_dimse")
             log.warning("event=dimse_malformed %s", kv(
                 calling_ae=_calling(assoc), peer=assoc.requestor.address,
@@ -278,17 +278,6 @@ def _guard_dimse(assoc: Association) -> None:
             assoc.dul.event_queue.put("Evt19")  # invalid PDU: A-ABORT, then close
 
     dimse.receive_primitive = receive_primitive  # type: ignore[method-assign]
-
-
-def _unlink(path: Path) -> bool:
-    try:
-        path.unlink()
-        return True
-    except FileNotFoundError:
-        return False
-    except OSError as exc:
-        log.warning("event=incoming_unlink_failed %s", kv(path=path.name, error=exc))
-        return False
 
 
 class GuardedServer(ThreadedAssociationServer):
@@ -383,7 +372,7 @@ class GuardedServer(ThreadedAssociationServer):
     def association_ended(self, assoc: Association) -> None:
         with self._lock:
             leftovers = self._temp_files.pop(id(assoc), [])
-        removed = sum(_unlink(path) for path in leftovers)
+        removed = sum(remove_file(path, "incoming_unlink_failed") for path in leftovers)
         if removed:
             log.info("event=incoming_removed %s", kv(files=removed, peer=assoc.requestor.address))
         if self.on_association_end is not None:
