@@ -119,3 +119,26 @@ def test_generalise_labels_only_runs_never_read_the_masks(tmp_path: Path,
     # each evaluation reads stage A's model (or the shipped weights)
     assert all(_option(c, "--checkpoint").endswith(("/a/best.pt", "/dbt.pt"))
                for c in labels_only if c[0] == "evaluate")
+
+
+def test_generalise_all_family_model_trains_on_whole_full_size_breasts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FULL_TRAIN: the all-family model's training set gains full-size phantoms, and that
+    model (and it alone) trains on whole breasts, normal ones as slabs of NORMAL_SLICES."""
+    monkeypatch.setenv("FULL_TRAIN", "3")
+    monkeypatch.setenv("NORMAL_SLICES", "8")
+    calls = _recorded("generalise.sh", tmp_path, "lumpy")
+    for call in calls:
+        _check(call)
+    work = tmp_path / "work"
+    synths = {Path(c[1]).relative_to(work).as_posix(): c for c in calls if c[0] == "synth"}
+    assert _option(synths["all/train/full"], "--size") == "full"
+    assert _option(synths["all/train/full"], "--studies") == "3"
+    assert "--size" not in synths["all/train/small"]
+    trains = [c for c in calls if c[0] == "train"]
+    whole = [c for c in trains if "--whole-breast" in c]
+    assert {_option(c, "--images") for c in whole} == {str(work / "all" / "train")}
+    assert len(whole) == 2  # stage A and the lesion-crop stage B
+    assert [_option(c, "--normal-slices") for c in whole if "--lesion-crops" not in c] == ["8"]
+    assert all(_option(c, "--labels") == str(work / "all" / "train" / "labels.csv")
+               for c in whole)

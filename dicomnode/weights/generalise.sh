@@ -28,6 +28,12 @@
 #                 MASK_WEIGHT=0 (the paper's search range was 10^-5.5 to 10^-4)
 #   INTENSITY     --augment-intensity of stage A
 #   INIT          where stage A starts (builtin: the shipped dbt.pt)
+#   FULL_TRAIN    full-size studies (--size full) added to the all-family model's training
+#                 set (0: none); that model then trains and validates on whole breasts
+#                 (train --whole-breast), as the node reads them: a model trained on small
+#                 phantoms alone may mark the skin of full-size breasts (weights README)
+#   NORMAL_SLICES --normal-slices of that training: breasts without a finding train on a
+#                 random slab of this many slices (0: every slice; 8 makes a CPU run possible)
 #   SPLIT         patient fractions train,val,test of each training set (0.85,0.15,0)
 #   DEVICE, DICOMNODE (how to call the command line), SEED_BASE
 #
@@ -49,6 +55,9 @@ MASK_WEIGHT=${MASK_WEIGHT:-1}
 INTENSITY=${INTENSITY:-0.3}
 ADAPT_LR=${ADAPT_LR:-1e-4}
 INIT=${INIT:-builtin}
+FULL_TRAIN=${FULL_TRAIN:-0}
+NORMAL_SLICES=${NORMAL_SLICES:-0}
+WHOLE=()  # train options of the run at hand: whole breasts where it has full-size studies
 DEVICE=${DEVICE:-auto}
 DICOMNODE=${DICOMNODE:-dicomnode}
 SEED_BASE=${SEED_BASE:-3000}
@@ -77,7 +86,8 @@ stage_a() {  # DATA OUT MASK_WEIGHT LR
     $DICOMNODE train --images "$1" --labels "$1/labels.csv" --modality dbt \
         --split "$SPLIT" --init "$INIT" --device "$DEVICE" --no-progress \
         --batch-size 4 --lr "$4" --patience 6 --epochs "$EPOCHS" --augment-px 24 \
-        --augment-intensity "$INTENSITY" --mask-weight "$3" --out "$2/a"
+        --augment-intensity "$INTENSITY" --mask-weight "$3" --out "$2/a" \
+        ${WHOLE[@]+"${WHOLE[@]}"} ${WHOLE[@]+--normal-slices "$NORMAL_SLICES"}
 }
 
 train_dbt() {  # DATA OUT -> prints the trained checkpoint
@@ -92,8 +102,18 @@ train_dbt() {  # DATA OUT -> prints the trained checkpoint
         $DICOMNODE train --images "$data" --labels "$data/labels.csv" --modality dbt \
             --split "$SPLIT" --init "$out/a/best.pt" --device "$DEVICE" --no-progress \
             --lesion-crops --batch-size 16 --lr 1e-4 --patience 6 --epochs "$LOCAL_EPOCHS" \
-            --out "$out/b" >&2
+            --out "$out/b" ${WHOLE[@]+"${WHOLE[@]}"} >&2
     echo "$out/b/best.pt"
+}
+
+merge_labels() {  # DIR PART...: DIR/labels.csv of the images of every DIR/PART (synth outputs)
+    local dir=$1 part
+    shift
+    [ -f "$dir/labels.csv" ] && return
+    for part in "$@"; do [ -f "$dir/$part/labels.csv" ] || return 0; done  # nothing made
+    head -n 1 "$dir/$1/labels.csv" > "$dir/labels.csv.tmp"
+    for part in "$@"; do tail -n +2 "$dir/$part/labels.csv" >> "$dir/labels.csv.tmp"; done
+    mv "$dir/labels.csv.tmp" "$dir/labels.csv"
 }
 
 evaluate() {  # CHECKPOINT DATA OUT
@@ -158,7 +178,14 @@ fi
 
 if [ "${SKIP_ALL:-0}" != 1 ]; then
     run="$WORK/all"
-    synth "$run/train" "$STUDIES" $((SEED_BASE + 1000)) all
+    if [ "$FULL_TRAIN" -gt 0 ]; then  # small and full-size phantoms, one training set
+        synth "$run/train/small" "$STUDIES" $((SEED_BASE + 1000)) all
+        synth "$run/train/full" "$FULL_TRAIN" $((SEED_BASE + 2000)) all --size full
+        merge_labels "$run/train" small full
+        WHOLE=(--whole-breast)
+    else
+        synth "$run/train" "$STUDIES" $((SEED_BASE + 1000)) all
+    fi
     model=$(train_dbt "$run/train" "$run")
     synth "$run/heldout" "$HELDOUT" 97000 all
     evaluate "$model" "$run/heldout" "$run/report_small"
