@@ -36,5 +36,6 @@ def remove_stale(directory: Path, pattern: str, older_than_s: float) -> int:
             old = path.stat().st_mtime < cutoff
         except FileNotFoundError:
             continue  # another process swept it first
-        removed += old and remove_file(path)
+        if old and remove_file(path):
+            removed += 1
     return removed
