@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gmic.augment import intensity_jitter, shift_resize_with_masks
+from gmic.augment import intensity_jitter, shift_resize_with_masks, uniform_int
 from gmic.checkpoint import save_checkpoint
 from gmic.classes import BENIGN, MALIGNANT
 from gmic.lesion_crops import find_lesions, sample_lesion_crops
@@ -405,7 +405,7 @@ class Trainer:
         depth = np.shape(volume)[0]
         if not n or depth <= n or np.asarray(label).any():
             return volume
-        start = int(torch.randint(0, depth - n + 1, (1,), generator=self.generator))
+        start = uniform_int(0, depth - n, self.generator)
         return volume[start:start + n]
 
     def _lesion_micro_step(self, index: int, sync: bool) -> float:
